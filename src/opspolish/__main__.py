@@ -1,0 +1,3 @@
+from opspolish.cli import main
+
+main(prog_name="opspolish")

@@ -1,0 +1,329 @@
+"""The ``opspolish`` command line (click). Exit codes: 0 ok, 2 bad usage or input, 1 operational failure."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, NoReturn, TypeVar
+
+import click
+from pydantic import ValidationError
+
+from opspolish import db
+from opspolish.errors import InputInvalid, OpsPolishError, TenantNotFound
+from opspolish.logs import configure_logging
+from opspolish.sanitize import sanitize_message
+from opspolish.settings import Settings
+
+T = TypeVar("T")
+BAD_INPUT = (InputInvalid, TenantNotFound)
+
+
+class Ctx:
+    def __init__(self, verbose: bool) -> None:
+        self.verbose = verbose
+        self._settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            try:
+                self._settings = Settings()
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                where = ".".join(str(p) for p in err["loc"]) or "settings"
+                fail(2, f"settings: {where}: {err['msg']}")
+        return self._settings
+
+
+def fail(code: int, message: str) -> NoReturn:
+    click.echo(f"opspolish: {sanitize_message(message)}", err=True)
+    sys.exit(code)
+
+
+def run_async(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
+    """Run an async command; library errors become one line and an exit code (traceback only with -v)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        ctx = click.get_current_context().find_object(Ctx)
+        verbose = bool(ctx and ctx.verbose)
+        try:
+            return asyncio.run(fn(*args, **kwargs))
+        except BAD_INPUT as exc:
+            fail(2, f"{exc.reason_code}: {exc.message}")
+        except OpsPolishError as exc:
+            if verbose:
+                raise
+            fail(1, f"{exc.reason_code}: {exc.message}")
+        except KeyboardInterrupt:
+            fail(1, "interrupted")
+
+    return wrapper
+
+
+def emit(as_json: bool, data: Any, text: str) -> None:
+    click.echo(json.dumps(data, default=str, indent=2) if as_json else text)
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Debug logs and tracebacks.")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
+    """opspolish: tracked, deduplicated background operations on arq + Postgres."""
+    ctx.obj = Ctx(verbose)
+    configure_logging("console" if sys.stderr.isatty() else "json", verbose=verbose)
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+@main.group("db")
+def db_group() -> None:
+    """Schema management (alembic)."""
+
+
+@db_group.command("upgrade")
+@pass_ctx
+@run_async
+async def db_upgrade(ctx: Ctx) -> None:
+    """Create the database if missing and upgrade it to the latest schema."""
+    await db.upgrade(ctx.settings)
+    click.echo(f"database {db.database_name(ctx.settings)} at {db.head_revision()}")
+
+
+async def _reset(settings: Settings) -> None:
+    await db.ensure_database(settings)
+    if await db.current_revision(settings) is not None:
+        await db.downgrade(settings, "base")
+    await db.upgrade(settings)
+
+
+@db_group.command("reset")
+@click.option("--seed", "with_seed", is_flag=True, help="Seed workspaces, tenants and the directory afterwards.")
+@click.option("--tenants", type=click.IntRange(0, 1_000_000), default=3, show_default=True)
+@click.option("--policies", type=click.IntRange(0, 1000), default=3, show_default=True)
+@pass_ctx
+@run_async
+async def db_reset(ctx: Ctx, with_seed: bool, tenants: int, policies: int) -> None:
+    """Take the schema down to nothing and back up through alembic (optionally seed)."""
+    await _reset(ctx.settings)
+    click.echo(f"database {db.database_name(ctx.settings)} reset to {db.head_revision()}")
+    if with_seed:
+        await _seed(ctx.settings, tenants, policies)
+
+
+async def _seed(settings: Settings, tenants: int, policies: int) -> None:
+    from opspolish.seed import DEFAULT_WORKSPACES, seed
+
+    conn = await db.connect(settings)
+    try:
+        total = tenants * len(DEFAULT_WORKSPACES)
+        with click.progressbar(length=total, label="seeding tenants", file=sys.stderr) as bar:
+            report = await seed(conn, tenants_per_workspace=tenants, policies_per_tenant=policies,
+                                progress=bar.update)
+    finally:
+        await conn.close()
+    click.echo(f"seeded: {report.workspaces} workspaces, {report.tenants} tenants "
+               f"({report.created_tenants} new), {report.policies} policies")
+
+
+@main.command("seed")
+@click.option("--tenants", type=click.IntRange(0, 1_000_000), default=3, show_default=True,
+              help="Tenants per workspace.")
+@click.option("--policies", type=click.IntRange(0, 1000), default=3, show_default=True,
+              help="Policies per tenant.")
+@pass_ctx
+@run_async
+async def seed_cmd(ctx: Ctx, tenants: int, policies: int) -> None:
+    """Seed workspaces, tenants and the assignment directory (idempotent)."""
+    await _seed(ctx.settings, tenants, policies)
+
+
+def parse_inputs(pairs: tuple[str, ...], inputs_json: str | None) -> dict[str, Any]:
+    """``--inputs-json`` then ``--input KEY=VALUE`` pairs; a VALUE that parses as JSON is taken as JSON."""
+    inputs: dict[str, Any] = {}
+    if inputs_json is not None:
+        try:
+            parsed = json.loads(inputs_json, parse_constant=_refuse_constant)
+        except (ValueError, RecursionError) as exc:
+            raise InputInvalid(f"--inputs-json: not valid JSON ({exc})", field="--inputs-json") from None
+        if not isinstance(parsed, dict):
+            raise InputInvalid("--inputs-json: must be a JSON object", field="--inputs-json")
+        inputs.update(parsed)
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise InputInvalid(f"--input: expected KEY=VALUE, got {pair!r}", field="--input")
+        key = key.strip()
+        try:
+            inputs[key] = json.loads(raw, parse_constant=_refuse_constant)
+        except ValueError as exc:
+            if "non-finite" in str(exc):
+                raise InputInvalid(f"inputs.{key}: non-finite number is not allowed", field=f"inputs.{key}") from None
+            inputs[key] = raw
+        except RecursionError:
+            raise InputInvalid(f"inputs.{key}: nested too deeply", field=f"inputs.{key}") from None
+    return inputs
+
+
+def _refuse_constant(name: str) -> NoReturn:
+    raise ValueError(f"non-finite number {name} is not allowed")
+
+
+@main.command("dispatch")
+@click.argument("run_type", metavar="TYPE")
+@click.option("--tenant", "tenant", help="Tenant id or external_id (tenant jobs).")
+@click.option("--workspace", "workspace", help="Workspace slug (workspace jobs).")
+@click.option("--input", "pairs", multiple=True, metavar="KEY=VALUE", help="An input; VALUE may be JSON.")
+@click.option("--inputs-json", help="All inputs as one JSON object.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_ctx
+@run_async
+async def dispatch_cmd(ctx: Ctx, run_type: str, tenant: str | None, workspace: str | None, pairs: tuple[str, ...],
+                       inputs_json: str | None, as_json: bool) -> None:
+    """Queue a run of TYPE (or join the identity's active run) and print its id."""
+    import opspolish.jobs  # noqa: F401 - registers the built-in job types
+    from opspolish.dispatch import dispatch
+    from opspolish.runtime import Runtime
+    from opspolish.tracking import get_job
+
+    job = get_job(run_type)
+    inputs = parse_inputs(pairs, inputs_json)
+    job.validate_inputs(inputs)
+    settings = ctx.settings
+    rt = await Runtime.start(settings, pool_size=2)
+    try:
+        workspace_id = None
+        if job.scope == "workspace":
+            if not workspace:
+                raise InputInvalid("--workspace: required for this job type", field="--workspace")
+            workspace_id = await rt.pool.fetchval("SELECT id FROM workspaces WHERE slug = $1", workspace)
+            if workspace_id is None:
+                raise InputInvalid(f"--workspace: no workspace {workspace!r}", field="--workspace")
+        result = await dispatch(rt, run_type, tenant=tenant, workspace_id=workspace_id, inputs=inputs)
+    finally:
+        await rt.close()
+    emit(as_json, {"run_id": result.run_id, "job_id": result.job_id, "verdict": result.verdict,
+                   "status": result.status, "tenant_id": result.tenant_id, "workspace_id": result.workspace_id},
+         f"run {result.run_id} {result.verdict}" + ("" if result.created else f" (already {result.status})"))
+
+
+@main.group("runs")
+def runs_group() -> None:
+    """Read the ledger."""
+
+
+async def _scope_for(rt: Any, tenant: str | None) -> Any:
+    from opspolish.ledger import Scope
+
+    if tenant is None:
+        return Scope.operator()
+    row = await rt.pool.fetchrow("SELECT * FROM opspolish_resolve_tenant($1)", tenant)
+    if row is None or row["tenant_id"] is None:
+        raise TenantNotFound(f"--tenant: no tenant with id or external_id {tenant!r}", field="--tenant")
+    return Scope(row["workspace_id"], row["tenant_id"])
+
+
+def _counts_text(counts: dict[str, Any] | None) -> str:
+    if not counts:
+        return "-"
+    return f"{counts.get('processed', 0)}/{counts.get('total', 0)} failed={counts.get('failed', 0)}"
+
+
+@runs_group.command("list")
+@click.option("--tenant", help="Only this tenant's runs (id or external_id).")
+@click.option("--type", "run_type")
+@click.option("--status", type=click.Choice(["queued", "running", "completed"]))
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@run_async
+async def runs_list(ctx: Ctx, tenant: str | None, run_type: str | None, status: str | None, limit: int,
+                    as_json: bool) -> None:
+    """List runs, newest first."""
+    from opspolish.runtime import Runtime
+
+    rt = await Runtime.start(ctx.settings, connect_to_redis=False, pool_size=2)
+    try:
+        runs = await rt.ledger.scoped(await _scope_for(rt, tenant)).list(run_type=run_type, status=status,
+                                                                           limit=limit)
+    finally:
+        await rt.close()
+    lines = [f"{'ID':>8}  {'TYPE':<28} {'TENANT':<36} {'STATUS':<10} {'OUTCOME':<20} {'COUNTS':<18} REASON"]
+    for r in runs:
+        lines.append(f"{r.id:>8}  {r.type:<28} {str(r.tenant_id or '-'):<36} {r.status:<10} {r.outcome:<20} "
+                     f"{_counts_text(r.summary_counts):<18} {r.reason_code or ''}")
+    emit(as_json, [r.as_json() for r in runs], "\n".join(lines))
+
+
+@runs_group.command("show")
+@click.argument("run_id", type=click.IntRange(1, 2**63 - 1))
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@run_async
+async def runs_show(ctx: Ctx, run_id: int, as_json: bool) -> None:
+    """Show one run."""
+    from opspolish.ledger import Scope
+    from opspolish.runtime import Runtime
+
+    rt = await Runtime.start(ctx.settings, connect_to_redis=False, pool_size=2)
+    try:
+        run = await rt.ledger.scoped(Scope.operator()).get(run_id)
+    finally:
+        await rt.close()
+    if run is None:
+        raise InputInvalid(f"RUN_ID: no run {run_id}", field="RUN_ID")
+    data = run.as_json()
+    emit(as_json, data, "\n".join(f"{k:>18}: {v if v is not None else '-'}" for k, v in data.items()))
+
+
+@main.command("reconcile")
+@click.option("--workspace", help="Only this workspace (slug).")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@run_async
+async def reconcile_cmd(ctx: Ctx, workspace: str | None, as_json: bool) -> None:
+    """Run one reconcile pass now, tracked like the cron one."""
+    from opspolish.jobs.reconcile import reconcile_all
+    from opspolish.runtime import Runtime
+
+    rt = await Runtime.start(ctx.settings, connect_to_redis=False, pool_size=3)
+    try:
+        if workspace is not None and not await rt.pool.fetchval("SELECT 1 FROM workspaces WHERE slug = $1",
+                                                                workspace):
+            raise InputInvalid(f"--workspace: no workspace {workspace!r}", field="--workspace")
+        results = await reconcile_all(rt, workspace_slug=workspace)
+    finally:
+        await rt.close()
+    lines = [f"{r['workspace']}: run {r.get('run_id')} {r.get('outcome') or r.get('decision')}"
+             + (f" ({r['reason_code']})" if r.get("reason_code") else "") for r in results]
+    emit(as_json, results, "\n".join(lines) or "no workspaces")
+    if any(r.get("outcome") == "failed" or r.get("decision") == "failed" for r in results):
+        sys.exit(1)
+
+
+@main.command("doctor")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@run_async
+async def doctor_cmd(ctx: Ctx, as_json: bool) -> None:
+    """Check Postgres, migrations, Redis and worker health."""
+    from opspolish.doctor import run_checks
+
+    checks = await run_checks(ctx.settings)
+    emit(as_json, [c.__dict__ for c in checks],
+         "\n".join(f"{c.verdict.upper():<5} {c.name:<11} {c.detail}" for c in checks))
+    if any(c.verdict == "fail" for c in checks):
+        sys.exit(1)
+
+
+async def _awaitable(value: Awaitable[T]) -> T:
+    return await value
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

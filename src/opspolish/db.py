@@ -1,0 +1,166 @@
+"""Engines, pools and database lifecycle, built from a :class:`Settings` (nothing connects at import)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from opspolish.errors import DbUnavailable
+from opspolish.settings import Settings
+
+#: Connection-level settings for the hot path (see gate_sql: keep index plans for prepared statements).
+SERVER_SETTINGS = {"plan_cache_mode": "force_custom_plan", "application_name": "opspolish"}
+# In a wheel the migrations ship inside the package; in a checkout they live at the repository root.
+_PACKAGED_MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+MIGRATIONS_DIR = (
+    _PACKAGED_MIGRATIONS if _PACKAGED_MIGRATIONS.is_dir() else Path(__file__).resolve().parents[2] / "migrations"
+)
+
+DRIVER_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncio.TimeoutError,
+)
+
+
+def sqlalchemy_url(settings: Settings) -> URL:
+    return make_url(settings.database_url.get_secret_value())
+
+
+def asyncpg_dsn(settings: Settings, database: str | None = None) -> str:
+    """The DSN for asyncpg (no ``+asyncpg`` driver suffix)."""
+    url = sqlalchemy_url(settings).set(drivername="postgresql")
+    if database is not None:
+        url = url.set(database=database)
+    return url.render_as_string(hide_password=False)
+
+
+def database_name(settings: Settings) -> str:
+    name = sqlalchemy_url(settings).database
+    if not name:
+        raise ValueError("OPSPOLISH_DATABASE_URL names no database")
+    return name
+
+
+def secrets_of(settings: Settings) -> tuple[str, ...]:
+    """Literal secret values of the settings, for message sanitizing."""
+    out = []
+    for url in (settings.database_url.get_secret_value(), settings.redis_url.get_secret_value()):
+        try:
+            password = make_url(url).password
+        except Exception:  # an unparsable URL has no password we can find
+            password = None
+        if password:
+            out.append(str(password))
+    return tuple(out)
+
+
+def create_engine(settings: Settings, **kwargs: Any) -> AsyncEngine:
+    """SQLAlchemy engine for cold paths (CLI, seed, reconcile queries, migrations)."""
+    return create_async_engine(sqlalchemy_url(settings), pool_pre_ping=True, **kwargs)
+
+
+async def init_connection(conn: asyncpg.Connection) -> None:
+    """Per-connection setup: jsonb travels as Python objects."""
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    """asyncpg pool for the hot path (gate, heartbeat, completion)."""
+    try:
+        pool = await asyncpg.create_pool(
+            asyncpg_dsn(settings), min_size=min_size, max_size=max_size,
+            server_settings=SERVER_SETTINGS, timeout=10, init=init_connection,
+        )
+    except DRIVER_ERRORS as exc:
+        raise DbUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+    assert pool is not None
+    return pool
+
+
+async def connect(settings: Settings, database: str | None = None) -> asyncpg.Connection:
+    try:
+        return await asyncpg.connect(asyncpg_dsn(settings, database), timeout=10,
+                                     server_settings=SERVER_SETTINGS)
+    except DRIVER_ERRORS as exc:
+        raise DbUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+
+
+async def ensure_database(settings: Settings) -> bool:
+    """Create the configured database if it does not exist. Returns True when it was created."""
+    name = database_name(settings)
+    conn = await connect(settings, "postgres")
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if exists:
+            return False
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        except asyncpg.DuplicateDatabaseError:
+            return False
+        return True
+    finally:
+        await conn.close()
+
+
+async def drop_database(settings: Settings, name: str) -> None:
+    conn = await connect(settings, "postgres")
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+def alembic_config(settings: Settings) -> Any:
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.attributes["opspolish_settings"] = settings
+    return cfg
+
+
+def _alembic(settings: Settings, command_name: str, revision: str) -> None:
+    from alembic import command
+
+    getattr(command, command_name)(alembic_config(settings), revision)
+
+
+async def upgrade(settings: Settings, revision: str = "head") -> None:
+    """Create the database if needed and upgrade it through alembic."""
+    await ensure_database(settings)
+    await asyncio.to_thread(_alembic, settings, "upgrade", revision)
+
+
+async def downgrade(settings: Settings, revision: str = "base") -> None:
+    await asyncio.to_thread(_alembic, settings, "downgrade", revision)
+
+
+async def current_revision(settings: Settings) -> str | None:
+    conn = await connect(settings)
+    try:
+        exists = await conn.fetchval("SELECT to_regclass('alembic_version') IS NOT NULL")
+        if not exists:
+            return None
+        value = await conn.fetchval("SELECT version_num FROM alembic_version")
+        return str(value) if value is not None else None
+    finally:
+        await conn.close()
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    cfg = alembic_config(Settings())
+    head = ScriptDirectory.from_config(cfg).get_current_head()
+    assert head is not None
+    return head

@@ -1,0 +1,87 @@
+"""Dispatch: record a queued run (or join the identity's active one) and enqueue its arq job."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from opspolish.errors import InputInvalid, RedisUnavailable, TenantNotFound
+from opspolish.fingerprint import canonical_inputs, fingerprint
+from opspolish.runtime import Runtime
+from opspolish.tracking import get_job
+
+log = structlog.get_logger("opspolish")
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchResult:
+    run_id: int
+    job_id: str
+    created: bool  # False: joined the identity's already active run
+    status: str
+    workspace_id: uuid.UUID
+    tenant_id: uuid.UUID | None
+
+    @property
+    def verdict(self) -> str:
+        return "queued" if self.created else "joined"
+
+
+def _redis_error(exc: BaseException) -> bool:
+    return isinstance(exc, OSError | ConnectionError | TimeoutError) or type(exc).__module__.startswith("redis")
+
+
+async def dispatch(
+    rt: Runtime, run_type: str, *, tenant: str | uuid.UUID | None = None,
+    workspace_id: str | uuid.UUID | None = None, inputs: Mapping[str, Any] | None = None,
+) -> DispatchResult:
+    """Create a queued run of ``run_type`` for a tenant (id or external_id), or join the active one.
+
+    Raises :class:`InputInvalid` (unknown type, bad inputs), :class:`TenantNotFound`,
+    :class:`DbUnavailable` or :class:`RedisUnavailable`. A run whose job cannot be enqueued is
+    recorded ``failed`` / ``redis.unavailable``: no ledger row is left without a job or a reason.
+    """
+    job = get_job(run_type)
+    data = job.validate_inputs(inputs)
+    if job.scope == "tenant":
+        if tenant is None or not str(tenant).strip():
+            raise InputInvalid("tenant: required for this job type", field="tenant")
+        tenant_text: str | None = str(tenant).strip()
+        ws = None
+    else:
+        if workspace_id is None:
+            raise InputInvalid("workspace_id: required for this job type", field="workspace_id")
+        try:
+            ws = uuid.UUID(str(workspace_id))
+        except ValueError:
+            raise InputInvalid("workspace_id: not a UUID", field="workspace_id") from None
+        tenant_text = None
+    redis = rt.require_redis()
+    result = await rt.ledger.dispatch(
+        tenant=tenant_text, workspace_id=ws, run_type=run_type, fingerprint=fingerprint(data),
+        context=canonical_inputs(data), queue_name=rt.settings.queue_name,
+    )
+    if result is None:
+        raise TenantNotFound(f"tenant: no tenant with id or external_id {tenant_text!r}", field="tenant")
+    try:
+        await redis.enqueue_job(
+            run_type, run_id=result.run_id, tenant_id=str(result.tenant_id) if result.tenant_id else None,
+            workspace_id=str(result.workspace_id), inputs=data, _job_id=result.job_id,
+            _queue_name=rt.settings.queue_name,
+        )
+    except Exception as exc:
+        if not _redis_error(exc):
+            raise
+        err = RedisUnavailable(f"could not enqueue run {result.run_id}: {type(exc).__name__}")
+        if result.created:
+            await rt.ledger.fail_unstarted(result.run_id, reason_code=err.reason_code, reason_message=err.message)
+        raise err from exc
+    # enqueue_job returns None when the job id is already queued: joining is idempotent.
+    log.info("run_dispatched", run_id=result.run_id, type=run_type, tenant_id=str(result.tenant_id),
+             verdict="queued" if result.created else "joined")
+    return DispatchResult(result.run_id, result.job_id, result.created, result.status, result.workspace_id,
+                          result.tenant_id)

@@ -1,0 +1,49 @@
+"""``opspolish doctor``: each service checked, each with a clear verdict."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from opspolish import db
+from opspolish.errors import OpsPolishError
+from opspolish.settings import Settings
+
+
+@dataclass
+class Check:
+    name: str
+    verdict: str  # ok / warn / fail
+    detail: str
+
+
+async def run_checks(settings: Settings) -> list[Check]:
+    checks: list[Check] = []
+    try:
+        revision = await db.current_revision(settings)
+        checks.append(Check("postgres", "ok", f"database {db.database_name(settings)} answers"))
+        head = db.head_revision()
+        if revision == head:
+            checks.append(Check("migrations", "ok", f"at head {head}"))
+        else:
+            checks.append(Check("migrations", "fail", f"at {revision or 'nothing'}, head is {head}: "
+                                "run `opspolish db upgrade`"))
+    except OpsPolishError as exc:
+        checks.append(Check("postgres", "fail", exc.message))
+    try:
+        from opspolish.runtime import connect_redis
+
+        redis = await connect_redis(settings)
+        try:
+            await redis.ping()
+            checks.append(Check("redis", "ok", "answers"))
+            health = await redis.get(settings.queue_name + ":health-check")
+            if health:
+                checks.append(Check("worker", "ok", health.decode(errors="replace")))
+            else:
+                checks.append(Check("worker", "warn", f"no worker heartbeat on queue {settings.queue_name!r} "
+                                    "(start one with `make worker`)"))
+        finally:
+            await redis.aclose()
+    except OpsPolishError as exc:
+        checks.append(Check("redis", "fail", exc.message))
+    return checks

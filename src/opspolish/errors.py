@@ -1,0 +1,130 @@
+"""The one exception hierarchy. Each class carries a stable ``reason_code``; its docstring is the default message.
+
+Callers branch on the type or on ``reason_code``, never on message text. Codes are public: never rename one.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from opspolish.sanitize import sanitize_message
+
+
+class OpsPolishError(Exception):
+    """Unexpected internal error."""
+
+    reason_code: ClassVar[str] = "internal.unexpected"
+    #: A transient error is retried (the run goes back to ``queued``); a terminal one ends the run.
+    transient: ClassVar[bool] = False
+
+    def __init__(self, message: str | None = None, *, field: str | None = None) -> None:
+        self.field = field
+        text = message or (self.__doc__ or self.reason_code).strip().splitlines()[0]
+        if field and field not in text:
+            text = f"{field}: {text}"
+        self.message = sanitize_message(text)
+        super().__init__(self.message)
+
+
+class InputInvalid(OpsPolishError):
+    """Input is invalid."""
+
+    reason_code = "input.invalid"
+
+
+class TenantNotFound(OpsPolishError):
+    """Tenant not found."""
+
+    reason_code = "tenant.not_found"
+
+
+class RunNotFound(OpsPolishError):
+    """Run not found in this scope."""
+
+    reason_code = "run.not_found"
+
+
+class DbUnavailable(OpsPolishError):
+    """PostgreSQL is unavailable."""
+
+    reason_code = "db.unavailable"
+    transient = True
+
+
+class RedisUnavailable(OpsPolishError):
+    """Redis is unavailable."""
+
+    reason_code = "redis.unavailable"
+    transient = True
+
+
+class ProviderUnavailable(OpsPolishError):
+    """The assignment provider is unavailable."""
+
+    reason_code = "provider.unavailable"
+    transient = True
+
+
+class ProviderThrottled(OpsPolishError):
+    """The assignment provider throttled the request."""
+
+    reason_code = "provider.throttled"
+    transient = True
+
+    def __init__(self, message: str | None = None, *, retry_after_s: float = 5.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ProviderRejected(OpsPolishError):
+    """The assignment provider rejected the item."""
+
+    reason_code = "provider.rejected"
+
+
+class JobTimeout(OpsPolishError):
+    """The job exceeded its timeout."""
+
+    reason_code = "job.timeout"
+
+
+class JobCancelled(OpsPolishError):
+    """The job was cancelled."""
+
+    reason_code = "job.cancelled"
+
+
+class ItemsAllFailed(OpsPolishError):
+    """Every item failed."""
+
+    reason_code = "items.all_failed"
+
+
+class LeaseLost(OpsPolishError):
+    """This delivery lost its lease on the run; it writes nothing more."""
+
+    reason_code = "dedupe.overlap"
+
+
+#: Every stable reason code, with its meaning. The README table is generated from the same words.
+REASON_CODES: dict[str, str] = {
+    "dedupe.already_completed": "a redelivery of a run that already ended; nothing was done (log line + metric)",
+    "dedupe.overlap": "the run is held by another delivery with a live lease; this delivery was deferred",
+    "dedupe.non_canonical": "another run of the same identity was active; this one was skipped (dedupe_of)",
+    "dedupe.cooldown": "the identity completed an executed run within its cooldown; skipped (dedupe_of)",
+    "run.orphaned": "the worker died (lease stale) and the queue no longer holds the job",
+    "run.lost": "a queued run whose queue job vanished and could not be re-enqueued",
+    "run.not_found": "a delivery named a run that does not exist in its scope",
+    "job.timeout": "the job body exceeded its timeout",
+    "job.cancelled": "the job was cancelled",
+    "items.all_failed": "every item of the run failed",
+    "items.partially_failed": "some items failed (outcome partially_succeeded); the others succeeded",
+    "provider.unavailable": "the assignment provider could not be reached (retried)",
+    "provider.throttled": "the assignment provider throttled us (retried after its retry-after)",
+    "provider.rejected": "the assignment provider rejected an item (not retried)",
+    "input.invalid": "the inputs are malformed; the message names the field",
+    "tenant.not_found": "no tenant with that id or external_id",
+    "db.unavailable": "PostgreSQL could not be reached",
+    "redis.unavailable": "Redis could not be reached",
+    "internal.unexpected": "an unexpected error; the message is sanitized",
+}

@@ -1,0 +1,166 @@
+"""Stable, secret-free input fingerprints and the run identity derived from them.
+
+The canonical form is JSON with sorted keys and one spelling per value: ``1``, ``1.0`` and
+``Decimal("1.00")`` are the same number; UUIDs are lowercase; datetimes are UTC; tuples, lists and
+sets are arrays (sets sorted). Keys that name secrets, and ``SecretStr`` values, are dropped at any
+depth, so the fingerprint never depends on (and the ledger ``context`` never holds) a secret.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import hashlib
+import json
+import math
+import re
+import uuid
+from collections.abc import Mapping
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from pydantic import BaseModel, SecretBytes, SecretStr
+
+from opspolish.errors import InputInvalid
+
+FINGERPRINT_VERSION = 1
+MAX_DEPTH = 32
+MAX_CANONICAL_BYTES = 64 * 1024
+
+_SECRET_KEY = re.compile(
+    r"pass(word|wd|phrase)?$|^pwd$|secret|token|api_?key|authorization|^auth$|credential|private_?key|"
+    r"cookie|session_?id|access_?key|signature",
+)
+
+
+def is_secret_key(key: str) -> bool:
+    """True when a mapping key names a secret (``password``, ``client_secret``, ``X-Api-Key``...)."""
+    return bool(_SECRET_KEY.search(key.lower().replace("-", "_")))
+
+
+def _number(value: Decimal, path: str) -> Decimal | int:
+    if not value.is_finite():
+        raise InputInvalid(f"{path}: non-finite number is not allowed", field=path)
+    if value == value.to_integral_value():
+        return int(value)
+    return value.normalize()
+
+
+def _canonical(value: Any, path: str, depth: int) -> Any:  # noqa: C901 - one branch per accepted type
+    if depth > MAX_DEPTH:
+        raise InputInvalid(f"{path}: nested deeper than {MAX_DEPTH} levels", field=path)
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, enum.Enum):
+        return _canonical(value.value, path, depth)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InputInvalid(f"{path}: non-finite number is not allowed", field=path)
+        return _number(Decimal(repr(value)), path)
+    if isinstance(value, Decimal):
+        return _number(value, path)
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputInvalid(f"{path}: text is not valid UTF-8", field=path) from None
+        return value
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise InputInvalid(f"{path}: naive datetime (give it a timezone)", field=path)
+        return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    if isinstance(value, BaseModel):
+        return _canonical(value.model_dump(mode="python"), path, depth)
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise InputInvalid(f"{path}: keys must be strings, got {type(key).__name__}", field=path)
+            if is_secret_key(key) or isinstance(item, SecretStr | SecretBytes):
+                continue
+            out[key] = _canonical(item, f"{path}.{key}", depth + 1)
+        return dict(sorted(out.items()))
+    if isinstance(value, list | tuple):
+        return [
+            _canonical(item, f"{path}[{i}]", depth + 1)
+            for i, item in enumerate(value)
+            if not isinstance(item, SecretStr | SecretBytes)
+        ]
+    if isinstance(value, set | frozenset):
+        items = [_canonical(item, f"{path}[]", depth + 1) for item in value]
+        return sorted(items, key=_dumps)
+    if isinstance(value, SecretStr | SecretBytes):
+        raise InputInvalid(f"{path}: a secret cannot be the whole input", field=path)
+    kind = "bytes are not allowed (decode them)" if isinstance(value, bytes | bytearray) else (
+        f"unsupported type {type(value).__name__}"
+    )
+    raise InputInvalid(f"{path}: {kind}", field=path)
+
+
+def _dumps(value: Any) -> str:
+    """Canonical JSON text: sorted keys, no spaces, numbers as exact decimal text."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{json.dumps(k, ensure_ascii=False)}:{_dumps(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_dumps(v) for v in value) + "]"
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    return json.dumps(value, ensure_ascii=False)
+
+
+def canonical_inputs(inputs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The non-secret inputs in canonical form (what the ledger stores as ``context``)."""
+    if inputs is None:
+        return {}
+    if not isinstance(inputs, Mapping):
+        raise InputInvalid(f"inputs: must be a mapping, got {type(inputs).__name__}", field="inputs")
+    result = _canonical(inputs, "inputs", 0)
+    assert isinstance(result, dict)
+    return result
+
+
+def canonical_json(inputs: Mapping[str, Any] | None) -> str:
+    """The canonical JSON text of the non-secret inputs; refuses payloads over 64 KiB."""
+    text = _dumps(canonical_inputs(inputs))
+    if len(text.encode("utf-8")) > MAX_CANONICAL_BYTES:
+        raise InputInvalid(f"inputs: larger than {MAX_CANONICAL_BYTES} bytes once canonical", field="inputs")
+    return text
+
+
+def fingerprint(inputs: Mapping[str, Any] | None) -> str:
+    """sha256 hex of the canonical non-secret inputs. Deterministic across processes and hash seeds."""
+    return hashlib.sha256(canonical_json(inputs).encode("utf-8")).hexdigest()
+
+
+def identity_hash(scope: str, run_type: str, fingerprint_hex: str) -> str:
+    """sha256 hex of the run identity. ``scope`` is ``tenant:<uuid>`` or ``workspace:<uuid>``.
+
+    The same text is built in SQL by ``opspolish_identity()``; a test holds the two equal.
+    """
+    text = f"opspolish.identity/v{FINGERPRINT_VERSION}\n{scope}\n{run_type}\n{fingerprint_hex}"
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def lock_key(identity_hex: str) -> int:
+    """The signed 64-bit advisory-lock key of an identity: its first 8 bytes, big-endian.
+
+    Never Python's ``hash()``, which is salted per process. SQL: ``opspolish_lock_key()``.
+    """
+    return int.from_bytes(bytes.fromhex(identity_hex[:16]), "big", signed=True)
+
+
+def parse_number_text(text: str, path: str) -> Decimal:
+    """Parse a CLI ``KEY=VALUE`` number, refusing NaN and infinities."""
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise InputInvalid(f"{path}: not a number", field=path) from None
+    if not value.is_finite():
+        raise InputInvalid(f"{path}: non-finite number is not allowed", field=path)
+    return value

@@ -1,0 +1,273 @@
+"""Server-side SQL of the execution gate and of dispatch (DESIGN §5), installed by migrations.
+
+Why a PL/pgSQL function: the gate must take ``pg_try_advisory_xact_lock`` *first* and only then read the
+ledger. In READ COMMITTED a single SQL statement's snapshot is taken before a lock acquired inside it,
+so a one-statement "lock and check" CTE can miss a claim committed in between. Inside a VOLATILE
+PL/pgSQL function every statement takes a fresh snapshot, so the checks below see everything committed
+before the lock was granted - and the whole gate is still one round trip and one short transaction
+(the xact-scoped lock ends at commit, which keeps it safe behind PgBouncer in transaction pooling).
+
+``plan_cache_mode = force_custom_plan``: PL/pgSQL caches plans. A generic plan made while the ledger was
+empty (and freshly analyzed) can pick a sequential scan that never goes away as the ledger grows; custom
+plans are re-planned with the real values and keep using the partial indexes.
+
+These texts are frozen per version: a migration imports the version it installs. Change the gate by
+adding ``..._V2`` and a migration that installs it, never by editing a version already shipped.
+"""
+
+from __future__ import annotations
+
+LOCK_KEY_V1 = r"""-- The signed 64-bit advisory-lock key of an identity hash: its first 8 bytes, big-endian.
+-- Mirrors opspolish.fingerprint.lock_key (never a salted hash()).
+CREATE OR REPLACE FUNCTION opspolish_lock_key(p_identity text) RETURNS bigint
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+AS $$ SELECT ('x' || substr(p_identity, 1, 16))::bit(64)::bigint $$;
+"""
+
+IDENTITY_V1 = r"""-- The run identity hash; mirrors opspolish.fingerprint.identity_hash.
+CREATE OR REPLACE FUNCTION opspolish_identity(p_scope text, p_type text, p_fingerprint text) RETURNS text
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+AS $$ SELECT encode(sha256(convert_to(
+        'opspolish.identity/v1' || E'\n' || p_scope || E'\n' || p_type || E'\n' || p_fingerprint, 'UTF8')), 'hex') $$;
+"""
+
+RESOLVE_TENANT_V1 = r"""-- A tenant by id or by external_id (both are UUID-shaped text).
+CREATE OR REPLACE FUNCTION opspolish_resolve_tenant(p_tenant text, OUT tenant_id uuid, OUT workspace_id uuid)
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    IF p_tenant !~* '^[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}$' THEN
+        RETURN;
+    END IF;
+    SELECT t.id, t.workspace_id INTO tenant_id, workspace_id FROM tenants t WHERE t.id = p_tenant::uuid;
+    IF NOT FOUND THEN
+        SELECT t.id, t.workspace_id INTO tenant_id, workspace_id
+        FROM tenants t WHERE t.external_id = lower(p_tenant::uuid::text);
+    END IF;
+END $$;
+"""
+
+CLAIM_V1 = r"""
+-- The execution gate (DESIGN §5). One call = one short transaction. Decisions:
+--   claimed / taken_over   the caller holds the lease and runs the body
+--   busy                   the identity's lock is held right now: retry the delivery shortly
+--   overlap                another delivery holds a live lease: defer by wait_s, then decide again
+--   already_completed      redelivery of finished work: nothing done
+--   skipped                recorded as skipped (reason_code dedupe.non_canonical / dedupe.cooldown)
+--   run_not_found          no such run in the delivery's scope
+--   tenant_not_found       unknown tenant
+CREATE OR REPLACE FUNCTION opspolish_claim(
+    p_run_id bigint,            -- the delivery's run id; NULL for a raw enqueue
+    p_tenant text,              -- tenant id or external_id; NULL for workspace-scoped runs
+    p_workspace_id uuid,        -- scope of a workspace-scoped run; NULL for tenant runs
+    p_type text,
+    p_fingerprint text,         -- raw enqueue only
+    p_context jsonb,            -- raw enqueue only
+    p_job_id text,
+    p_queue_name text,
+    p_lease_owner uuid,
+    p_cooldown_s double precision,
+    p_lease_ttl_s double precision
+) RETURNS TABLE (decision text, run_id bigint, attempts integer, dedupe_of bigint, reason_code text,
+                 wait_s double precision, workspace_id uuid, tenant_id uuid)
+LANGUAGE plpgsql VOLATILE
+SET plan_cache_mode = force_custom_plan
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_tenant uuid;
+    v_ws uuid := p_workspace_id;
+    v_identity text;
+    v_other bigint;
+    v_code text;
+    r operation_runs%ROWTYPE;
+    v_zero constant jsonb := '{"total": 0, "processed": 0, "failed": 0}';
+BEGIN
+    IF p_tenant IS NOT NULL THEN
+        SELECT rt.tenant_id, rt.workspace_id INTO v_tenant, v_ws FROM opspolish_resolve_tenant(p_tenant) rt;
+        IF v_tenant IS NULL THEN
+            RETURN QUERY SELECT 'tenant_not_found', NULL::bigint, 0, NULL::bigint, 'tenant.not_found', 0::float8,
+                                NULL::uuid, NULL::uuid;
+            RETURN;
+        END IF;
+    END IF;
+
+    -- 1. Resolve the run (by id) or the identity (raw enqueue), within the delivery's scope.
+    IF p_run_id IS NOT NULL THEN
+        SELECT * INTO r FROM operation_runs o WHERE o.id = p_run_id;
+        IF NOT FOUND OR r.type <> p_type
+           OR (p_tenant IS NOT NULL AND r.tenant_id IS DISTINCT FROM v_tenant)
+           OR (p_tenant IS NULL AND v_ws IS NOT NULL AND (r.workspace_id <> v_ws OR r.tenant_id IS NOT NULL)) THEN
+            RETURN QUERY SELECT 'run_not_found', p_run_id, 0, NULL::bigint, 'run.not_found', 0::float8,
+                                NULL::uuid, NULL::uuid;
+            RETURN;
+        END IF;
+        v_identity := r.run_identity_hash;
+    ELSE
+        IF v_ws IS NULL THEN
+            RAISE EXCEPTION 'opspolish_claim: a raw delivery needs a tenant or a workspace' USING ERRCODE = '22023';
+        END IF;
+        v_identity := opspolish_identity(
+            CASE WHEN v_tenant IS NULL THEN 'workspace:' || v_ws ELSE 'tenant:' || v_tenant END,
+            p_type, p_fingerprint);
+    END IF;
+
+    -- 2. The identity's lock, xact-scoped. Busy: the caller retries the delivery (work is never dropped).
+    IF NOT pg_try_advisory_xact_lock(opspolish_lock_key(v_identity)) THEN
+        RETURN QUERY SELECT 'busy', p_run_id, 0, NULL::bigint, NULL::text, 0::float8, v_ws, v_tenant;
+        RETURN;
+    END IF;
+
+    -- 3. Checks, each a new statement (fresh snapshot) issued after the lock is held.
+    IF p_run_id IS NOT NULL THEN
+        SELECT * INTO r FROM operation_runs o WHERE o.id = p_run_id;
+    ELSE  -- a redelivery of a raw job we already recorded?
+        SELECT * INTO r FROM operation_runs o
+        WHERE o.job_id = p_job_id AND o.run_identity_hash = v_identity ORDER BY o.id DESC LIMIT 1;
+    END IF;
+
+    IF r.id IS NOT NULL THEN
+        IF r.status = 'completed' THEN
+            RETURN QUERY SELECT 'already_completed', r.id, r.attempts, r.dedupe_of, 'dedupe.already_completed',
+                                0::float8, r.workspace_id, r.tenant_id;
+            RETURN;
+        END IF;
+        IF r.status = 'running' AND r.heartbeat_at > now() - make_interval(secs => p_lease_ttl_s) THEN
+            RETURN QUERY SELECT 'overlap', r.id, r.attempts, NULL::bigint, 'dedupe.overlap',
+                                GREATEST(extract(epoch FROM r.heartbeat_at - now())::float8 + p_lease_ttl_s, 0.1),
+                                r.workspace_id, r.tenant_id;
+            RETURN;
+        END IF;
+        IF r.status = 'queued' AND r.attempts = 0 THEN
+            -- r is the identity's active run (partial unique index); only a recent completion can stop it.
+            SELECT o.id INTO v_other FROM operation_runs o
+            WHERE o.run_identity_hash = v_identity AND o.status = 'completed' AND o.outcome <> 'skipped'
+              AND o.attempts > 0 AND o.completed_at > now() - make_interval(secs => p_cooldown_s)
+            ORDER BY o.completed_at DESC LIMIT 1;
+            IF v_other IS NOT NULL THEN
+                UPDATE operation_runs o SET status = 'completed', outcome = 'skipped',
+                       reason_code = 'dedupe.cooldown', dedupe_of = v_other, summary_counts = v_zero,
+                       reason_message = 'identity completed run ' || v_other || ' within its cooldown',
+                       completed_at = now(), job_id = coalesce(o.job_id, p_job_id)
+                WHERE o.id = r.id;
+                RETURN QUERY SELECT 'skipped', r.id, 0, v_other, 'dedupe.cooldown', 0::float8,
+                                    r.workspace_id, r.tenant_id;
+                RETURN;
+            END IF;
+        END IF;
+        -- Claim: a queued run, or a running run whose lease went stale (its worker died).
+        UPDATE operation_runs o SET status = 'running', attempts = o.attempts + 1, lease_owner = p_lease_owner,
+               heartbeat_at = now(), started_at = coalesce(o.started_at, now()),
+               job_id = coalesce(o.job_id, p_job_id), queue_name = coalesce(o.queue_name, p_queue_name)
+        WHERE o.id = r.id
+        RETURNING o.attempts INTO r.attempts;
+        RETURN QUERY SELECT CASE WHEN r.status = 'running' THEN 'taken_over' ELSE 'claimed' END,
+                            r.id, r.attempts, NULL::bigint, NULL::text, 0::float8, r.workspace_id, r.tenant_id;
+        RETURN;
+    END IF;
+
+    -- A raw delivery seen for the first time: it becomes a run of its own (claimed or skipped).
+    LOOP
+        v_other := NULL;
+        v_code := NULL;
+        SELECT o.id INTO v_other FROM operation_runs o
+        WHERE o.run_identity_hash = v_identity AND o.status IN ('queued', 'running');
+        IF v_other IS NOT NULL THEN
+            v_code := 'dedupe.non_canonical';
+        ELSE
+            SELECT o.id INTO v_other FROM operation_runs o
+            WHERE o.run_identity_hash = v_identity AND o.status = 'completed' AND o.outcome <> 'skipped'
+              AND o.attempts > 0 AND o.completed_at > now() - make_interval(secs => p_cooldown_s)
+            ORDER BY o.completed_at DESC LIMIT 1;
+            IF v_other IS NOT NULL THEN
+                v_code := 'dedupe.cooldown';
+            END IF;
+        END IF;
+
+        IF v_code IS NOT NULL THEN
+            INSERT INTO operation_runs AS o (workspace_id, tenant_id, type, status, outcome, run_identity_hash,
+                   fingerprint, context, summary_counts, reason_code, reason_message, dedupe_of, job_id,
+                   queue_name, completed_at)
+            VALUES (v_ws, v_tenant, p_type, 'completed', 'skipped', v_identity, p_fingerprint, p_context, v_zero,
+                    v_code, CASE v_code WHEN 'dedupe.cooldown'
+                                 THEN 'identity completed run ' || v_other || ' within its cooldown'
+                                 ELSE 'run ' || v_other || ' of the same identity is active' END,
+                    v_other, p_job_id, p_queue_name, now())
+            RETURNING o.id INTO r.id;
+            RETURN QUERY SELECT 'skipped', r.id, 0, v_other, v_code, 0::float8, v_ws, v_tenant;
+            RETURN;
+        END IF;
+
+        INSERT INTO operation_runs AS o (workspace_id, tenant_id, type, status, run_identity_hash, fingerprint,
+               context, attempts, lease_owner, heartbeat_at, started_at, job_id, queue_name)
+        VALUES (v_ws, v_tenant, p_type, 'running', v_identity, p_fingerprint, p_context, 1, p_lease_owner,
+                now(), now(), p_job_id, p_queue_name)
+        ON CONFLICT (run_identity_hash) WHERE status IN ('queued', 'running') DO NOTHING
+        RETURNING o.id INTO r.id;
+        IF r.id IS NOT NULL THEN
+            RETURN QUERY SELECT 'claimed', r.id, 1, NULL::bigint, NULL::text, 0::float8, v_ws, v_tenant;
+            RETURN;
+        END IF;
+        -- A dispatch made an active run of this identity after our check: go round and skip against it.
+    END LOOP;
+END $$;
+"""
+
+DISPATCH_V1 = r"""
+-- Dispatch: create a queued run, or join the identity's active run. Loops if the active run
+-- completes between the insert attempt and the look-up.
+CREATE OR REPLACE FUNCTION opspolish_dispatch(
+    p_tenant text, p_workspace_id uuid, p_type text, p_fingerprint text, p_context jsonb, p_queue_name text
+) RETURNS TABLE (run_id bigint, job_id text, created boolean, status text, workspace_id uuid, tenant_id uuid)
+LANGUAGE plpgsql VOLATILE
+SET plan_cache_mode = force_custom_plan
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_tenant uuid;
+    v_ws uuid := p_workspace_id;
+    v_identity text;
+    v_id bigint;
+    v_job text;
+    v_status text;
+BEGIN
+    IF p_tenant IS NOT NULL THEN
+        SELECT rt.tenant_id, rt.workspace_id INTO v_tenant, v_ws FROM opspolish_resolve_tenant(p_tenant) rt;
+        IF v_tenant IS NULL THEN
+            RETURN;  -- no row: tenant not found
+        END IF;
+    END IF;
+    v_identity := opspolish_identity(
+        CASE WHEN v_tenant IS NULL THEN 'workspace:' || v_ws ELSE 'tenant:' || v_tenant END, p_type, p_fingerprint);
+    LOOP
+        INSERT INTO operation_runs AS o (id, workspace_id, tenant_id, type, run_identity_hash, fingerprint, context,
+                                         queue_name, job_id)
+        SELECT s.n, v_ws, v_tenant, p_type, v_identity, p_fingerprint, p_context, p_queue_name,
+               p_queue_name || ':run:' || s.n
+        FROM (SELECT nextval(pg_get_serial_sequence('operation_runs', 'id')) AS n) s
+        ON CONFLICT (run_identity_hash) WHERE status IN ('queued', 'running') DO NOTHING
+        RETURNING o.id, o.job_id INTO v_id, v_job;
+        IF v_id IS NOT NULL THEN
+            RETURN QUERY SELECT v_id, v_job, true, 'queued'::text, v_ws, v_tenant;
+            RETURN;
+        END IF;
+        SELECT o.id, o.job_id, o.status INTO v_id, v_job, v_status FROM operation_runs o
+        WHERE o.run_identity_hash = v_identity AND o.status IN ('queued', 'running');
+        IF v_id IS NOT NULL THEN
+            RETURN QUERY SELECT v_id, v_job, false, v_status, v_ws, v_tenant;
+            RETURN;
+        END IF;
+    END LOOP;
+END $$;
+"""
+
+#: Statements (one each: asyncpg runs one statement per call) in install order.
+INSTALL_V1 = (LOCK_KEY_V1, IDENTITY_V1, RESOLVE_TENANT_V1, CLAIM_V1, DISPATCH_V1)
+
+DROP_V1 = (
+    "DROP FUNCTION IF EXISTS opspolish_dispatch(text, uuid, text, text, jsonb, text)",
+    "DROP FUNCTION IF EXISTS opspolish_claim(bigint, text, uuid, text, text, jsonb, text, text, uuid, float8, float8)",
+    "DROP FUNCTION IF EXISTS opspolish_resolve_tenant(text)",
+    "DROP FUNCTION IF EXISTS opspolish_identity(text, text, text)",
+    "DROP FUNCTION IF EXISTS opspolish_lock_key(text)",
+)

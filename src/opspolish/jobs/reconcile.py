@@ -1,0 +1,141 @@
+"""``ops.reconcile_adapter_runs`` (DESIGN §7): settle ledger runs the arq queue no longer backs.
+
+One tracked, workspace-scoped run per workspace per pass; no overlap (the gate) and no cooldown.
+It asks arq about each candidate by job id and queue name; it never scans Redis keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from arq import Retry
+from arq.jobs import Job, JobStatus
+
+from opspolish.errors import DbUnavailable, RedisUnavailable
+from opspolish.ledger import Run, Scope, translate_errors
+from opspolish.runtime import Runtime, connect_redis
+from opspolish.tracking import RunContext, execute, tracked_job
+
+RECONCILE_TYPE = "ops.reconcile_adapter_runs"
+#: How long one workspace's pass keeps retrying a busy gate before it reports the workspace as skipped.
+BUSY_DEADLINE_S = 30.0
+
+log = structlog.get_logger("opspolish")
+_BACKED = {JobStatus.queued, JobStatus.deferred, JobStatus.in_progress}
+
+
+def _is_redis_error(exc: BaseException) -> bool:
+    return isinstance(exc, OSError | ConnectionError | TimeoutError) or type(exc).__module__.startswith("redis")
+
+
+async def _job_status(rt: Runtime, redis: Any, run: Run) -> JobStatus:
+    job_id = run.job_id or f"{run.queue_name or rt.settings.queue_name}:run:{run.id}"
+    try:
+        return await Job(job_id, redis, _queue_name=run.queue_name or rt.settings.queue_name).status()
+    except Exception as exc:
+        if _is_redis_error(exc):
+            raise RedisUnavailable(f"Redis unavailable while checking job {job_id}: {type(exc).__name__}") from exc
+        raise
+
+
+async def _settle(rt: Runtime, redis: Any, run: Run, scoped: Any, ctx: RunContext) -> bool:
+    """Settle one unbacked run; False when it changed under us (someone else settled or claimed it)."""
+    if run.status == "running":
+        ok: bool = await scoped.settle_orphaned(
+            run.id, lease_ttl_s=rt.settings.lease_ttl_s,
+            message=f"lease stale since {run.heartbeat_at:%Y-%m-%dT%H:%M:%SZ} and the queue no longer holds the job",
+        )
+        if ok:
+            ctx.counts.bump("orphaned")
+        return ok
+    age_s = (datetime.now(UTC) - run.created_at).total_seconds()
+    if run.requeues == 0 and age_s < rt.settings.reconcile_max_queued_age_s:
+        if not await scoped.mark_requeued(run.id):
+            return False
+        try:
+            await redis.enqueue_job(
+                run.type, run_id=run.id, tenant_id=str(run.tenant_id) if run.tenant_id else None,
+                workspace_id=str(run.workspace_id), _job_id=run.job_id or f"{run.queue_name or rt.settings.queue_name}:run:{run.id}",
+                _queue_name=run.queue_name or rt.settings.queue_name,
+            )
+        except Exception as exc:
+            if _is_redis_error(exc):
+                raise RedisUnavailable(f"Redis unavailable while re-enqueueing run {run.id}") from exc
+            raise
+        ctx.counts.bump("requeued")
+        return True
+    why = "re-enqueued once already" if run.requeues else f"older than {rt.settings.reconcile_max_queued_age_s:g} s"
+    ok = await scoped.settle_lost(run.id, message=f"queue job vanished ({why})")
+    if ok:
+        ctx.counts.bump("lost")
+    return ok
+
+
+@tracked_job(RECONCILE_TYPE, scope="workspace", cooldown_s=0.0, max_attempts=1)
+async def reconcile_adapter_runs(run: RunContext) -> None:
+    """One workspace's pass: every candidate is counted; settled ones are processed."""
+    rt = run.runtime
+    redis = rt.redis if rt.redis is not None else await connect_redis(rt.settings)
+    try:
+        scoped = rt.ledger.scoped(Scope(run.workspace_id))
+        candidates = await scoped.unbacked_candidates(
+            lease_ttl_s=rt.settings.lease_ttl_s, min_age_s=rt.settings.reconcile_grace_s
+        )
+        run.counts.bump("checked", len(candidates))
+        for candidate in candidates:
+            if await _job_status(rt, redis, candidate) in _BACKED:
+                run.counts.bump("left_to_queue")
+                continue
+            run.counts.add_total()
+            if await _settle(rt, redis, candidate, scoped, run):
+                run.counts.item_succeeded()
+            else:
+                run.counts.item_failed()
+    finally:
+        if redis is not rt.redis:
+            await redis.aclose()
+
+
+async def reconcile_workspace(rt: Runtime, workspace_id: uuid.UUID, *, job_id: str) -> dict[str, Any]:
+    """Run one tracked pass for a workspace in this process, waiting out a busy gate."""
+    from opspolish.tracking import get_job
+
+    job = get_job(RECONCILE_TYPE)
+    deadline = time.monotonic() + BUSY_DEADLINE_S
+    while True:
+        try:
+            return await execute(rt, job, run_id=None, tenant=None, workspace_id=workspace_id, inputs={},
+                                 job_id=job_id)
+        except Retry as retry:
+            if time.monotonic() > deadline:
+                log.warning("reconcile_gave_up", workspace_id=str(workspace_id), reason_code="dedupe.overlap")
+                return {"decision": "busy", "run_id": None, "reason_code": "dedupe.overlap"}
+            await asyncio.sleep(min((retry.defer_score or 50) / 1000, 1.0))
+
+
+async def reconcile_all(rt: Runtime, *, workspace_slug: str | None = None, job_id: str | None = None) -> list[dict[str, Any]]:
+    """One pass over every workspace (or one, by slug). Returns one result per workspace."""
+    job_id = job_id or f"reconcile:{uuid.uuid4().hex}"
+    async with translate_errors():
+        rows = await rt.pool.fetch(
+            "SELECT id, slug FROM workspaces WHERE $1::text IS NULL OR slug = $1 ORDER BY slug", workspace_slug
+        )
+    results = []
+    for ws_id, slug in rows:
+        try:
+            result = await reconcile_workspace(rt, ws_id, job_id=f"{job_id}:{slug}")
+        except DbUnavailable as exc:
+            log.error("reconcile_failed", workspace=slug, reason_code=exc.reason_code, message=exc.message)
+            result = {"decision": "failed", "run_id": None, "reason_code": exc.reason_code}
+        results.append({"workspace": slug, **result})
+    return results
+
+
+async def reconcile_cron(ctx: dict[str, Any]) -> list[dict[str, Any]]:
+    """The arq cron entry: a pass over every workspace."""
+    return await reconcile_all(ctx["opspolish"], job_id=str(ctx.get("job_id") or "cron"))

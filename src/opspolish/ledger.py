@@ -1,0 +1,308 @@
+"""The ledger repository: it owns every statement on ``operation_runs``.
+
+Hot-path statements (claim, heartbeat, completion) go straight to asyncpg, which prepares each
+constant statement once per connection. Cold paths (listing, reconcile) are scoped: a
+:class:`ScopedLedger` only ever sees the runs of its workspace (and tenant).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from opspolish.db import DRIVER_ERRORS
+from opspolish.errors import DbUnavailable
+
+ZERO_COUNTS = {"total": 0, "processed": 0, "failed": 0}
+
+
+@asynccontextmanager
+async def translate_errors() -> AsyncIterator[None]:
+    """Driver connection errors become :class:`DbUnavailable`, chained."""
+    try:
+        yield
+    except DRIVER_ERRORS as exc:
+        raise DbUnavailable(f"PostgreSQL unavailable: {type(exc).__name__}: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Whose runs a repository sees. ``tenant_id`` None with a workspace = the workspace's runs."""
+
+    workspace_id: uuid.UUID | None
+    tenant_id: uuid.UUID | None = None
+
+    @classmethod
+    def operator(cls) -> Scope:
+        """Every workspace: the operator's view (CLI listing). Never handed to job code."""
+        return cls(None, None)
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    decision: str
+    run_id: int | None
+    attempts: int
+    dedupe_of: int | None
+    reason_code: str | None
+    wait_s: float
+    workspace_id: uuid.UUID | None
+    tenant_id: uuid.UUID | None
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatched:
+    run_id: int
+    job_id: str
+    created: bool
+    status: str
+    workspace_id: uuid.UUID
+    tenant_id: uuid.UUID | None
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    id: int
+    workspace_id: uuid.UUID
+    tenant_id: uuid.UUID | None
+    type: str
+    status: str
+    outcome: str
+    run_identity_hash: str
+    fingerprint: str
+    context: dict[str, Any]
+    summary_counts: dict[str, Any] | None
+    reason_code: str | None
+    reason_message: str | None
+    dedupe_of: int | None
+    attempts: int
+    requeues: int
+    queue_name: str | None
+    job_id: str | None
+    lease_owner: uuid.UUID | None
+    heartbeat_at: datetime | None
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+
+    @classmethod
+    def from_record(cls, record: asyncpg.Record) -> Run:
+        return cls(**dict(record))
+
+    def as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key in self.__slots__:
+            value = getattr(self, key)
+            out[key] = value.isoformat() if isinstance(value, datetime) else (
+                str(value) if isinstance(value, uuid.UUID) else value
+            )
+        return out
+
+
+RUN_COLUMNS = ", ".join(Run.__slots__)
+
+# --- hot path -------------------------------------------------------------------------------------------
+
+_CLAIM = "SELECT * FROM opspolish_claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+
+# Fenced on lease_owner: a delivery that lost its lease (taken over) writes nothing.
+_COMPLETE = """
+UPDATE operation_runs SET status = 'completed', outcome = $3, summary_counts = $4, reason_code = $5,
+       reason_message = $6, completed_at = now(), heartbeat_at = now()
+WHERE id = $1 AND lease_owner = $2 AND status = 'running'
+"""
+
+# A transient failure or a worker shutdown hands the run back to the queue (running -> queued).
+_RELEASE = """
+UPDATE operation_runs SET status = 'queued', lease_owner = NULL, reason_code = $3, reason_message = $4
+WHERE id = $1 AND lease_owner = $2 AND status = 'running'
+"""
+
+# One statement refreshes every lease this process holds; the ids it does not return were lost.
+_HEARTBEAT = """
+UPDATE operation_runs o SET heartbeat_at = now()
+FROM unnest($1::bigint[], $2::uuid[]) AS l(id, owner)
+WHERE o.id = l.id AND o.lease_owner = l.owner AND o.status = 'running'
+RETURNING o.id
+"""
+
+_DISPATCH = "SELECT * FROM opspolish_dispatch($1, $2, $3, $4, $5, $6)"
+
+# A dispatched run whose queue job could not be enqueued ends with a reason instead of lingering.
+_FAIL_UNSTARTED = """
+UPDATE operation_runs SET status = 'completed', outcome = 'failed', reason_code = $2, reason_message = $3,
+       summary_counts = coalesce(summary_counts, $4), completed_at = now()
+WHERE id = $1 AND status = 'queued' AND attempts = 0
+"""
+
+
+class Ledger:
+    """Unscoped entry to the ledger: the gate's statements and scoped views."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    def scoped(self, scope: Scope) -> ScopedLedger:
+        return ScopedLedger(self.pool, scope)
+
+    async def claim(
+        self, *, run_id: int | None, tenant: str | None, workspace_id: uuid.UUID | None, run_type: str,
+        fingerprint: str | None, context: dict[str, Any] | None, job_id: str, queue_name: str,
+        lease_owner: uuid.UUID, cooldown_s: float, lease_ttl_s: float,
+    ) -> Claim:
+        async with translate_errors():
+            row = await self.pool.fetchrow(
+                _CLAIM, run_id, tenant, workspace_id, run_type, fingerprint, context, job_id, queue_name,
+                lease_owner, cooldown_s, lease_ttl_s,
+            )
+        assert row is not None
+        return Claim(*row)
+
+    async def complete(
+        self, run_id: int, lease_owner: uuid.UUID, *, outcome: str, counts: dict[str, int],
+        reason_code: str | None, reason_message: str | None,
+    ) -> bool:
+        async with translate_errors():
+            status = await self.pool.execute(_COMPLETE, run_id, lease_owner, outcome, counts, reason_code,
+                                             reason_message)
+        return status.endswith(" 1")
+
+    async def release(self, run_id: int, lease_owner: uuid.UUID, *, reason_code: str, reason_message: str) -> bool:
+        async with translate_errors():
+            status = await self.pool.execute(_RELEASE, run_id, lease_owner, reason_code, reason_message)
+        return status.endswith(" 1")
+
+    async def heartbeat(self, leases: Sequence[tuple[int, uuid.UUID]]) -> set[int]:
+        """Refresh leases; returns the run ids whose lease is still ours."""
+        if not leases:
+            return set()
+        async with translate_errors():
+            rows = await self.pool.fetch(_HEARTBEAT, [r for r, _ in leases], [o for _, o in leases])
+        return {row[0] for row in rows}
+
+    async def dispatch(
+        self, *, tenant: str | None, workspace_id: uuid.UUID | None, run_type: str, fingerprint: str,
+        context: dict[str, Any], queue_name: str,
+    ) -> Dispatched | None:
+        """Create a queued run or join the identity's active one; None when the tenant is unknown."""
+        async with translate_errors():
+            row = await self.pool.fetchrow(_DISPATCH, tenant, workspace_id, run_type, fingerprint, context,
+                                           queue_name)
+        return Dispatched(*row) if row is not None else None
+
+    async def context_of(self, run_id: int) -> dict[str, Any]:
+        """The stored (non-secret) inputs of a run the caller has just claimed."""
+        async with translate_errors():
+            value = await self.pool.fetchval("SELECT context FROM operation_runs WHERE id = $1", run_id)
+        return dict(value or {})
+
+    async def fail_unstarted(self, run_id: int, *, reason_code: str, reason_message: str) -> bool:
+        async with translate_errors():
+            status = await self.pool.execute(_FAIL_UNSTARTED, run_id, reason_code, reason_message, ZERO_COUNTS)
+        return status.endswith(" 1")
+
+
+class ScopedLedger:
+    """The runs of one scope. Every statement carries the scope in its WHERE clause."""
+
+    _SCOPE = "($1::uuid IS NULL OR workspace_id = $1) AND ($2::uuid IS NULL OR tenant_id = $2)"
+
+    def __init__(self, pool: asyncpg.Pool, scope: Scope) -> None:
+        self.pool = pool
+        self.scope = scope
+
+    @property
+    def _args(self) -> tuple[uuid.UUID | None, uuid.UUID | None]:
+        return self.scope.workspace_id, self.scope.tenant_id
+
+    async def get(self, run_id: int) -> Run | None:
+        async with translate_errors():
+            row = await self.pool.fetchrow(
+                f"SELECT {RUN_COLUMNS} FROM operation_runs WHERE {self._SCOPE} AND id = $3", *self._args, run_id
+            )
+        return Run.from_record(row) if row else None
+
+    async def list(
+        self, *, run_type: str | None = None, status: str | None = None, outcome: str | None = None,
+        limit: int = 50,
+    ) -> list[Run]:
+        async with translate_errors():
+            rows = await self.pool.fetch(
+                f"""SELECT {RUN_COLUMNS} FROM operation_runs
+                    WHERE {self._SCOPE} AND ($3::text IS NULL OR type = $3) AND ($4::text IS NULL OR status = $4)
+                      AND ($5::text IS NULL OR outcome = $5)
+                    ORDER BY id DESC LIMIT $6""",
+                *self._args, run_type, status, outcome, limit,
+            )
+        return [Run.from_record(row) for row in rows]
+
+    async def update_context(self, run_id: int, context: dict[str, Any]) -> bool:
+        """Replace a run's operator context (used by tools; scoped like every write)."""
+        async with translate_errors():
+            status = await self.pool.execute(
+                f"UPDATE operation_runs SET context = $4 WHERE {self._SCOPE} AND id = $3",
+                *self._args, run_id, context,
+            )
+        return status.endswith(" 1")
+
+    async def claim(self, run_id: int, *, run_type: str, job_id: str, queue_name: str, lease_owner: uuid.UUID,
+                    cooldown_s: float, lease_ttl_s: float) -> Claim:
+        """Claim a run of this scope through the gate; a run of another scope is ``run_not_found``."""
+        return await Ledger(self.pool).claim(
+            run_id=run_id, tenant=str(self.scope.tenant_id) if self.scope.tenant_id else None,
+            workspace_id=None if self.scope.tenant_id else self.scope.workspace_id, run_type=run_type,
+            fingerprint=None, context=None, job_id=job_id, queue_name=queue_name, lease_owner=lease_owner,
+            cooldown_s=cooldown_s, lease_ttl_s=lease_ttl_s,
+        )
+
+    # --- reconcile ---------------------------------------------------------------------------------------
+
+    async def unbacked_candidates(self, *, lease_ttl_s: float, min_age_s: float, limit: int = 1000) -> list[Run]:
+        """Active runs the queue may no longer back: stale running leases and queued runs past a grace age."""
+        async with translate_errors():
+            rows = await self.pool.fetch(
+                f"""SELECT {RUN_COLUMNS} FROM operation_runs
+                    WHERE workspace_id = $1 AND status IN ('queued', 'running')
+                      AND ((status = 'running' AND heartbeat_at < now() - make_interval(secs => $2))
+                        OR (status = 'queued' AND created_at < now() - make_interval(secs => $3)))
+                    ORDER BY id LIMIT $4""",
+                self.scope.workspace_id, lease_ttl_s, min_age_s, limit,
+            )
+        return [Run.from_record(row) for row in rows]
+
+    async def settle_orphaned(self, run_id: int, *, lease_ttl_s: float, message: str) -> bool:
+        async with translate_errors():
+            status = await self.pool.execute(
+                """UPDATE operation_runs SET status = 'completed', outcome = 'failed', reason_code = 'run.orphaned',
+                          reason_message = $4, summary_counts = coalesce(summary_counts, $5), completed_at = now()
+                   WHERE workspace_id = $1 AND id = $2 AND status = 'running'
+                     AND heartbeat_at < now() - make_interval(secs => $3)""",
+                self.scope.workspace_id, run_id, lease_ttl_s, message, ZERO_COUNTS,
+            )
+        return status.endswith(" 1")
+
+    async def mark_requeued(self, run_id: int) -> bool:
+        """Count a re-enqueue; only a queued run that was never re-enqueued before qualifies."""
+        async with translate_errors():
+            status = await self.pool.execute(
+                """UPDATE operation_runs SET requeues = requeues + 1
+                   WHERE workspace_id = $1 AND id = $2 AND status = 'queued' AND requeues = 0""",
+                self.scope.workspace_id, run_id,
+            )
+        return status.endswith(" 1")
+
+    async def settle_lost(self, run_id: int, *, message: str) -> bool:
+        async with translate_errors():
+            status = await self.pool.execute(
+                """UPDATE operation_runs SET status = 'completed', outcome = 'failed', reason_code = 'run.lost',
+                          reason_message = $3, summary_counts = coalesce(summary_counts, $4), completed_at = now()
+                   WHERE workspace_id = $1 AND id = $2 AND status = 'queued'""",
+                self.scope.workspace_id, run_id, message, ZERO_COUNTS,
+            )
+        return status.endswith(" 1")

@@ -1,0 +1,164 @@
+"""The per-process runtime: pools built from settings, the lease keeper and in-process metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import structlog
+from arq.connections import ArqRedis, RedisSettings, create_pool
+
+from opspolish import db
+from opspolish.errors import DbUnavailable, RedisUnavailable
+from opspolish.ledger import Ledger
+from opspolish.settings import Settings
+
+log = structlog.get_logger("opspolish")
+
+
+def redis_settings(settings: Settings, *, conn_retries: int = 5) -> RedisSettings:
+    rs = RedisSettings.from_dsn(settings.redis_url.get_secret_value())
+    rs.conn_retries = conn_retries
+    rs.conn_timeout = 2
+    return rs
+
+
+async def connect_redis(settings: Settings, *, conn_retries: int = 0) -> ArqRedis:
+    """An arq Redis pool; an unreachable server raises :class:`RedisUnavailable` (no password in it)."""
+    try:
+        return await create_pool(redis_settings(settings, conn_retries=conn_retries),
+                                 default_queue_name=settings.queue_name)
+    except (OSError, ConnectionError, TimeoutError) as exc:
+        raise RedisUnavailable(f"cannot connect to Redis: {type(exc).__name__}") from exc
+    except Exception as exc:  # redis-py raises its own ConnectionError hierarchy
+        if type(exc).__module__.startswith("redis"):
+            raise RedisUnavailable(f"cannot connect to Redis: {type(exc).__name__}") from exc
+        raise
+
+
+@dataclass(eq=False)
+class Lease:
+    run_id: int
+    owner: uuid.UUID
+    task: asyncio.Task[Any] | None
+    in_body: bool = False
+    lost: bool = False
+
+
+class LeaseKeeper:
+    """Refreshes every lease this process holds, in one statement per interval.
+
+    A lease the database no longer confirms was taken over: its body is cancelled and the
+    delivery writes nothing more (the completion write is fenced on ``lease_owner`` anyway).
+    """
+
+    def __init__(self, ledger: Ledger, interval_s: float) -> None:
+        self.ledger = ledger
+        self.interval_s = interval_s
+        self.leases: dict[int, Lease] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def hold(self, run_id: int, owner: uuid.UUID) -> Lease:
+        lease = Lease(run_id, owner, asyncio.current_task())
+        self.leases[run_id] = lease
+        return lease
+
+    def drop(self, lease: Lease) -> None:
+        if self.leases.get(lease.run_id) is lease:
+            del self.leases[lease.run_id]
+
+    async def beat(self) -> None:
+        held = list(self.leases.values())
+        if not held:
+            return
+        alive = await self.ledger.heartbeat([(lease.run_id, lease.owner) for lease in held])
+        for lease in held:
+            if lease.run_id not in alive and self.leases.get(lease.run_id) is lease:
+                lease.lost = True
+                log.warning("run_lease_lost", run_id=lease.run_id, reason_code="dedupe.overlap")
+                if lease.in_body and lease.task is not None:
+                    lease.task.cancel()
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.beat()
+            except DbUnavailable as exc:
+                log.warning("heartbeat_failed", reason_code=exc.reason_code, message=exc.message)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="opspolish-lease-keeper")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
+@dataclass(eq=False)
+class Runtime:
+    """What tracked jobs, dispatch and reconcile need, built once per process from settings."""
+
+    settings: Settings
+    pool: asyncpg.Pool
+    redis: ArqRedis | None
+    provider: Any = None
+    metrics: Counter[str] = field(default_factory=Counter)
+    leases: LeaseKeeper = field(init=False)
+    _owns_redis: bool = False
+
+    def __post_init__(self) -> None:
+        self.ledger = Ledger(self.pool)
+        self.leases = LeaseKeeper(self.ledger, self.settings.heartbeat_interval_s)
+        self.secrets = db.secrets_of(self.settings)
+
+    @classmethod
+    async def start(cls, settings: Settings, *, redis: ArqRedis | None = None, connect_to_redis: bool = True,
+                    pool_size: int | None = None) -> Runtime:
+        size = pool_size or max(4, settings.max_jobs + 2)
+        pool = await db.create_pool(settings, min_size=1, max_size=size)
+        owns = False
+        if redis is None and connect_to_redis:
+            try:
+                redis = await connect_redis(settings)
+            except BaseException:
+                await pool.close()
+                raise
+            owns = True
+        from opspolish.provider import load_provider
+
+        rt = cls(settings=settings, pool=pool, redis=redis, _owns_redis=owns)
+        rt.provider = load_provider(settings.provider, rt)
+        rt.leases.start()
+        return rt
+
+    async def close(self) -> None:
+        await self.leases.stop()
+        if self._owns_redis and self.redis is not None:
+            await self.redis.aclose()
+        await self.pool.close()
+
+    def require_redis(self) -> ArqRedis:
+        if self.redis is None:
+            raise RedisUnavailable("no Redis connection in this runtime")
+        return self.redis
+
+
+@contextlib.asynccontextmanager
+async def connect(settings: Settings | None = None, **kwargs: Any) -> AsyncIterator[Runtime]:
+    """``async with opspolish.connect() as rt:`` - a runtime for dispatching and reading the ledger."""
+    rt = await Runtime.start(settings or Settings(), **kwargs)
+    try:
+        yield rt
+    finally:
+        await rt.close()

@@ -1,0 +1,52 @@
+"""Turn any error text into a one-line, bounded message with no secrets and no stack trace."""
+
+from __future__ import annotations
+
+import re
+
+MAX_MESSAGE_CHARS = 500
+REDACTED = "[redacted]"
+
+_SECRET_WORDS = (
+    r"pass(?:word|wd)?|pwd|secret|client[_-]?secret|token|access[_-]?token|refresh[_-]?token|api[_-]?key|"
+    r"apikey|auth(?:orization)?|credentials?|private[_-]?key|cookie|session[_-]?id|signature|sig"
+)
+_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    # scheme://user:password@host  ->  scheme://user:[redacted]@host
+    (re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s:/@]*):([^\s@/]*)@"), rf"\1:{REDACTED}@"),
+    # Authorization: Bearer xxx / Basic xxx
+    (re.compile(r"(?i)\b(bearer|basic|token)\s+[A-Za-z0-9\-._~+/=]{6,}"), rf"\1 {REDACTED}"),
+    # JWTs anywhere
+    (re.compile(r"\beyJ[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]*"), REDACTED),
+    # key=value, key: value, "key": "value" for secret-named keys
+    (
+        re.compile(
+            rf"(?i)([\"']?\b[\w\-]*(?:{_SECRET_WORDS})[\w\-]*[\"']?\s*[:=]\s*)"
+            r"(\"[^\"]*\"|'[^']*'|[^\s,;&}\]]+)"
+        ),
+        rf"\1{REDACTED}",
+    ),
+    # long opaque credentials with well-known prefixes (GitHub, Slack, AWS, Stripe...)
+    (re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{16,}|xox[abpr]-[A-Za-z0-9\-]{10,}|AKIA[0-9A-Z]{16}|"
+                r"sk_(?:live|test)_[A-Za-z0-9]{10,})\b"), REDACTED),
+)
+_TRACEBACK = re.compile(r"Traceback \(most recent call last\):.*", re.DOTALL)
+
+
+def sanitize_message(text: object, *, extra_secrets: tuple[str, ...] = ()) -> str:
+    """Return ``text`` as one line of at most 500 characters with credentials and stack traces removed.
+
+    ``extra_secrets`` are literal values known to be secret (e.g. the configured DSN passwords).
+    """
+    s = str(text)
+    s = _TRACEBACK.sub("", s)
+    for secret in extra_secrets:
+        if secret:
+            s = s.replace(secret, REDACTED)
+    for pattern, replacement in _PATTERNS:
+        s = pattern.sub(replacement, s)
+    s = " ".join(s.split())  # one line, no control characters
+    s = "".join(ch if ch.isprintable() else "?" for ch in s)
+    if len(s) > MAX_MESSAGE_CHARS:
+        s = s[: MAX_MESSAGE_CHARS - 1] + "…"
+    return s

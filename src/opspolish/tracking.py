@@ -1,0 +1,328 @@
+"""Tracked jobs: any arq coroutine gets the execution gate, a lease, summary counts and an outcome.
+
+A new job type is one decorated function::
+
+    @tracked_job("reports.build", inputs=ReportInputs)
+    async def build_report(run: RunContext) -> None:
+        run.counts.add_total(len(items))
+        ...
+        run.counts.item_succeeded()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import structlog
+from arq import Retry
+from arq.worker import Function, func
+from pydantic import BaseModel, ValidationError
+
+from opspolish.errors import (
+    DbUnavailable,
+    InputInvalid,
+    JobTimeout,
+    OpsPolishError,
+)
+from opspolish.fingerprint import canonical_inputs, canonical_json, fingerprint
+from opspolish.runtime import Lease, Runtime
+from opspolish.sanitize import sanitize_message
+
+log = structlog.get_logger("opspolish")
+
+#: arq counts every deferral as a try; the gate defers on busy locks and live leases, so arq's own limit
+#: must never be what ends a run. Body retries are bounded by ``max_attempts`` on the ledger instead.
+ARQ_MAX_TRIES = 1_000_000
+#: arq's timeout exceeds ours by this margin, so our timeout fires first and is recorded as job.timeout.
+TIMEOUT_MARGIN_S = 30.0
+BUSY_RETRY_S = 0.05
+
+
+@dataclass
+class Counts:
+    """Item counts of one attempt. Only the final attempt's counts reach ``summary_counts``."""
+
+    total: int = 0
+    processed: int = 0
+    failed: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+    def add_total(self, n: int = 1) -> None:
+        self._check(n)
+        self.total += n
+
+    def item_succeeded(self, n: int = 1) -> None:
+        self._check(n)
+        self.processed += n
+
+    def item_failed(self, n: int = 1) -> None:
+        self._check(n)
+        self.processed += n
+        self.failed += n
+
+    def bump(self, key: str, n: int = 1) -> None:
+        """A detail count (``requeued``, ``orphaned``...) stored beside the three main ones."""
+        self._check(n)
+        self.extra[key] = self.extra.get(key, 0) + n
+
+    @staticmethod
+    def _check(n: int) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"counts move by non-negative integers, got {n!r}")
+
+    def as_dict(self) -> dict[str, int]:
+        # An item processed beyond the announced total still counts: total never trails processed.
+        return {**self.extra, "total": max(self.total, self.processed), "processed": self.processed,
+                "failed": self.failed}
+
+
+@dataclass
+class RunContext:
+    """What a job body receives."""
+
+    run_id: int
+    type: str
+    workspace_id: uuid.UUID
+    tenant_id: uuid.UUID | None
+    attempt: int
+    inputs: dict[str, Any]
+    counts: Counts
+    runtime: Runtime
+    job_id: str
+    log: Any
+
+
+Body = Callable[[RunContext], Awaitable[None]]
+
+
+@dataclass
+class TrackedJob:
+    """A registered job type: its body and its dedupe, retry and timeout policy."""
+
+    type: str
+    body: Body
+    inputs_model: type[BaseModel] | None = None
+    scope: Literal["tenant", "workspace"] = "tenant"
+    cooldown_s: float | None = None  # None: the settings' OPSPOLISH_DEDUPE_COOLDOWN_S
+    timeout_s: float | None = None  # None: the settings' OPSPOLISH_JOB_TIMEOUT_S
+    max_attempts: int | None = None  # None: the settings' OPSPOLISH_MAX_ATTEMPTS
+
+    def validate_inputs(self, inputs: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Check inputs against the job's model; InputInvalid names the first bad field."""
+        if inputs is not None and not isinstance(inputs, Mapping):
+            raise InputInvalid(f"inputs: must be a mapping, got {type(inputs).__name__}", field="inputs")
+        data = dict(inputs or {})
+        canonical_json(data)  # refuses NaN, naive datetimes, bytes, huge payloads... with the path
+        if self.inputs_model is None:
+            return data
+        try:
+            model = self.inputs_model.model_validate(data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            path = ".".join(["inputs", *(str(p) for p in err["loc"])])
+            raise InputInvalid(f"{path}: {err['msg']}", field=path) from None
+        return model.model_dump(mode="python", exclude_unset=True)
+
+    def cooldown(self, rt: Runtime) -> float:
+        return rt.settings.dedupe_cooldown_s if self.cooldown_s is None else self.cooldown_s
+
+    def timeout(self, rt: Runtime) -> float:
+        return rt.settings.job_timeout_s if self.timeout_s is None else self.timeout_s
+
+    def attempts_allowed(self, rt: Runtime) -> int:
+        return rt.settings.max_attempts if self.max_attempts is None else self.max_attempts
+
+    def arq_function(self, timeout_s: float) -> Function:
+        """The arq function for a worker: its name is the run type."""
+        job = self
+
+        async def entry(ctx: dict[str, Any], *, run_id: int | None = None, tenant_id: str | None = None,
+                        workspace_id: str | None = None, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+            rt: Runtime = ctx["opspolish"]
+            return await execute(rt, job, run_id=run_id, tenant=tenant_id, workspace_id=workspace_id,
+                                 inputs=inputs, job_id=ctx["job_id"], job_try=ctx.get("job_try", 1))
+
+        entry.__qualname__ = entry.__name__ = self.type
+        return func(entry, name=self.type, max_tries=ARQ_MAX_TRIES, timeout=timeout_s + TIMEOUT_MARGIN_S)
+
+
+REGISTRY: dict[str, TrackedJob] = {}
+
+
+def tracked_job(
+    run_type: str, *, inputs: type[BaseModel] | None = None, scope: Literal["tenant", "workspace"] = "tenant",
+    cooldown_s: float | None = None, timeout_s: float | None = None, max_attempts: int | None = None,
+) -> Callable[[Body], TrackedJob]:
+    """Register ``body`` as the tracked job ``run_type`` (also its arq function name)."""
+
+    def register(body: Body) -> TrackedJob:
+        existing = REGISTRY.get(run_type)
+        if existing is not None and existing.body is not body:
+            raise ValueError(f"job type {run_type!r} is already registered")
+        job = TrackedJob(run_type, body, inputs, scope, cooldown_s, timeout_s, max_attempts)
+        REGISTRY[run_type] = job
+        return job
+
+    return register
+
+
+def get_job(run_type: str) -> TrackedJob:
+    try:
+        return REGISTRY[run_type]
+    except KeyError:
+        known = ", ".join(sorted(REGISTRY)) or "none"
+        raise InputInvalid(f"type: unknown job type {run_type!r} (known: {known})", field="type") from None
+
+
+def _backoff_s(attempt: int) -> float:
+    return min(2.0 ** attempt, 60.0) * random.uniform(0.5, 1.0)
+
+
+def _skip_result(decision: str, run_id: int | None, reason_code: str | None, dedupe_of: int | None) -> dict[str, Any]:
+    return {"decision": decision, "run_id": run_id, "reason_code": reason_code, "dedupe_of": dedupe_of}
+
+
+async def execute(  # noqa: C901 - the gate's decisions, each one branch
+    rt: Runtime, job: TrackedJob, *, run_id: int | None, tenant: str | None, workspace_id: str | uuid.UUID | None,
+    inputs: Mapping[str, Any] | None, job_id: str, job_try: int = 1,
+) -> dict[str, Any]:
+    """Run one delivery of a tracked job through the gate. Returns a small summary for arq's result."""
+    bound = log.bind(type=job.type, job_id=job_id, job_try=job_try, run_id=run_id, tenant_id=tenant)
+    fp: str | None = None
+    context: dict[str, Any] | None = None
+    data: dict[str, Any] = dict(inputs or {})
+    try:
+        if run_id is None:
+            data = job.validate_inputs(inputs)
+            if job.scope == "tenant" and not tenant:
+                raise InputInvalid("tenant_id: required for a tenant job", field="tenant_id")
+            if job.scope == "workspace" and not workspace_id:
+                raise InputInvalid("workspace_id: required for a workspace job", field="workspace_id")
+            context, fp = canonical_inputs(data), fingerprint(data)
+        ws = uuid.UUID(str(workspace_id)) if workspace_id else None
+    except (InputInvalid, ValueError) as exc:
+        code = exc.reason_code if isinstance(exc, OpsPolishError) else "input.invalid"
+        rt.metrics[f"rejected:{code}"] += 1
+        bound.warning("run_rejected", reason_code=code, message=sanitize_message(str(exc), extra_secrets=rt.secrets))
+        return _skip_result("rejected", run_id, code, None)
+
+    owner = uuid.uuid4()
+    try:
+        claim = await rt.ledger.claim(
+            run_id=run_id, tenant=tenant if job.scope == "tenant" else None, workspace_id=ws, run_type=job.type,
+            fingerprint=fp, context=context, job_id=job_id, queue_name=rt.settings.queue_name, lease_owner=owner,
+            cooldown_s=job.cooldown(rt), lease_ttl_s=rt.settings.lease_ttl_s,
+        )
+    except DbUnavailable as exc:
+        bound.warning("gate_unavailable", reason_code=exc.reason_code, message=exc.message)
+        raise Retry(defer=_backoff_s(min(job_try, 5))) from exc
+
+    bound = bound.bind(run_id=claim.run_id)
+    decision = claim.decision
+    if decision == "busy":
+        rt.metrics["deferred:busy"] += 1
+        raise Retry(defer=BUSY_RETRY_S * random.uniform(1.0, 4.0))
+    if decision == "overlap":
+        rt.metrics["deferred:dedupe.overlap"] += 1
+        bound.info("run_deferred", reason_code="dedupe.overlap", defer_s=round(claim.wait_s, 3))
+        raise Retry(defer=claim.wait_s + random.uniform(0.05, 0.25))
+    if decision not in ("claimed", "taken_over"):
+        rt.metrics[f"skipped:{claim.reason_code}"] += 1
+        bound.info("run_skipped", reason_code=claim.reason_code, dedupe_of=claim.dedupe_of, decision=decision)
+        return _skip_result(decision, claim.run_id, claim.reason_code, claim.dedupe_of)
+
+    assert claim.run_id is not None and claim.workspace_id is not None
+    if run_id is not None and inputs is None:
+        data = await rt.ledger.context_of(claim.run_id)  # a re-enqueue without a payload: non-secret inputs
+    bound.debug("run_claimed", attempt=claim.attempts, decision=decision)
+    rt.metrics[decision] += 1
+    lease = rt.leases.hold(claim.run_id, owner)
+    try:
+        return await _run_body(rt, job, claim.run_id, claim.attempts, claim.workspace_id, claim.tenant_id,
+                               data, job_id, lease, bound)
+    finally:
+        rt.leases.drop(lease)
+
+
+async def _run_body(  # noqa: C901 - one branch per way a body can end
+    rt: Runtime, job: TrackedJob, run_id: int, attempt: int, workspace_id: uuid.UUID, tenant_id: uuid.UUID | None,
+    data: dict[str, Any], job_id: str, lease: Lease, bound: Any,
+) -> dict[str, Any]:
+    counts = Counts()
+    run = RunContext(run_id, job.type, workspace_id, tenant_id, attempt, data, counts, rt, job_id, bound)
+    error: OpsPolishError | None = None
+    lease.in_body = True
+    try:
+        async with asyncio.timeout(job.timeout(rt)):
+            await job.body(run)
+    except asyncio.CancelledError:
+        lease.in_body = False
+        if lease.lost:
+            bound.warning("run_abandoned", reason_code="dedupe.overlap", message="lease taken over; wrote nothing")
+            return _skip_result("lease_lost", run_id, "dedupe.overlap", None)
+        # Worker shutdown: hand the run back so the redelivery claims it at once.
+        try:
+            await asyncio.shield(rt.ledger.release(
+                run_id, lease.owner, reason_code="job.cancelled",
+                reason_message="worker shut down during the run; handed back for redelivery"))
+        except DbUnavailable:
+            pass  # the lease goes stale and the redelivery takes the run over
+        bound.info("run_handed_back", reason_code="job.cancelled")
+        raise
+    except TimeoutError:
+        error = JobTimeout(f"the job exceeded its {job.timeout(rt):g} s timeout")
+    except OpsPolishError as exc:
+        error = exc
+    except Exception as exc:
+        error = OpsPolishError(sanitize_message(f"{type(exc).__name__}: {exc}", extra_secrets=rt.secrets))
+    finally:
+        lease.in_body = False
+
+    if lease.lost:
+        bound.warning("run_abandoned", reason_code="dedupe.overlap", message="lease taken over; wrote nothing")
+        return _skip_result("lease_lost", run_id, "dedupe.overlap", None)
+
+    if error is not None and error.transient and attempt < job.attempts_allowed(rt):
+        delay = getattr(error, "retry_after_s", None) or _backoff_s(attempt)
+        message = sanitize_message(error.message, extra_secrets=rt.secrets)
+        try:
+            released = await rt.ledger.release(run_id, lease.owner, reason_code=error.reason_code,
+                                               reason_message=message)
+        except DbUnavailable as exc:
+            raise Retry(defer=delay) from exc
+        if released:
+            rt.metrics[f"retried:{error.reason_code}"] += 1
+            bound.info("run_retrying", reason_code=error.reason_code, attempt=attempt, defer_s=round(delay, 3))
+            raise Retry(defer=delay)
+        return _skip_result("lease_lost", run_id, "dedupe.overlap", None)
+
+    outcome, code, message = _outcome(counts, error, rt)
+    try:
+        written = await rt.ledger.complete(run_id, lease.owner, outcome=outcome, counts=counts.as_dict(),
+                                           reason_code=code, reason_message=message)
+    except DbUnavailable as exc:
+        # Not written: the run stays ours until the lease goes stale; a redelivery then takes it over.
+        bound.warning("run_completion_failed", reason_code=exc.reason_code, message=exc.message)
+        raise Retry(defer=rt.settings.lease_ttl_s) from exc
+    if not written:
+        bound.warning("run_abandoned", reason_code="dedupe.overlap", message="lease lost before completion")
+        return _skip_result("lease_lost", run_id, "dedupe.overlap", None)
+    rt.metrics[f"completed:{outcome}"] += 1
+    bound.info("run_completed", outcome=outcome, reason_code=code, counts=counts.as_dict(), attempt=attempt)
+    return {"decision": "completed", "run_id": run_id, "outcome": outcome, "reason_code": code}
+
+
+def _outcome(counts: Counts, error: OpsPolishError | None, rt: Runtime) -> tuple[str, str | None, str | None]:
+    if error is not None:
+        return "failed", error.reason_code, sanitize_message(error.message, extra_secrets=rt.secrets)
+    if counts.failed == 0:
+        return "succeeded", None, None
+    if counts.failed < counts.processed:
+        return ("partially_succeeded", "items.partially_failed",
+                f"{counts.failed} of {counts.processed} items failed")
+    return "failed", "items.all_failed", f"all {counts.failed} items failed"

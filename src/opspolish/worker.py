@@ -1,0 +1,78 @@
+"""arq worker entry point: ``arq opspolish.worker.WorkerSettings``.
+
+Startup builds the runtime (asyncpg pool, provider, lease keeper) from settings; shutdown disposes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import structlog
+from arq.cron import cron
+
+from opspolish.logs import configure_logging
+from opspolish.runtime import Runtime
+from opspolish.settings import Settings
+from opspolish.tracking import REGISTRY, TrackedJob
+
+log = structlog.get_logger("opspolish")
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    settings: Settings = ctx["opspolish_settings"]
+    ctx["opspolish"] = await Runtime.start(settings, redis=ctx["redis"])
+    log.info("worker_started", queue=settings.queue_name)
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    rt: Runtime | None = ctx.get("opspolish")
+    if rt is not None:
+        log.info("worker_stopped", metrics=dict(rt.metrics))
+        await rt.close()
+
+
+async def _startup_with_logging(ctx: dict[str, Any]) -> None:
+    configure_logging(ctx["opspolish_settings"].log_format)
+    await startup(ctx)
+
+
+def worker_settings(
+    settings: Settings | None = None, *, jobs: Iterable[TrackedJob] | None = None, with_cron: bool = True,
+    configure_logs: bool = True,
+) -> type:
+    """A WorkerSettings class for ``settings`` and ``jobs`` (default: every registered job)."""
+    import opspolish.jobs  # noqa: F401 - registers the built-in job types
+    from opspolish.jobs.reconcile import RECONCILE_TYPE, reconcile_cron
+
+    settings = settings or Settings()
+    chosen = list(jobs) if jobs is not None else list(REGISTRY.values())
+    functions = [job.arq_function(job.timeout_s or settings.job_timeout_s)
+                 for job in chosen if job.type != RECONCILE_TYPE]
+    minutes = set(range(0, 60, settings.reconcile_interval_min))
+    cron_jobs = [
+        cron(reconcile_cron, name=RECONCILE_TYPE, minute=minutes, second=0, unique=True, max_tries=1,
+             timeout=settings.job_timeout_s)
+    ] if with_cron else []
+    from opspolish.runtime import redis_settings
+
+    return type("WorkerSettings", (), {
+        "functions": functions,
+        "cron_jobs": cron_jobs,
+        "queue_name": settings.queue_name,
+        "redis_settings": redis_settings(settings),
+        "max_jobs": settings.max_jobs,
+        "keep_result": 0,  # the ledger is the record of results
+        "ctx": {"opspolish_settings": settings},
+        "on_startup": _startup_with_logging if configure_logs else startup,
+        "on_shutdown": shutdown,
+    })
+
+
+def __getattr__(name: str) -> Any:
+    # Built on first access, so importing this module reads no settings and connects to nothing.
+    if name == "WorkerSettings":
+        value = worker_settings()
+        globals()[name] = value
+        return value
+    raise AttributeError(name)
