@@ -18,6 +18,8 @@ from typing import Any
 
 import asyncpg
 import pytest
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 from arq.worker import Worker, get_kwargs
 from redis.asyncio import Redis
 
@@ -26,6 +28,11 @@ from opspolish.runtime import Runtime
 from opspolish.settings import Settings
 from opspolish.worker import worker_settings
 from tests.support.jobs import TEST_EFFECTS_DDL, TEST_JOBS
+
+hypothesis_settings.register_profile(
+    "opspolish", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+hypothesis_settings.load_profile("opspolish")
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_TAG = f"{os.getpid()}_{uuid.uuid4().hex[:6]}"

@@ -114,8 +114,7 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def canonical_inputs(inputs: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The non-secret inputs in canonical form (what the ledger stores as ``context``)."""
+def _tree(inputs: Mapping[str, Any] | None) -> dict[str, Any]:
     if inputs is None:
         return {}
     if not isinstance(inputs, Mapping):
@@ -127,10 +126,17 @@ def canonical_inputs(inputs: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def canonical_json(inputs: Mapping[str, Any] | None) -> str:
     """The canonical JSON text of the non-secret inputs; refuses payloads over 64 KiB."""
-    text = _dumps(canonical_inputs(inputs))
+    text = _dumps(_tree(inputs))
     if len(text.encode("utf-8")) > MAX_CANONICAL_BYTES:
         raise InputInvalid(f"inputs: larger than {MAX_CANONICAL_BYTES} bytes once canonical", field="inputs")
     return text
+
+
+def canonical_inputs(inputs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The non-secret inputs as plain JSON values (what the ledger stores as ``context``)."""
+    value = json.loads(canonical_json(inputs))
+    assert isinstance(value, dict)
+    return value
 
 
 def fingerprint(inputs: Mapping[str, Any] | None) -> str:

@@ -32,6 +32,7 @@ class EffectInputs(BaseModel):
 
     tag: str = "t"
     sleep_s: float = 0.0
+    sleep_attempts: int = 1_000  # only attempts up to this one sleep
     fail_times: int = 0  # attempts 1..fail_times raise a transient error
     throttle: bool = False
     items: int = 0
@@ -52,7 +53,7 @@ async def effect(run: RunContext) -> None:
             run.counts.item_failed()
         else:
             run.counts.item_succeeded()
-    if inputs.sleep_s:
+    if inputs.sleep_s and run.attempt <= inputs.sleep_attempts:
         await asyncio.sleep(inputs.sleep_s)
     if run.attempt <= inputs.fail_times:
         if inputs.throttle:

@@ -1,0 +1,118 @@
+"""Fingerprint properties (hypothesis): deterministic, canonical, secret-free."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import json
+import math
+import os
+import subprocess
+import sys
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import SecretStr
+
+from opspolish.errors import InputInvalid
+from opspolish.fingerprint import canonical_inputs, fingerprint, identity_hash, is_secret_key, lock_key
+
+SECRET_KEYS = ["password", "client_secret", "api_key", "X-Api-Key", "authorization", "token", "access_token",
+               "credentials", "private_key", "cookie", "db_password", "refreshToken"]
+# An alphabet that cannot spell a secret-looking key (no c, h, k, o, p, r, s, t, u, w).
+safe_keys = st.text(alphabet="abdefgijlmnqvxyz_", min_size=1, max_size=10)
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.text(max_size=20),
+                    st.floats(allow_nan=False, allow_infinity=False), st.uuids())
+values = st.recursive(scalars, lambda children: st.one_of(
+    st.lists(children, max_size=4), st.dictionaries(safe_keys, children, max_size=4)), max_leaves=20)
+inputs_st = st.dictionaries(safe_keys, values, max_size=6)
+
+
+@given(inputs_st)
+def test_fingerprint_is_invariant_to_key_order(inputs: dict[str, Any]) -> None:
+    reordered = dict(reversed(list(inputs.items())))
+    assert fingerprint(inputs) == fingerprint(reordered)
+
+
+@given(inputs_st, st.sampled_from(SECRET_KEYS), st.text(min_size=1), st.text(min_size=1))
+def test_fingerprint_never_changes_when_only_secrets_change(inputs: dict[str, Any], key: str, a: str, b: str) -> None:
+    with_a = {**inputs, key: a, "nested": {key: a, "safe": 1}, "s": SecretStr(a)}
+    with_b = {**inputs, key: b, "nested": {key: b, "safe": 1}, "s": SecretStr(b)}
+    assert fingerprint(with_a) == fingerprint(with_b)
+    assert all(not is_secret_key(k) for k in canonical_inputs(with_a)["nested"])
+
+
+@given(inputs_st, safe_keys, scalars, scalars)
+def test_fingerprint_differs_when_a_non_secret_value_differs(inputs: dict[str, Any], key: str, a: Any, b: Any) -> None:
+    ca, cb = canonical_inputs({"v": a}), canonical_inputs({"v": b})
+    if ca == cb:
+        return  # equal values in different spellings (1 and 1.0) must agree, tested below
+    assert fingerprint({**inputs, key: a}) != fingerprint({**inputs, key: b})
+
+
+@given(st.integers(-(10**12), 10**12))
+def test_equal_numbers_in_different_spellings_agree(n: int) -> None:
+    assert fingerprint({"n": n}) == fingerprint({"n": float(n)}) == fingerprint({"n": Decimal(n) / 1})
+    assert fingerprint({"n": Decimal("0.10")}) == fingerprint({"n": 0.1}) == fingerprint({"n": Decimal("0.1")})
+
+
+class Color(enum.Enum):
+    RED = "red"
+
+
+def test_equal_values_in_other_types_agree() -> None:
+    u = uuid.uuid4()
+    t = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    assert fingerprint({"u": u, "t": t, "c": Color.RED, "l": (1, 2), "s": {3, 1}}) == fingerprint(
+        {"u": str(u), "t": t.astimezone(dt.UTC), "c": "red", "l": [1, 2], "s": [1, 3]})
+    assert fingerprint({"u": str(u).upper()}) != fingerprint({"u": u})  # text is text: no guessing
+
+
+@pytest.mark.parametrize(("inputs", "path"), [
+    ({"x": math.nan}, "inputs.x"),
+    ({"a": {"b": [1, math.inf]}}, "inputs.a.b[1]"),
+    ({"x": Decimal("NaN")}, "inputs.x"),
+    ({"when": dt.datetime(2026, 1, 1)}, "inputs.when"),
+    ({"blob": b"\x00\x01"}, "inputs.blob"),
+    ({"obj": object()}, "inputs.obj"),
+    ({"s": "\udcff"}, "inputs.s"),
+    ({1: "int key"}, "inputs"),
+])
+def test_bad_values_are_refused_with_their_path(inputs: dict[Any, Any], path: str) -> None:
+    with pytest.raises(InputInvalid) as info:
+        fingerprint(inputs)
+    assert info.value.reason_code == "input.invalid"
+    assert info.value.field == path
+
+
+def test_deep_nesting_and_huge_payloads_are_refused() -> None:
+    deep: dict[str, Any] = {}
+    node = deep
+    for _ in range(40):
+        node["d"] = {}
+        node = node["d"]
+    with pytest.raises(InputInvalid, match="nested deeper"):
+        fingerprint(deep)
+    with pytest.raises(InputInvalid, match="larger than"):
+        fingerprint({"blob": "x" * 1_000_000})
+
+
+@settings(max_examples=25)
+@given(inputs_st)
+def test_fingerprint_is_identical_in_another_process_with_another_hash_seed(inputs: dict[str, Any]) -> None:
+    text = json.dumps(canonical_inputs(inputs))
+    code = "import json,sys; from opspolish.fingerprint import fingerprint; print(fingerprint(json.loads(sys.argv[1])))"
+    out = subprocess.run([sys.executable, "-c", code, text], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONHASHSEED": "12345"})
+    assert out.stdout.strip() == fingerprint(inputs)
+
+
+def test_lock_key_is_a_signed_64_bit_integer_from_the_identity() -> None:
+    h = identity_hash(f"tenant:{uuid.uuid4()}", "t", fingerprint({}))
+    key = lock_key(h)
+    assert -(2**63) <= key < 2**63
+    assert lock_key("f" * 64) == -1 and lock_key("7" + "f" * 63) == 2**63 - 1

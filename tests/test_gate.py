@@ -1,0 +1,327 @@
+"""The execution gate (DESIGN §5) and tracked jobs, against real Postgres, Redis and in-process arq workers."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import asyncpg
+import pytest
+from arq import Retry
+
+from opspolish.dispatch import dispatch
+from opspolish.fingerprint import fingerprint, identity_hash, lock_key
+from opspolish.ledger import Scope
+from opspolish.runtime import Runtime
+from opspolish.settings import Settings
+from opspolish.tracking import execute, get_job
+from tests.conftest import drain
+from tests.support.jobs import EFFECT_TYPE
+
+
+async def runs(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+    return [dict(r) for r in await conn.fetch("SELECT * FROM operation_runs ORDER BY id")]
+
+
+async def effects(conn: asyncpg.Connection, tag: str | None = None) -> list[dict[str, Any]]:
+    return [dict(r) for r in await conn.fetch(
+        "SELECT * FROM test_effects WHERE $1::text IS NULL OR tag = $1 ORDER BY id", tag)]
+
+
+@pytest.fixture
+def tenant(seeded: dict[str, Any]) -> str:
+    return str(seeded["tenants"][0]["external_id"])
+
+
+async def test_dispatch_runs_the_body_once_and_records_partial_counts(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str
+) -> None:
+    first = await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"items": 4, "fail_items": 1})
+    joined = await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"fail_items": 1.0, "items": 4})
+    assert first.created and not joined.created and joined.run_id == first.run_id
+    await drain(settings)
+    [run] = await runs(conn)
+    assert (run["status"], run["outcome"], run["reason_code"]) == (
+        "completed", "partially_succeeded", "items.partially_failed")
+    assert run["summary_counts"] == {"total": 4, "processed": 4, "failed": 1}
+    assert len(await effects(conn)) == 1
+
+
+async def test_dispatch_by_id_or_external_id_is_the_same_identity(
+    rt: Runtime, seeded: dict[str, Any]
+) -> None:
+    t = seeded["tenants"][0]
+    a = await dispatch(rt, EFFECT_TYPE, tenant=t["external_id"], inputs={"tag": "x"})
+    b = await dispatch(rt, EFFECT_TYPE, tenant=str(t["id"]).upper(), inputs={"tag": "x"})
+    assert a.run_id == b.run_id
+    expected = identity_hash(f"tenant:{t['id']}", EFFECT_TYPE, fingerprint({"tag": "x"}))
+    run = await rt.ledger.scoped(Scope(t["workspace_id"], t["id"])).get(a.run_id)
+    assert run is not None and run.run_identity_hash == expected
+    assert await rt.pool.fetchval("SELECT opspolish_lock_key($1)", expected) == lock_key(expected)
+
+
+async def test_all_items_failing_ends_failed_with_items_all_failed(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str
+) -> None:
+    await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"items": 2, "fail_items": 2})
+    await drain(settings)
+    [run] = await runs(conn)
+    assert (run["outcome"], run["reason_code"]) == ("failed", "items.all_failed")
+    assert run["summary_counts"] == {"total": 2, "processed": 2, "failed": 2}
+
+
+async def test_retry_overwrites_counts_instead_of_adding(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str
+) -> None:
+    await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"items": 5, "fail_items": 1, "fail_times": 2,
+                                                            "throttle": True})
+    worker = await drain(settings)
+    [run] = await runs(conn)
+    assert (run["outcome"], run["attempts"]) == ("partially_succeeded", 3)
+    assert run["summary_counts"] == {"total": 5, "processed": 5, "failed": 1}
+    assert [e["attempt"] for e in await effects(conn)] == [1, 2, 3]
+    assert worker.jobs_retried == 2
+
+
+async def test_transient_failures_past_max_attempts_end_the_run(
+    settings: Settings, conn: asyncpg.Connection, tenant: str
+) -> None:
+    s = settings.model_copy(update={"max_attempts": 2})
+    rt = await Runtime.start(s)
+    try:
+        await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"fail_times": 5, "throttle": True})
+        await drain(s)
+    finally:
+        await rt.close()
+    [run] = await runs(conn)
+    assert (run["outcome"], run["reason_code"], run["attempts"]) == ("failed", "provider.throttled", 2)
+
+
+async def test_cooldown_skips_then_lets_a_new_run_through_and_skips_do_not_extend_it(
+    settings: Settings, conn: asyncpg.Connection, tenant: str
+) -> None:
+    s = settings.model_copy(update={"dedupe_cooldown_s": 1.5})
+    rt = await Runtime.start(s)
+    try:
+        first = await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "c"})
+        await drain(s)
+        await asyncio.sleep(0.6)
+        second = await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "c"})
+        await drain(s)
+        skipped = await rt.ledger.scoped(Scope.operator()).get(second.run_id)
+        assert skipped is not None
+        assert (skipped.outcome, skipped.reason_code, skipped.dedupe_of) == ("skipped", "dedupe.cooldown",
+                                                                             first.run_id)
+        assert skipped.summary_counts == {"total": 0, "processed": 0, "failed": 0}
+        # 1.6 s after the executed run but only 1.0 s after the skip: the skip did not extend the window.
+        await asyncio.sleep(1.0)
+        third = await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "c"})
+        await drain(s)
+        ran = await rt.ledger.scoped(Scope.operator()).get(third.run_id)
+        assert ran is not None and ran.outcome == "succeeded"
+    finally:
+        await rt.close()
+    assert [e["run_id"] for e in await effects(conn, "c")] == [first.run_id, third.run_id]
+
+
+async def test_cooldown_is_per_job_type_and_zero_disables_it(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str
+) -> None:
+    job = get_job(EFFECT_TYPE)
+    job_zero = type(job)(**{**job.__dict__, "cooldown_s": 0.0})
+    for i in range(2):
+        await execute(rt, job_zero, run_id=None, tenant=tenant, workspace_id=None, inputs={"tag": "z"},
+                      job_id=f"raw-{i}")
+    assert len(await effects(conn, "z")) == 2
+
+
+async def test_raw_enqueue_without_run_id_is_tracked_and_deduplicated(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str
+) -> None:
+    redis = rt.require_redis()
+    for _ in range(3):
+        await redis.enqueue_job(EFFECT_TYPE, tenant_id=tenant, inputs={"tag": "raw", "items": 1},
+                                _queue_name=settings.queue_name)
+    await drain(settings)
+    rows = await runs(conn)
+    executed = [r for r in rows if r["outcome"] == "succeeded"]
+    skipped = [r for r in rows if r["outcome"] == "skipped"]
+    assert len(executed) == 1 and len(skipped) == 2
+    assert all(r["reason_code"] in ("dedupe.non_canonical", "dedupe.cooldown") for r in skipped)
+    assert all(r["dedupe_of"] == executed[0]["id"] for r in skipped)
+    assert len(await effects(conn, "raw")) == 1
+
+
+async def test_redelivery_of_a_completed_run_does_nothing(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str
+) -> None:
+    result = await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "r"})
+    await drain(settings)
+    before = await runs(conn)
+    outcome = await execute(rt, get_job(EFFECT_TYPE), run_id=result.run_id, tenant=tenant, workspace_id=None,
+                            inputs={"tag": "r"}, job_id="redelivered")
+    assert outcome["reason_code"] == "dedupe.already_completed"
+    assert rt.metrics["skipped:dedupe.already_completed"] == 1
+    assert await runs(conn) == before
+    assert len(await effects(conn, "r")) == 1
+
+
+async def _hold_lease(rt: Runtime, run_id: int, tenant: str, owner: uuid.UUID, ttl: float) -> str:
+    claim = await rt.ledger.claim(
+        run_id=run_id, tenant=tenant, workspace_id=None, run_type=EFFECT_TYPE, fingerprint=None, context=None,
+        job_id="holder", queue_name="q", lease_owner=owner, cooldown_s=900, lease_ttl_s=ttl)
+    return claim.decision
+
+
+async def test_overlap_with_a_live_lease_defers_until_it_could_be_stale_then_takes_over(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str
+) -> None:
+    result = await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "o", "items": 2})
+    assert await _hold_lease(rt, result.run_id, tenant, uuid.uuid4(), settings.lease_ttl_s) == "claimed"
+    job = get_job(EFFECT_TYPE)
+    with pytest.raises(Retry) as deferred:
+        await execute(rt, job, run_id=result.run_id, tenant=tenant, workspace_id=None, inputs={"tag": "o"},
+                      job_id="second")
+    defer_s = (deferred.value.defer_score or 0) / 1000
+    assert settings.lease_ttl_s - 1 < defer_s < settings.lease_ttl_s + 1
+    assert len(await effects(conn, "o")) == 0
+    # The holder dies (no heartbeat): once the lease is stale the next delivery takes the run over.
+    await conn.execute("UPDATE operation_runs SET heartbeat_at = now() - interval '1 hour' WHERE id = $1",
+                       result.run_id)
+    outcome = await execute(rt, job, run_id=result.run_id, tenant=tenant, workspace_id=None,
+                            inputs={"tag": "o", "items": 2}, job_id="third")
+    assert outcome["outcome"] == "succeeded"
+    [run] = await runs(conn)
+    assert run["attempts"] == 2 and run["summary_counts"] == {"total": 2, "processed": 2, "failed": 0}
+
+
+async def test_a_delivery_whose_lease_was_taken_over_writes_nothing(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str
+) -> None:
+    result = await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "f"})
+    old, new = uuid.uuid4(), uuid.uuid4()
+    assert await _hold_lease(rt, result.run_id, tenant, old, 60) == "claimed"
+    await conn.execute("UPDATE operation_runs SET heartbeat_at = now() - interval '2 minutes'")
+    assert await _hold_lease(rt, result.run_id, tenant, new, 60) == "taken_over"
+    assert await rt.ledger.heartbeat([(result.run_id, old)]) == set()
+    assert not await rt.ledger.complete(result.run_id, old, outcome="succeeded",
+                                        counts={"total": 9, "processed": 9, "failed": 0},
+                                        reason_code=None, reason_message=None)
+    assert not await rt.ledger.release(result.run_id, old, reason_code="x", reason_message="y")
+    [run] = await runs(conn)
+    assert (run["status"], run["lease_owner"], run["attempts"], run["summary_counts"]) == ("running", new, 2, None)
+    assert await rt.ledger.heartbeat([(result.run_id, new)]) == {result.run_id}
+
+
+async def test_lease_keeper_cancels_a_body_whose_lease_was_taken_over(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str
+) -> None:
+    result = await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "k", "sleep_s": 30})
+    job = get_job(EFFECT_TYPE)
+    task = asyncio.create_task(execute(rt, job, run_id=result.run_id, tenant=tenant, workspace_id=None,
+                                       inputs={"tag": "k", "sleep_s": 30}, job_id="a"))
+
+    async def started() -> bool:
+        return bool(await effects(conn, "k"))
+
+    from tests.conftest import wait_until
+    await wait_until(started)
+    await conn.execute("UPDATE operation_runs SET lease_owner = gen_random_uuid()")  # someone took it over
+    await rt.leases.beat()
+    outcome = await asyncio.wait_for(task, 5)
+    assert outcome["decision"] == "lease_lost"
+    [run] = await runs(conn)
+    assert run["status"] == "running" and run["summary_counts"] is None
+
+
+async def test_lock_contention_ending_in_rollback_does_not_lose_the_work(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str
+) -> None:
+    result = await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "l"})
+    identity = await conn.fetchval("SELECT run_identity_hash FROM operation_runs WHERE id = $1", result.run_id)
+    holder = await asyncpg.connect(dsn=settings.database_url.get_secret_value().replace("+asyncpg", ""))
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        assert await holder.fetchval("SELECT pg_try_advisory_xact_lock($1)", lock_key(identity))
+        with pytest.raises(Retry):
+            await execute(rt, get_job(EFFECT_TYPE), run_id=result.run_id, tenant=tenant, workspace_id=None,
+                          inputs={"tag": "l"}, job_id="busy")
+        assert rt.metrics["deferred:busy"] == 1
+        await tx.rollback()
+    finally:
+        await holder.close()
+    await drain(settings)  # the queued arq job runs now that the lock is free
+    [run] = await runs(conn)
+    assert run["outcome"] == "succeeded" and len(await effects(conn, "l")) == 1
+
+
+async def test_timeout_is_recorded_as_job_timeout(
+    settings: Settings, conn: asyncpg.Connection, tenant: str
+) -> None:
+    s = settings.model_copy(update={"job_timeout_s": 0.3})
+    rt = await Runtime.start(s)
+    try:
+        await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"sleep_s": 5, "items": 3})
+        await drain(s)
+    finally:
+        await rt.close()
+    [run] = await runs(conn)
+    assert (run["outcome"], run["reason_code"]) == ("failed", "job.timeout")
+    assert run["summary_counts"] == {"total": 3, "processed": 3, "failed": 0}
+
+
+async def test_unexpected_errors_end_failed_with_a_sanitized_message(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str
+) -> None:
+    await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"crash": True})
+    await drain(settings)
+    [run] = await runs(conn)
+    assert (run["outcome"], run["reason_code"]) == ("failed", "internal.unexpected")
+    assert "RuntimeError" in run["reason_message"]
+    assert "s3cret" not in run["reason_message"] and "abc123def" not in run["reason_message"]
+    assert "\n" not in run["reason_message"] and "Traceback" not in run["reason_message"]
+
+
+async def test_worker_shutdown_hands_the_run_back_and_the_next_worker_finishes_it(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str
+) -> None:
+    from tests.conftest import make_worker, wait_until
+
+    await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "s", "sleep_s": 30, "sleep_attempts": 1})
+    worker = make_worker(settings, burst=False)
+    task = asyncio.create_task(worker.main())
+
+    async def started() -> bool:
+        return bool(await effects(conn, "s"))
+
+    await wait_until(started)
+    task.cancel()  # what arq does to running jobs on shutdown
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await worker.close()
+    [run] = await runs(conn)
+    assert (run["status"], run["reason_code"], run["lease_owner"]) == ("queued", "job.cancelled", None)
+    await drain(settings)
+    [run] = await runs(conn)
+    assert (run["outcome"], run["attempts"]) == ("succeeded", 2)
+
+
+async def test_tenant_scope_cannot_see_or_touch_another_tenants_runs(
+    rt: Runtime, seeded: dict[str, Any]
+) -> None:
+    a, b = seeded["tenants"][0], seeded["tenants"][1]
+    run_b = await dispatch(rt, EFFECT_TYPE, tenant=b["external_id"], inputs={})
+    scope_a = rt.ledger.scoped(Scope(a["workspace_id"], a["id"]))
+    assert await scope_a.get(run_b.run_id) is None
+    assert await scope_a.list() == []
+    assert not await scope_a.update_context(run_b.run_id, {"x": 1})
+    claim = await scope_a.claim(run_b.run_id, run_type=EFFECT_TYPE, job_id="j", queue_name="q",
+                                lease_owner=uuid.uuid4(), cooldown_s=0, lease_ttl_s=60)
+    assert claim.decision == "run_not_found"
+    other_ws = next(t for t in seeded["tenants"] if t["workspace_id"] != b["workspace_id"])
+    scope_ws = rt.ledger.scoped(Scope(other_ws["workspace_id"]))
+    assert await scope_ws.get(run_b.run_id) is None
+    scope_b = rt.ledger.scoped(Scope(b["workspace_id"], b["id"]))
+    assert [r.id for r in await scope_b.list()] == [run_b.run_id]
