@@ -167,9 +167,13 @@ class WorkerProcess:
         if burst:
             args.append("--burst")
         self.log_path = log_path
-        out = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(args, cwd=ROOT, env=worker_env(settings, **env), stdout=out,
-                                     stderr=subprocess.STDOUT)
+        if log_path is None:
+            self.proc = subprocess.Popen(args, cwd=ROOT, env=worker_env(settings, **env),
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        else:
+            with open(log_path, "wb") as out:  # the child keeps its own descriptor
+                self.proc = subprocess.Popen(args, cwd=ROOT, env=worker_env(settings, **env), stdout=out,
+                                             stderr=subprocess.STDOUT)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc.poll() is None:
