@@ -18,9 +18,9 @@ from typing import Any
 
 import asyncpg
 import pytest
+from arq.worker import Worker, get_kwargs
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
-from arq.worker import Worker, get_kwargs
 from redis.asyncio import Redis
 
 from opspolish import db
@@ -122,13 +122,12 @@ async def rt(settings: Settings) -> AsyncIterator[Runtime]:
 
 def make_worker(settings: Settings, **overrides: Any) -> Worker:
     """An in-process arq worker with the built-in and test jobs, in burst mode by default."""
-    from opspolish.tracking import REGISTRY
-
     import opspolish.jobs  # noqa: F401
+    from opspolish.tracking import REGISTRY
 
     ws = worker_settings(settings, jobs=[*REGISTRY.values(), *TEST_JOBS], with_cron=False,
                          configure_logs=False)
-    kwargs = get_kwargs(ws)
+    kwargs: dict[str, Any] = dict(get_kwargs(ws))
     kwargs.update({"burst": True, "poll_delay": 0.02, "handle_signals": False, **overrides})
     return Worker(**kwargs)
 

@@ -93,7 +93,7 @@ async def test_sigkilled_worker_run_is_taken_over_after_its_lease_goes_stale(
     first.kill(signal.SIGKILL)
     await first.wait()
     run = await conn.fetchrow("SELECT * FROM operation_runs WHERE id = $1", result.run_id)
-    assert (run["status"], run["attempts"]) == ("running", 1)
+    assert run is not None and (run["status"], run["attempts"]) == ("running", 1)
 
     # arq redelivers once its in-progress marker expires (job timeout + 10 s); expire it now instead of waiting.
     redis: Redis = Redis.from_url(s.redis_url.get_secret_value())
@@ -106,6 +106,7 @@ async def test_sigkilled_worker_run_is_taken_over_after_its_lease_goes_stale(
     assert await second.wait(60) == 0, second.log()[-3000:]
 
     run = await conn.fetchrow("SELECT * FROM operation_runs WHERE id = $1", result.run_id)
+    assert run is not None
     assert (run["status"], run["outcome"], run["attempts"]) == ("completed", "partially_succeeded", 2)
     assert run["summary_counts"] == {"total": 5, "processed": 5, "failed": 1}  # the dead attempt's not added
     attempts = await conn.fetch("SELECT attempt, finished_at FROM test_effects WHERE tag = 'crash' ORDER BY id")

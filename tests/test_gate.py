@@ -315,7 +315,7 @@ async def test_tenant_scope_cannot_see_or_touch_another_tenants_runs(
     run_b = await dispatch(rt, EFFECT_TYPE, tenant=b["external_id"], inputs={})
     scope_a = rt.ledger.scoped(Scope(a["workspace_id"], a["id"]))
     assert await scope_a.get(run_b.run_id) is None
-    assert await scope_a.list() == []
+    assert await scope_a.list_runs() == []
     assert not await scope_a.update_context(run_b.run_id, {"x": 1})
     claim = await scope_a.claim(run_b.run_id, run_type=EFFECT_TYPE, job_id="j", queue_name="q",
                                 lease_owner=uuid.uuid4(), cooldown_s=0, lease_ttl_s=60)
@@ -324,4 +324,4 @@ async def test_tenant_scope_cannot_see_or_touch_another_tenants_runs(
     scope_ws = rt.ledger.scoped(Scope(other_ws["workspace_id"]))
     assert await scope_ws.get(run_b.run_id) is None
     scope_b = rt.ledger.scoped(Scope(b["workspace_id"], b["id"]))
-    assert [r.id for r in await scope_b.list()] == [run_b.run_id]
+    assert [r.id for r in await scope_b.list_runs()] == [run_b.run_id]

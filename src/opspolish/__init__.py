@@ -1,0 +1,33 @@
+"""opspolish: tracked, deduplicated background operations on arq with a Postgres operations ledger."""
+
+from opspolish.dispatch import DispatchResult, dispatch
+from opspolish.errors import (
+    InputInvalid,
+    OpsPolishError,
+    ProviderRejected,
+    ProviderThrottled,
+    ProviderUnavailable,
+    TenantNotFound,
+)
+from opspolish.fingerprint import fingerprint
+from opspolish.runtime import Runtime, connect
+from opspolish.settings import Settings
+from opspolish.tracking import Counts, RunContext, tracked_job
+
+__all__ = [
+    "Counts",
+    "DispatchResult",
+    "InputInvalid",
+    "OpsPolishError",
+    "ProviderRejected",
+    "ProviderThrottled",
+    "ProviderUnavailable",
+    "RunContext",
+    "Runtime",
+    "Settings",
+    "TenantNotFound",
+    "connect",
+    "dispatch",
+    "fingerprint",
+    "tracked_job",
+]

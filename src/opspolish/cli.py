@@ -249,13 +249,13 @@ async def runs_list(ctx: Ctx, tenant: str | None, run_type: str | None, status: 
 
     rt = await Runtime.start(ctx.settings, connect_to_redis=False, pool_size=2)
     try:
-        runs = await rt.ledger.scoped(await _scope_for(rt, tenant)).list(run_type=run_type, status=status,
+        runs = await rt.ledger.scoped(await _scope_for(rt, tenant)).list_runs(run_type=run_type, status=status,
                                                                            limit=limit)
     finally:
         await rt.close()
     lines = [f"{'ID':>8}  {'TYPE':<28} {'TENANT':<36} {'STATUS':<10} {'OUTCOME':<20} {'COUNTS':<18} REASON"]
     for r in runs:
-        lines.append(f"{r.id:>8}  {r.type:<28} {str(r.tenant_id or '-'):<36} {r.status:<10} {r.outcome:<20} "
+        lines.append(f"{r.id:>8}  {r.type:<28} {r.tenant_id or '-'!s:<36} {r.status:<10} {r.outcome:<20} "
                      f"{_counts_text(r.summary_counts):<18} {r.reason_code or ''}")
     emit(as_json, [r.as_json() for r in runs], "\n".join(lines))
 

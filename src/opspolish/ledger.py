@@ -228,7 +228,7 @@ class ScopedLedger:
             )
         return Run.from_record(row) if row else None
 
-    async def list(
+    async def list_runs(
         self, *, run_type: str | None = None, status: str | None = None, outcome: str | None = None,
         limit: int = 50,
     ) -> list[Run]:

@@ -99,7 +99,8 @@ class OperationRun(Base):
         CheckConstraint("status <> 'completed' OR summary_counts IS NOT NULL", name="completed_has_counts"),
         CheckConstraint(
             "summary_counts IS NULL OR CASE WHEN jsonb_typeof(summary_counts) = 'object'"
-            " AND jsonb_typeof(summary_counts->'total') = 'number' AND jsonb_typeof(summary_counts->'processed') = 'number'"
+            " AND jsonb_typeof(summary_counts->'total') = 'number'"
+            " AND jsonb_typeof(summary_counts->'processed') = 'number'"
             " AND jsonb_typeof(summary_counts->'failed') = 'number'"
             " AND (summary_counts->>'total') ~ '^[0-9]{1,18}$' AND (summary_counts->>'processed') ~ '^[0-9]{1,18}$'"
             " AND (summary_counts->>'failed') ~ '^[0-9]{1,18}$'"

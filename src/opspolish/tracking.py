@@ -12,6 +12,8 @@ A new job type is one decorated function::
 from __future__ import annotations
 
 import asyncio
+import builtins
+import contextlib
 import random
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -106,7 +108,7 @@ class TrackedJob:
 
     type: str
     body: Body
-    inputs_model: type[BaseModel] | None = None
+    inputs_model: builtins.type[BaseModel] | None = None
     scope: Literal["tenant", "workspace"] = "tenant"
     cooldown_s: float | None = None  # None: the settings' OPSPOLISH_DEDUPE_COOLDOWN_S
     timeout_s: float | None = None  # None: the settings' OPSPOLISH_JOB_TIMEOUT_S
@@ -187,7 +189,7 @@ def _skip_result(decision: str, run_id: int | None, reason_code: str | None, ded
     return {"decision": decision, "run_id": run_id, "reason_code": reason_code, "dedupe_of": dedupe_of}
 
 
-async def execute(  # noqa: C901 - the gate's decisions, each one branch
+async def execute(
     rt: Runtime, job: TrackedJob, *, run_id: int | None, tenant: str | None, workspace_id: str | uuid.UUID | None,
     inputs: Mapping[str, Any] | None, job_id: str, job_try: int = 1,
 ) -> dict[str, Any]:
@@ -249,7 +251,7 @@ async def execute(  # noqa: C901 - the gate's decisions, each one branch
         rt.leases.drop(lease)
 
 
-async def _run_body(  # noqa: C901 - one branch per way a body can end
+async def _run_body(
     rt: Runtime, job: TrackedJob, run_id: int, attempt: int, workspace_id: uuid.UUID, tenant_id: uuid.UUID | None,
     data: dict[str, Any], job_id: str, lease: Lease, bound: Any,
 ) -> dict[str, Any]:
@@ -266,12 +268,11 @@ async def _run_body(  # noqa: C901 - one branch per way a body can end
             bound.warning("run_abandoned", reason_code="dedupe.overlap", message="lease taken over; wrote nothing")
             return _skip_result("lease_lost", run_id, "dedupe.overlap", None)
         # Worker shutdown: hand the run back so the redelivery claims it at once.
-        try:
+        # If the database is down too, the lease goes stale and the redelivery takes the run over.
+        with contextlib.suppress(DbUnavailable):
             await asyncio.shield(rt.ledger.release(
                 run_id, lease.owner, reason_code="job.cancelled",
                 reason_message="worker shut down during the run; handed back for redelivery"))
-        except DbUnavailable:
-            pass  # the lease goes stale and the redelivery takes the run over
         bound.info("run_handed_back", reason_code="job.cancelled")
         raise
     except TimeoutError:
@@ -289,10 +290,10 @@ async def _run_body(  # noqa: C901 - one branch per way a body can end
 
     if error is not None and error.transient and attempt < job.attempts_allowed(rt):
         delay = getattr(error, "retry_after_s", None) or _backoff_s(attempt)
-        message = sanitize_message(error.message, extra_secrets=rt.secrets)
+        last_error = sanitize_message(error.message, extra_secrets=rt.secrets)
         try:
             released = await rt.ledger.release(run_id, lease.owner, reason_code=error.reason_code,
-                                               reason_message=message)
+                                               reason_message=last_error)
         except DbUnavailable as exc:
             raise Retry(defer=delay) from exc
         if released:

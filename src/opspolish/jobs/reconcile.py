@@ -33,8 +33,12 @@ def _is_redis_error(exc: BaseException) -> bool:
     return isinstance(exc, OSError | ConnectionError | TimeoutError) or type(exc).__module__.startswith("redis")
 
 
+def _job_id_of(rt: Runtime, run: Run) -> str:
+    return run.job_id or f"{run.queue_name or rt.settings.queue_name}:run:{run.id}"
+
+
 async def _job_status(rt: Runtime, redis: Any, run: Run) -> JobStatus:
-    job_id = run.job_id or f"{run.queue_name or rt.settings.queue_name}:run:{run.id}"
+    job_id = _job_id_of(rt, run)
     try:
         return await Job(job_id, redis, _queue_name=run.queue_name or rt.settings.queue_name).status()
     except Exception as exc:
@@ -60,7 +64,7 @@ async def _settle(rt: Runtime, redis: Any, run: Run, scoped: Any, ctx: RunContex
         try:
             await redis.enqueue_job(
                 run.type, run_id=run.id, tenant_id=str(run.tenant_id) if run.tenant_id else None,
-                workspace_id=str(run.workspace_id), _job_id=run.job_id or f"{run.queue_name or rt.settings.queue_name}:run:{run.id}",
+                workspace_id=str(run.workspace_id), _job_id=_job_id_of(rt, run),
                 _queue_name=run.queue_name or rt.settings.queue_name,
             )
         except Exception as exc:
@@ -118,7 +122,9 @@ async def reconcile_workspace(rt: Runtime, workspace_id: uuid.UUID, *, job_id: s
             await asyncio.sleep(min((retry.defer_score or 50) / 1000, 1.0))
 
 
-async def reconcile_all(rt: Runtime, *, workspace_slug: str | None = None, job_id: str | None = None) -> list[dict[str, Any]]:
+async def reconcile_all(
+    rt: Runtime, *, workspace_slug: str | None = None, job_id: str | None = None
+) -> list[dict[str, Any]]:
     """One pass over every workspace (or one, by slug). Returns one result per workspace."""
     job_id = job_id or f"reconcile:{uuid.uuid4().hex}"
     async with translate_errors():
