@@ -263,16 +263,20 @@ class ScopedLedger:
 
     # --- reconcile ---------------------------------------------------------------------------------------
 
-    async def unbacked_candidates(self, *, lease_ttl_s: float, min_age_s: float, limit: int = 1000) -> list[Run]:
-        """Active runs the queue may no longer back: stale running leases and queued runs past a grace age."""
+    async def unbacked_candidates(
+        self, *, lease_ttl_s: float, min_age_s: float, after_id: int = 0, limit: int = 500
+    ) -> list[Run]:
+        """Active runs the queue may no longer back: stale running leases and queued runs past a grace age.
+
+        Keyset-paged by id (``after_id``), served by the partial index on active runs."""
         async with translate_errors():
             rows = await self.pool.fetch(
                 f"""SELECT {RUN_COLUMNS} FROM operation_runs
-                    WHERE workspace_id = $1 AND status IN ('queued', 'running')
+                    WHERE workspace_id = $1 AND status IN ('queued', 'running') AND id > $4
                       AND ((status = 'running' AND heartbeat_at < now() - make_interval(secs => $2))
                         OR (status = 'queued' AND created_at < now() - make_interval(secs => $3)))
-                    ORDER BY id LIMIT $4""",
-                self.scope.workspace_id, lease_ttl_s, min_age_s, limit,
+                    ORDER BY id LIMIT $5""",
+                self.scope.workspace_id, lease_ttl_s, min_age_s, after_id, limit,
             )
         return [Run.from_record(row) for row in rows]
 

@@ -25,6 +25,9 @@ RECONCILE_TYPE = "ops.reconcile_adapter_runs"
 #: How long one workspace's pass keeps retrying a busy gate before it reports the workspace as skipped.
 BUSY_DEADLINE_S = 30.0
 
+#: Detail counts beside total / processed / failed in each pass's summary_counts.
+DETAIL_COUNTS = ("checked", "left_to_queue", "requeued", "orphaned", "lost")
+
 log = structlog.get_logger("opspolish")
 _BACKED = {JobStatus.queued, JobStatus.deferred, JobStatus.in_progress}
 
@@ -86,20 +89,24 @@ async def reconcile_adapter_runs(run: RunContext) -> None:
     rt = run.runtime
     redis = rt.redis if rt.redis is not None else await connect_redis(rt.settings)
     try:
+        for key in DETAIL_COUNTS:  # always present, so operators can rely on the keys
+            run.counts.bump(key, 0)
         scoped = rt.ledger.scoped(Scope(run.workspace_id))
-        candidates = await scoped.unbacked_candidates(
-            lease_ttl_s=rt.settings.lease_ttl_s, min_age_s=rt.settings.reconcile_grace_s
-        )
-        run.counts.bump("checked", len(candidates))
-        for candidate in candidates:
-            if await _job_status(rt, redis, candidate) in _BACKED:
-                run.counts.bump("left_to_queue")
-                continue
-            run.counts.add_total()
-            if await _settle(rt, redis, candidate, scoped, run):
-                run.counts.item_succeeded()
-            else:
-                run.counts.item_failed()
+        after_id = 0
+        while candidates := await scoped.unbacked_candidates(
+            lease_ttl_s=rt.settings.lease_ttl_s, min_age_s=rt.settings.reconcile_grace_s, after_id=after_id
+        ):
+            after_id = candidates[-1].id
+            run.counts.bump("checked", len(candidates))
+            for candidate in candidates:
+                if await _job_status(rt, redis, candidate) in _BACKED:
+                    run.counts.bump("left_to_queue")
+                    continue
+                run.counts.add_total()
+                if await _settle(rt, redis, candidate, scoped, run):
+                    run.counts.item_succeeded()
+                else:
+                    run.counts.item_failed()
     finally:
         if redis is not rt.redis:
             await redis.aclose()

@@ -1,0 +1,215 @@
+"""ops.reconcile_adapter_runs (DESIGN §1.3, §7): one tracked workspace-scoped run per workspace per pass."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from arq.cron import cron
+from pydantic import SecretStr
+
+from opspolish.dispatch import dispatch
+from opspolish.jobs.reconcile import RECONCILE_TYPE, reconcile_all, reconcile_cron
+from opspolish.runtime import Runtime
+from opspolish.settings import Settings
+from opspolish.worker import worker_settings
+from tests.conftest import ROOT, WorkerProcess, drain, make_worker, wait_until, worker_env
+from tests.support.jobs import EFFECT_TYPE
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def reconcile_runs(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    return list(await conn.fetch("SELECT * FROM operation_runs WHERE type = $1 ORDER BY id", RECONCILE_TYPE))
+
+
+async def test_a_pass_records_a_succeeded_run_per_workspace_with_zero_counts_on_an_empty_ledger(
+    rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any]
+) -> None:
+    results = await reconcile_all(rt)
+    assert [r["workspace"] for r in results] == [w["slug"] for w in seeded["workspaces"]]
+    runs = await reconcile_runs(conn)
+    assert len(runs) == len(seeded["workspaces"])
+    for run in runs:
+        assert (run["status"], run["outcome"], run["tenant_id"]) == ("completed", "succeeded", None)
+        assert run["summary_counts"] == {"total": 0, "processed": 0, "failed": 0, "checked": 0, "left_to_queue": 0,
+                                         "requeued": 0, "orphaned": 0, "lost": 0}
+    assert {r["workspace_id"] for r in runs} == {w["id"] for w in seeded["workspaces"]}
+    # No cooldown for housekeeping: the next pass runs too.
+    await reconcile_all(rt)
+    assert len(await reconcile_runs(conn)) == 2 * len(seeded["workspaces"])
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+async def test_redis_unreachable_records_failed_redis_unavailable_without_password_or_traceback(
+    settings: Settings, conn: asyncpg.Connection, seeded: dict[str, Any]
+) -> None:
+    password = "Canary-P4ssw0rd-" + uuid.uuid4().hex[:8]
+    s = settings.model_copy(update={"redis_url": SecretStr(f"redis://:{password}@127.0.0.1:{closed_port()}/0")})
+    rt = await Runtime.start(s, connect_to_redis=False)
+    try:
+        await dispatch_stale_queued(conn, seeded)  # a candidate, so the pass must ask Redis
+        results = await reconcile_all(rt, workspace_slug="acme")
+    finally:
+        await rt.close()
+    [run] = await reconcile_runs(conn)
+    assert (run["outcome"], run["reason_code"]) == ("failed", "redis.unavailable")
+    assert results[0]["reason_code"] == "redis.unavailable"
+    text = json.dumps(dict(run), default=str)
+    assert password not in text and "Traceback" not in text and "\n" not in run["reason_message"]
+
+
+async def dispatch_stale_queued(conn: asyncpg.Connection, seeded: dict[str, Any], n: int = 1,
+                                slug: str = "acme", requeues: int = 0, age_s: float = 60) -> list[int]:
+    """Queued runs whose arq job never existed (as after a Redis flush)."""
+    tenant = next(t for t in seeded["tenants"] if t["slug"] == slug)
+    ids: list[int] = await conn.fetchval(
+        """WITH ins AS (
+             INSERT INTO operation_runs (workspace_id, tenant_id, type, run_identity_hash, fingerprint, context,
+                                         requeues, created_at, queue_name)
+             SELECT $1, $2, $3, encode(sha256(convert_to(g::text || gen_random_uuid()::text, 'UTF8')), 'hex'),
+                    repeat('0', 64), jsonb_build_object('tag', 'stale'), $4, now() - make_interval(secs => $5), $6
+             FROM generate_series(1, $7) g RETURNING id)
+           SELECT array_agg(id ORDER BY id) FROM ins""",
+        tenant["workspace_id"], tenant["id"], EFFECT_TYPE, requeues, age_s,
+        (await conn.fetchval("SELECT current_database()")).replace("opspolish_t_", "opspolish-test:opspolish_t_"),
+        n,
+    )
+    return ids
+
+
+async def test_after_a_queue_flush_queued_runs_are_requeued_and_then_completed(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any]
+) -> None:
+    tenant = seeded["tenants"][0]["external_id"]
+    results = [await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": f"q{i}"}) for i in range(3)]
+    redis = rt.require_redis()
+    # What FLUSHALL does to this queue (the shared Redis is not ours to flush; reliability tests flush a private one).
+    await redis.delete(settings.queue_name, *[f"arq:job:{r.job_id}" for r in results])
+    await reconcile_all(rt)
+    acme = next(r for r in await reconcile_runs(conn) if r["workspace_id"] == seeded["tenants"][0]["workspace_id"])
+    assert acme["summary_counts"]["requeued"] == 3 and acme["summary_counts"]["processed"] == 3
+    await drain(settings)
+    outcomes = await conn.fetch("SELECT outcome, requeues FROM operation_runs WHERE type = $1", EFFECT_TYPE)
+    assert [(o["outcome"], o["requeues"]) for o in outcomes] == [("succeeded", 1)] * 3
+    assert await conn.fetchval("SELECT count(*) FROM test_effects") == 3
+
+
+async def test_a_run_whose_job_vanished_again_or_is_too_old_is_settled_as_lost(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any]
+) -> None:
+    again = await dispatch_stale_queued(conn, seeded, requeues=1)
+    too_old = await dispatch_stale_queued(conn, seeded, age_s=settings.reconcile_max_queued_age_s + 60)
+    await reconcile_all(rt, workspace_slug="acme")
+    for run_id in again + too_old:
+        run = await conn.fetchrow("SELECT * FROM operation_runs WHERE id = $1", run_id)
+        assert run is not None
+        assert (run["status"], run["outcome"], run["reason_code"]) == ("completed", "failed", "run.lost")
+    [pass_run] = await reconcile_runs(conn)
+    assert pass_run["summary_counts"] == {"total": 2, "processed": 2, "failed": 0, "checked": 2, "left_to_queue": 0,
+                                          "requeued": 0, "orphaned": 0, "lost": 2}
+
+
+async def test_two_concurrent_passes_on_one_workspace_execute_once_and_explain_the_other(
+    settings: Settings, conn: asyncpg.Connection, seeded: dict[str, Any]
+) -> None:
+    await dispatch_stale_queued(conn, seeded, n=1500)  # a pass that takes a while
+    procs = [subprocess.Popen([str(ROOT / ".venv/bin/opspolish"), "reconcile", "--workspace", "acme", "--json"],
+                              cwd=ROOT, env=worker_env(settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for _ in range(2)]
+    outputs = [await asyncio.to_thread(p.communicate, timeout=90) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-500:] for o in outputs]
+    runs = await reconcile_runs(conn)
+    executed = [r for r in runs if r["outcome"] == "succeeded"]
+    skipped = [r for r in runs if r["outcome"] == "skipped"]
+    assert len(executed) == 1 and len(skipped) == 1
+    assert (skipped[0]["reason_code"], skipped[0]["dedupe_of"]) == ("dedupe.non_canonical", executed[0]["id"])
+    assert executed[0]["summary_counts"]["requeued"] == 1500
+
+
+async def test_sigkilled_worker_run_is_left_while_arq_holds_it_and_orphaned_once_it_does_not(
+    settings: Settings, conn: asyncpg.Connection, seeded: dict[str, Any], tmp_path: Path,
+    worker_processes: list[WorkerProcess],
+) -> None:
+    s = settings.model_copy(update={"lease_ttl_s": 1.0})
+    rt = await Runtime.start(s)
+    try:
+        result = await dispatch(rt, EFFECT_TYPE, tenant=seeded["tenants"][0]["external_id"],
+                                inputs={"tag": "orphan", "sleep_s": 60})
+        worker = WorkerProcess(s, log_path=tmp_path / "w.log")
+        worker_processes.append(worker)
+
+        async def started() -> bool:
+            return bool(await conn.fetchval("SELECT count(*) FROM test_effects WHERE tag = 'orphan'"))
+
+        await wait_until(started)
+        worker.kill(signal.SIGKILL)
+        await worker.wait()
+        await asyncio.sleep(1.2)  # the lease goes stale
+        await reconcile_all(rt, workspace_slug="acme")
+        run = await conn.fetchrow("SELECT status, outcome FROM operation_runs WHERE id = $1", result.run_id)
+        assert run is not None and (run["status"], run["outcome"]) == ("running", "pending")  # arq still holds it
+        [first] = await reconcile_runs(conn)
+        assert first["summary_counts"]["left_to_queue"] == 1 and first["summary_counts"]["total"] == 0
+
+        # arq gives up on the job (it expired): nothing will redeliver it any more.
+        redis = rt.require_redis()
+        await redis.delete(f"arq:in-progress:{result.job_id}", f"arq:job:{result.job_id}")
+        await redis.zrem(s.queue_name, result.job_id)
+        await reconcile_all(rt, workspace_slug="acme")
+    finally:
+        await rt.close()
+    run = await conn.fetchrow("SELECT * FROM operation_runs WHERE id = $1", result.run_id)
+    assert run is not None
+    assert (run["status"], run["outcome"], run["reason_code"]) == ("completed", "failed", "run.orphaned")
+    second = (await reconcile_runs(conn))[-1]
+    assert second["summary_counts"]["orphaned"] == 1 and second["summary_counts"]["processed"] == 1
+
+
+async def test_the_worker_cron_runs_the_tracked_reconcile(
+    settings: Settings, conn: asyncpg.Connection, seeded: dict[str, Any]
+) -> None:
+    ws = worker_settings(settings.model_copy(update={"reconcile_interval_min": 15}))
+    [job] = ws.cron_jobs  # type: ignore[attr-defined]
+    assert job.name == RECONCILE_TYPE and job.minute == {0, 15, 30, 45}
+    worker = make_worker(settings, burst=False,
+                         cron_jobs=[cron(reconcile_cron, name=RECONCILE_TYPE, run_at_startup=True, max_tries=1)])
+    task = asyncio.create_task(worker.main())
+    try:
+        async def recorded() -> bool:
+            return len(await reconcile_runs(conn)) == len(seeded["workspaces"])
+
+        await wait_until(recorded, timeout_s=20)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await worker.close()
+    assert all(r["outcome"] == "succeeded" for r in await reconcile_runs(conn))
+
+
+async def test_reconcile_cli_reports_each_workspace(settings: Settings, seeded: dict[str, Any]) -> None:
+    out = await asyncio.to_thread(
+        subprocess.run, [str(ROOT / ".venv/bin/opspolish"), "reconcile", "--json"], cwd=ROOT,
+        env=worker_env(settings), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-500:]
+    data = json.loads(out.stdout)
+    assert [d["workspace"] for d in data] == ["acme", "globex"]
+    assert all(d["outcome"] == "succeeded" for d in data)
+    bad = await asyncio.to_thread(
+        subprocess.run, [str(ROOT / ".venv/bin/opspolish"), "reconcile", "--workspace", "nope"], cwd=ROOT,
+        env=worker_env(settings), capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--workspace" in bad.stderr
