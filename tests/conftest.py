@@ -151,6 +151,7 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
         "OPSPOLISH_DEDUPE_COOLDOWN_S": str(settings.dedupe_cooldown_s),
         "OPSPOLISH_JOB_TIMEOUT_S": str(settings.job_timeout_s),
         "OPSPOLISH_LOG_FORMAT": "json",
+        "OPSPOLISH_JOB_MODULES": "tests.support.jobs",
         "PYTHONPATH": str(ROOT),
         **extra,
     })

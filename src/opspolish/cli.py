@@ -186,11 +186,11 @@ def _refuse_constant(name: str) -> NoReturn:
 async def dispatch_cmd(ctx: Ctx, run_type: str, tenant: str | None, workspace: str | None, pairs: tuple[str, ...],
                        inputs_json: str | None, as_json: bool) -> None:
     """Queue a run of TYPE (or join the identity's active run) and print its id."""
-    import opspolish.jobs  # noqa: F401 - registers the built-in job types
     from opspolish.dispatch import dispatch
     from opspolish.runtime import Runtime
-    from opspolish.tracking import get_job
+    from opspolish.tracking import get_job, load_jobs
 
+    load_jobs(ctx.settings.job_modules)
     job = get_job(run_type)
     inputs = parse_inputs(pairs, inputs_json)
     job.validate_inputs(inputs)

@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=5, ge=1)
     max_jobs: int = Field(default=10, ge=1)
     provider: str = "opspolish.provider:DirectoryProvider"
+    #: Comma-separated modules whose ``@tracked_job`` functions the CLI and the worker register.
+    job_modules: str = ""
     log_format: Literal["console", "json"] = Field(
         default_factory=lambda: "console" if sys.stderr.isatty() else "json"
     )

@@ -173,6 +173,19 @@ def tracked_job(
     return register
 
 
+def load_jobs(module_names: str = "") -> dict[str, TrackedJob]:
+    """Import the built-in jobs and the comma-separated ``module_names`` (OPSPOLISH_JOB_MODULES)."""
+    import importlib
+
+    for name in ["opspolish.jobs", *(m.strip() for m in module_names.split(",") if m.strip())]:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise InputInvalid(f"OPSPOLISH_JOB_MODULES: cannot import {name!r}: {exc}",
+                               field="OPSPOLISH_JOB_MODULES") from exc
+    return REGISTRY
+
+
 def get_job(run_type: str) -> TrackedJob:
     try:
         return REGISTRY[run_type]

@@ -14,7 +14,7 @@ from arq.cron import cron
 from opspolish.logs import configure_logging
 from opspolish.runtime import Runtime
 from opspolish.settings import Settings
-from opspolish.tracking import REGISTRY, TrackedJob
+from opspolish.tracking import TrackedJob, load_jobs
 
 log = structlog.get_logger("opspolish")
 
@@ -42,11 +42,11 @@ def worker_settings(
     configure_logs: bool = True,
 ) -> type:
     """A WorkerSettings class for ``settings`` and ``jobs`` (default: every registered job)."""
-    import opspolish.jobs  # noqa: F401 - registers the built-in job types
     from opspolish.jobs.reconcile import RECONCILE_TYPE, reconcile_cron
 
     settings = settings or Settings()
-    chosen = list(jobs) if jobs is not None else list(REGISTRY.values())
+    registry = load_jobs(settings.job_modules)
+    chosen = list(jobs) if jobs is not None else list(registry.values())
     functions = [job.arq_function(job.timeout_s or settings.job_timeout_s)
                  for job in chosen if job.type != RECONCILE_TYPE]
     minutes = set(range(0, 60, settings.reconcile_interval_min))

@@ -1,14 +1,8 @@
-"""``arq tests.support.workers.WorkerSettings``: a worker process with the built-in and test jobs.
-
-Settings come from the environment, as for the real worker."""
+"""``arq tests.support.workers.WorkerSettings``: a worker process with the built-in and test jobs
+(OPSPOLISH_JOB_MODULES=tests.support.jobs, set by the tests). Settings come from the environment."""
 
 from __future__ import annotations
 
-import opspolish.jobs
-from opspolish.settings import Settings
-from opspolish.tracking import REGISTRY
 from opspolish.worker import worker_settings
-from tests.support import jobs as _test_jobs
 
-assert opspolish.jobs and _test_jobs
-WorkerSettings = worker_settings(Settings(), jobs=list(REGISTRY.values()), with_cron=False)
+WorkerSettings = worker_settings(with_cron=False)

@@ -1,0 +1,117 @@
+"""The ``opspolish`` command line, run as a real process against the test's database and queue."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import uuid
+from typing import Any
+
+import asyncpg
+import pytest
+
+from opspolish import db
+from opspolish.settings import Settings
+from tests.conftest import ROOT, base_settings, worker_env
+
+CLI = str(ROOT / ".venv/bin/opspolish")
+UUID_V4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def cli(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(subprocess.run, [CLI, *args], cwd=ROOT, env={**worker_env(settings), **env},
+                                   capture_output=True, text=True, timeout=90)
+
+
+async def test_reset_seed_works_on_a_missing_database_and_again_right_after() -> None:
+    name = f"opspolish_cli_{uuid.uuid4().hex[:10]}"
+    settings = base_settings().with_database(name)
+    try:
+        for _ in range(2):
+            out = await cli(settings, "db", "reset", "--seed")
+            assert out.returncode == 0, out.stderr
+            assert "seeded: 2 workspaces, 6 tenants" in out.stdout
+        conn = await db.connect(settings)
+        try:
+            rows = await conn.fetch("SELECT external_id, workspace_id FROM tenants")
+            assert len(rows) == 6 and all(UUID_V4.match(r["external_id"]) and r["workspace_id"] for r in rows)
+            assert await conn.fetchval("SELECT version_num FROM alembic_version") == db.head_revision()
+        finally:
+            await conn.close()
+    finally:
+        await db.drop_database(settings, name)
+
+
+async def test_seed_is_idempotent_and_scales(settings: Settings, conn: asyncpg.Connection) -> None:
+    first = await cli(settings, "seed", "--tenants", "1500", "--policies", "1")
+    second = await cli(settings, "seed", "--tenants", "1500", "--policies", "1")
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert "3000 tenants (3000 new)" in first.stdout
+    assert "3000 tenants (0 new)" in second.stdout
+    assert await conn.fetchval("SELECT count(*) FROM tenants") == 3000
+
+
+async def test_dispatch_prints_the_run_and_whether_it_joined(
+    settings: Settings, seeded: dict[str, Any]
+) -> None:
+    tenant = seeded["tenants"][0]["external_id"]
+    first = await cli(settings, "dispatch", "test.effect", "--tenant", tenant, "--input", "items=2", "--json")
+    assert first.returncode == 0, first.stderr
+    data = json.loads(first.stdout)
+    assert data["verdict"] == "queued" and data["run_id"] > 0
+    again = await cli(settings, "dispatch", "test.effect", "--tenant", tenant, "--inputs-json", '{"items": 2.0}')
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == f"run {data['run_id']} joined (already queued)"
+    listed = await cli(settings, "runs", "list", "--tenant", tenant, "--json")
+    assert [r["id"] for r in json.loads(listed.stdout)] == [data["run_id"]]
+    shown = await cli(settings, "runs", "show", str(data["run_id"]), "--json")
+    assert json.loads(shown.stdout)["context"] == {"items": 2}
+    table = await cli(settings, "runs", "list")
+    assert "test.effect" in table.stdout and "queued" in table.stdout
+
+
+@pytest.mark.parametrize(("args", "field"), [
+    (["dispatch", "no.such.job", "--tenant", "x"], "type"),
+    (["dispatch", "test.effect", "--tenant", str(uuid.uuid4())], "tenant"),
+    (["dispatch", "test.effect", "--tenant", "'; DROP TABLE tenants; --"], "tenant"),
+    (["dispatch", "test.effect", "--tenant", "T", "--input", "items=NaN"], "inputs.items"),
+    (["dispatch", "test.effect", "--tenant", "T", "--input", "items=[1]"], "inputs.items"),
+    (["dispatch", "test.effect", "--tenant", "T", "--input", "nope"], "--input"),
+    (["dispatch", "test.effect", "--tenant", "T", "--inputs-json", "[1]"], "--inputs-json"),
+    (["runs", "show", "999999"], "RUN_ID"),
+    (["runs", "list", "--tenant", str(uuid.uuid4())], "--tenant"),
+])
+async def test_bad_input_exits_2_with_one_line_naming_the_field(
+    settings: Settings, seeded: dict[str, Any], conn: asyncpg.Connection, args: list[str], field: str
+) -> None:
+    args = [seeded["tenants"][0]["external_id"] if a == "T" else a for a in args]
+    out = await cli(settings, *args)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    lines = [line for line in out.stderr.splitlines() if line.startswith("opspolish:")]
+    assert len(lines) == 1 and field in lines[0] and "Traceback" not in out.stderr
+    assert await conn.fetchval("SELECT count(*) FROM operation_runs") == 0
+
+
+async def test_an_unknown_setting_is_refused(settings: Settings) -> None:
+    out = await cli(settings, "runs", "list", OPSPOLISH_DATABSE_URL="typo")
+    assert out.returncode == 2 and "OPSPOLISH_DATABSE_URL" in out.stderr
+
+
+async def test_doctor_gives_a_verdict_per_service(settings: Settings) -> None:
+    out = await cli(settings, "doctor", "--json")
+    assert out.returncode == 0, out.stderr
+    verdicts = {c["name"]: c["verdict"] for c in json.loads(out.stdout)}
+    assert verdicts == {"postgres": "ok", "migrations": "ok", "redis": "ok", "worker": "warn"}
+    down = await cli(settings, "doctor", OPSPOLISH_DATABASE_URL="postgresql+asyncpg://postgres:pw@127.0.0.1:1/x")
+    assert down.returncode == 1 and "FAIL  postgres" in down.stdout and "pw@" not in down.stdout
+
+
+def test_python_dash_m_runs_the_same_cli() -> None:
+    out = subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "opspolish", "--help"], capture_output=True,
+                         text=True, check=False, env={**os.environ}, cwd=ROOT)
+    assert out.returncode == 0 and "dispatch" in out.stdout

@@ -1,0 +1,103 @@
+"""The gate's look-ups stay on their indexes as the ledger grows (DESIGN §4: none may scan the ledger).
+
+The trap: PL/pgSQL caches plans per connection. A plan cached while the ledger was empty and freshly analyzed
+could be a sequential scan that never goes away. The gate forces custom plans; this test warms a connection
+on an empty ledger, grows the ledger to 1,000,000 runs, and reads the plans the gate's statements really use
+(auto_explain, nested statements) on that same connection.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import asyncpg
+import pytest
+
+from opspolish import db
+from opspolish.settings import Settings
+from tests.support.jobs import EFFECT_TYPE
+
+pytestmark = pytest.mark.timeout(300)
+HISTORY_ROWS = 1_000_000
+
+
+async def _claim(conn: asyncpg.Connection, tenant: str, tag: str) -> Any:
+    return await conn.fetchrow(
+        "SELECT * FROM opspolish_claim(NULL, $1, NULL, $2, $3, '{}'::jsonb, $4, 'q', $5, 900, 60)",
+        tenant, EFFECT_TYPE, tag * 64, f"job-{uuid.uuid4()}", uuid.uuid4())
+
+
+async def _grow_ledger(settings: Settings, tenant_id: uuid.UUID, workspace_id: uuid.UUID) -> None:
+    conn = await db.connect(settings)
+    try:
+        await conn.execute(
+            """INSERT INTO operation_runs (workspace_id, tenant_id, type, status, outcome, run_identity_hash,
+                   fingerprint, summary_counts, attempts, job_id, created_at, started_at, completed_at)
+               SELECT $1, $2, $3, 'completed', 'succeeded', encode(sha256(int8send(g)), 'hex'), repeat('0', 64),
+                      '{"total": 1, "processed": 1, "failed": 0}', 1, 'hist-' || g,
+                      now() - interval '2 days', now() - interval '2 days', now() - interval '1 day'
+               FROM generate_series(1, $4) g""",
+            workspace_id, tenant_id, EFFECT_TYPE, HISTORY_ROWS)
+        await conn.execute("ANALYZE operation_runs")
+    finally:
+        await conn.close()
+
+
+async def test_gate_statements_use_indexes_at_a_million_runs_even_after_warming_on_an_empty_ledger(
+    settings: Settings, seeded: dict[str, Any]
+) -> None:
+    tenant = seeded["tenants"][0]
+    gate = await db.connect(settings)  # the gate's server settings (force_custom_plan), like the worker pool
+    plans: list[str] = []
+    try:
+        await gate.execute("ANALYZE operation_runs")
+        for i in range(12):  # past the 5 custom plans after which a generic plan may be cached
+            await _claim(gate, tenant["external_id"], "0123456789abcdef"[i % 16])
+        started = time.monotonic()
+        await _grow_ledger(settings, tenant["id"], tenant["workspace_id"])
+        grow_s = time.monotonic() - started
+
+        await gate.execute("LOAD 'auto_explain'")
+        await gate.execute("SET auto_explain.log_min_duration = 0")
+        await gate.execute("SET auto_explain.log_nested_statements = on")
+        await gate.execute("SET client_min_messages = log")
+        gate.add_log_listener(lambda _c, msg: plans.append(str(msg)))
+        claimed = await _claim(gate, tenant["external_id"], "e")  # cooldown look-up + insert path
+        await gate.execute("RESET client_min_messages")
+    finally:
+        await gate.close()
+    assert claimed["decision"] == "claimed"
+    text = "\n".join(plans)
+    assert "operation_runs" in text, "auto_explain captured no plan of the gate's statements"
+    assert "Seq Scan on operation_runs" not in text, text
+    assert "ix_operation_runs_cooldown" in text or "uq_operation_runs_active_identity" in text, text
+    assert "ix_operation_runs_job_id" in text, text
+    assert grow_s < 240
+
+
+@pytest.mark.parametrize(("label", "sql", "indexes"), [
+    ("cooldown", """SELECT id FROM operation_runs WHERE run_identity_hash = $1 AND status = 'completed'
+                    AND outcome <> 'skipped' AND attempts > 0 AND completed_at > now() - interval '15 minutes'
+                    ORDER BY completed_at DESC LIMIT 1""", ("ix_operation_runs_cooldown",)),
+    # Both partial indexes over active runs hold only active rows: either is a small, bounded look-up.
+    ("active", "SELECT id FROM operation_runs WHERE run_identity_hash = $1 AND status IN ('queued', 'running')",
+     ("uq_operation_runs_active_identity", "ix_operation_runs_reconcile")),
+    ("reconcile", """SELECT id FROM operation_runs WHERE workspace_id = '00000000-0000-4000-8000-000000000000'
+                     AND status IN ('queued', 'running') AND id > 0 ORDER BY id LIMIT 500""",
+     ("uq_operation_runs_active_identity", "ix_operation_runs_reconcile")),
+])
+async def test_lookups_plan_onto_their_partial_indexes(
+    conn: asyncpg.Connection, seeded: dict[str, Any], label: str, sql: str, indexes: tuple[str, ...]
+) -> None:
+    tenant = seeded["tenants"][0]
+    await conn.execute(
+        """INSERT INTO operation_runs (workspace_id, tenant_id, type, status, outcome, run_identity_hash,
+               fingerprint, summary_counts, attempts, completed_at)
+           SELECT $1, $2, 'x', 'completed', 'succeeded', encode(sha256(int8send(g)), 'hex'), repeat('0', 64),
+                  '{"total": 0, "processed": 0, "failed": 0}', 1, now() FROM generate_series(1, 20000) g""",
+        tenant["workspace_id"], tenant["id"])
+    await conn.execute("ANALYZE operation_runs")
+    plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {sql.replace('$1', repr('a' * 64))}"))
+    assert any(index in plan for index in indexes) and "Seq Scan" not in plan, f"{label}: {plan}"
