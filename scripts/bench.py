@@ -1,0 +1,1027 @@
+#!/usr/bin/env python3
+"""``make bench``: opspolish against bare arq and procrastinate, on this machine, in one run.
+
+1. throughput of no-op jobs (one worker process, then two): bare arq, opspolish-tracked, procrastinate;
+2. gate latency: the claim transaction and the completion write, p50 / p99;
+3. a duplicate storm: 1,000 deliveries of one identity across two worker processes;
+4. the gate with a large historical ledger against an empty one;
+5. dispatch against a bare ``enqueue_job``;
+6. the peak RSS of a tracked worker process.
+
+Every worker is a real process (``scripts/bench_worker.py``) that builds its pools, waits at a start barrier
+and then drains its queue; only the draining is timed. The benchmark uses its own databases
+(``opspolish_bench_<tag>_*``) and queues (``opspolish-bench:<tag>:*``) and removes them when it ends, however
+it ends. ``--quick`` runs a smaller version in well under a minute. Figures go to ``bench/results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import logging
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import structlog
+from arq.connections import ArqRedis
+
+from opspolish import db
+from opspolish.dispatch import dispatch
+from opspolish.fingerprint import canonical_inputs, fingerprint
+from opspolish.ledger import ZERO_COUNTS
+from opspolish.logs import configure_logging
+from opspolish.runtime import Runtime, connect_redis
+from opspolish.seed import seed
+from opspolish.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the worker module is imported as scripts.bench_worker, as arq imports it
+    sys.path.insert(0, str(ROOT))
+
+from scripts import bench_worker as bw  # noqa: E402
+
+RESULTS_PATH = ROOT / "bench" / "results.json"
+READY_TIMEOUT_S = 90.0
+TENANTS_PER_WORKSPACE = 5  # two workspaces: ten tenants
+CONCURRENCY = 10  # arq max_jobs and procrastinate concurrency, for every contender
+
+
+class BenchError(Exception):
+    """A benchmark step failed; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    quick: bool
+    jobs: int  # no-op jobs per throughput run
+    storm: int  # deliveries in the duplicate storm (and distinct jobs it is compared with)
+    history_rows: int  # historical runs in the "at scale" ledger
+    gate_iterations: int  # claims (and completions) timed per path and per ledger
+    dispatches: int  # dispatches timed (and as many bare enqueues)
+    repeats: int  # one-worker throughput runs per contender (the best is reported; all are recorded)
+    timeout_s: float  # the whole run
+
+    @classmethod
+    def make(cls, quick: bool) -> Plan:
+        if quick:  # one worker only, no raw-enqueue run, smaller sizes: well under a minute on 2 cores
+            return cls(True, jobs=600, storm=500, history_rows=30_000, gate_iterations=300, dispatches=400,
+                       repeats=1, timeout_s=110.0)
+        return cls(False, jobs=10_000, storm=1_000, history_rows=1_000_000, gate_iterations=2_000,
+                   dispatches=3_000, repeats=2, timeout_s=2_400.0)
+
+
+@dataclass(frozen=True)
+class Tenant:
+    id: str
+    external_id: str
+
+
+@dataclass
+class Drain:
+    """What the worker processes of one timed drain reported."""
+
+    seconds: float
+    startup_s: float  # from spawning the processes until all of them were ready (not in ``seconds``)
+    machine_busy: float  # share of all cores busy while draining (workers, servers and anything else)
+    postgres_cpu_s: float  # CPU seconds of the PostgreSQL backends serving the drained databases
+    reports: list[dict[str, Any]]
+
+    def executions(self, key: str) -> int:
+        return sum(int(r["executions"].get(key, 0)) for r in self.reports)
+
+    def metrics(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for r in self.reports:
+            total.update(r.get("metrics", {}))
+        return total
+
+    def rss_mb(self) -> float:
+        return max(int(r["vm_hwm_kb"]) for r in self.reports) / 1024
+
+    def worker_cpu_s(self) -> float:
+        """CPU seconds the worker processes used while draining (all of them together)."""
+        return sum(float(r["cpu_s"]) for r in self.reports)
+
+
+@dataclass
+class GateSamples:
+    """Seconds per call: claims of dispatched runs, claims of raw deliveries, completion writes."""
+
+    claim_dispatched: list[float] = field(default_factory=list)
+    claim_raw: list[float] = field(default_factory=list)
+    complete: list[float] = field(default_factory=list)
+    floor: list[float] = field(default_factory=list)  # SELECT 1 through the same pool: round trip + pool
+
+    def extend(self, other: GateSamples) -> None:
+        self.claim_dispatched += other.claim_dispatched
+        self.claim_raw += other.claim_raw
+        self.complete += other.complete
+        self.floor += other.floor
+
+
+def pct_ms(samples: list[float], q: float) -> float:
+    """The q-th percentile (0-100) in milliseconds."""
+    if not samples:
+        raise BenchError("no latency samples")
+    ordered = sorted(samples)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index] * 1000
+
+
+class _Discard(io.StringIO):
+    def write(self, s: str) -> int:
+        return len(s)
+
+
+def configure_bench_logging() -> None:
+    """The library's JSON logging, rendered as in production but discarded (dispatch logs every run)."""
+    configure_logging("json")
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=_Discard()))
+    logging.getLogger().setLevel(logging.WARNING)
+
+
+async def wait_for(predicate: Callable[[], Awaitable[bool]], *, timeout_s: float, what: str,
+                   interval_s: float = 0.01) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise BenchError(f"timed out after {timeout_s:g} s waiting for {what}")
+        await asyncio.sleep(interval_s)
+
+
+class Bench:
+    """One benchmark run: its names, its resources (always cleaned up) and its phases."""
+
+    def __init__(self, plan: Plan, base: Settings, workdir: Path) -> None:
+        self.plan = plan
+        self.base = base
+        self.workdir = workdir
+        self.tag = f"{os.getpid()}_{uuid.uuid4().hex[:6]}"
+        self.db_prefix = f"opspolish_bench_{self.tag}"
+        self.queue_prefix = f"opspolish-bench:{self.tag}"
+        self.databases: list[str] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.redis: ArqRedis | None = None
+        self.tenants: list[Tenant] = []
+        self.results: dict[str, Any] = {}
+        self.phase_s: dict[str, float] = {}
+        self._runs: Counter[str] = Counter()
+        self.main_db = self.empty_db = self.scale_db = self.procrastinate_db = self.procrastinate_dsn = ""
+
+    # --- names and resources -------------------------------------------------------------------------------
+
+    def settings_for(self, database: str, queue: str | None = None) -> Settings:
+        s = self.base.with_database(database)
+        return s.model_copy(update={"queue_name": queue}) if queue else s
+
+    def queue(self, name: str) -> str:
+        return f"{self.queue_prefix}:{name}"
+
+    async def create_database(self, suffix: str, template: str | None = None) -> str:
+        name = f"{self.db_prefix}_{suffix}"
+        if name in ("opspolish", "opspolish_demo") or not name.startswith("opspolish_bench_"):
+            raise BenchError(f"refusing to use database {name!r}")
+        self.databases.append(name)
+        if template is None:
+            await db.upgrade(self.settings_for(name))
+            return name
+        conn = await db.connect(self.base, "postgres")
+        try:
+            for attempt in range(50):  # the template's last connection may still be closing
+                try:
+                    await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+                    break
+                except asyncpg.ObjectInUseError:
+                    if attempt == 49:
+                        raise
+                    await asyncio.sleep(0.1)
+        finally:
+            await conn.close()
+        return name
+
+    async def cleanup(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+        errors: list[str] = []
+        try:
+            redis = self.redis or await connect_redis(self.base)
+            try:
+                batch: list[str | bytes] = []
+                async for key in redis.scan_iter(match=f"*{self.queue_prefix}*", count=1000):
+                    batch.append(key)
+                    if len(batch) >= 1000:
+                        await redis.delete(*batch)
+                        batch = []
+                if batch:
+                    await redis.delete(*batch)
+            finally:
+                await redis.aclose()
+                self.redis = None
+        except Exception as exc:
+            errors.append(f"Redis keys {self.queue_prefix}*: {type(exc).__name__}: {exc}")
+        for name in reversed(self.databases):
+            try:
+                await db.drop_database(self.base, name)
+            except Exception as exc:
+                errors.append(f"database {name}: {type(exc).__name__}: {exc}")
+        if errors:
+            print("bench: cleanup incomplete: " + "; ".join(errors), file=sys.stderr)
+
+    def require_redis(self) -> ArqRedis:
+        if self.redis is None:
+            raise BenchError("no Redis connection")
+        return self.redis
+
+    # --- worker processes ----------------------------------------------------------------------------------
+
+    def worker_env(self, settings: Settings, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OPSPOLISH_")}
+        env.update({
+            "OPSPOLISH_DATABASE_URL": settings.database_url.get_secret_value(),
+            "OPSPOLISH_REDIS_URL": settings.redis_url.get_secret_value(),
+            "OPSPOLISH_QUEUE_NAME": settings.queue_name,
+            "OPSPOLISH_MAX_JOBS": str(CONCURRENCY),
+            "OPSPOLISH_LOG_FORMAT": "json",
+            **extra,
+        })
+        env.pop("PYTHONUNBUFFERED", None)  # every worker logs with Python's default buffering
+        return env
+
+    def arq_worker(self, kind: str, settings: Settings) -> tuple[list[str], dict[str, str]]:
+        return ([sys.executable, "-m", "arq", f"scripts.bench_worker.{kind}WorkerSettings", "--burst"],
+                self.worker_env(settings))
+
+    def procrastinate_worker(self, dsn: str) -> tuple[list[str], dict[str, str]]:
+        return ([sys.executable, str(ROOT / "scripts" / "bench_worker.py"), "procrastinate"],
+                self.worker_env(self.base, BENCH_PROCRASTINATE_DSN=dsn, BENCH_CONCURRENCY=str(CONCURRENCY)))
+
+    async def drain(self, label: str, specs: list[tuple[list[str], dict[str, str]]], *, jobs: int,
+                    databases: tuple[str, ...] = ()) -> Drain:
+        """Start the workers, wait until all are ready, say go, and time until the last one has drained."""
+        sync = self.workdir / label
+        sync.mkdir()
+        started: list[tuple[subprocess.Popen[bytes], Path]] = []
+        t_spawn = time.perf_counter()
+        try:
+            for i, (cmd, env) in enumerate(specs):
+                log_path = sync / f"w{i}.log"
+                with open(log_path, "wb") as out:  # the child keeps its own descriptor
+                    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                            env={**env, "BENCH_SYNC_DIR": str(sync), "BENCH_WORKER_TAG": f"w{i}"},
+                                            start_new_session=True)
+                self.procs.append(proc)
+                started.append((proc, log_path))
+
+            async def all_ready() -> bool:
+                self._check_alive(label, started)
+                return all((sync / f"ready.w{i}").exists() for i in range(len(started)))
+
+            await wait_for(all_ready, timeout_s=READY_TIMEOUT_S, what=f"{label} workers to start")
+            startup_s = time.perf_counter() - t_spawn
+            backends = BackendCpu(databases)
+            backends.sample()
+            at_go = set(backends.last)
+            cpu_before = _machine_cpu()
+            t_go = time.time()
+            (sync / "go").touch()
+            drain_timeout = 60.0 + jobs / 50  # slower than 50 jobs/s is a failure, not a figure
+
+            async def all_exited() -> bool:
+                backends.sample()
+                return all(p.poll() is not None for p, _ in started)
+
+            await wait_for(all_exited, timeout_s=drain_timeout, what=f"{label} workers to drain", interval_s=0.05)
+            busy, total = (after - before for after, before in zip(_machine_cpu(), cpu_before, strict=True))
+            for proc, log_path in started:
+                if proc.returncode != 0:
+                    raise BenchError(f"{label}: a worker exited with {proc.returncode}:\n{_tail(log_path)}")
+            reports = []
+            for i, (_, log_path) in enumerate(started):
+                path = sync / f"result.w{i}.json"
+                if not path.exists():
+                    raise BenchError(f"{label}: worker w{i} wrote no result:\n{_tail(log_path)}")
+                reports.append(json.loads(path.read_text()))
+            return Drain(max(float(r["t_end"]) for r in reports) - t_go, startup_s, busy / max(total, 1),
+                         backends.seconds(new_from_zero=set(backends.last) - at_go), reports)
+        finally:
+            for proc, _ in started:
+                if proc.poll() is None:
+                    proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(10)
+                self.procs.remove(proc)
+
+    @staticmethod
+    def _check_alive(label: str, started: list[tuple[subprocess.Popen[bytes], Path]]) -> None:
+        for proc, log_path in started:
+            if proc.poll() is not None:
+                raise BenchError(f"{label}: a worker exited early ({proc.returncode}):\n{_tail(log_path)}")
+
+    # --- setup ------------------------------------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        self.redis = await connect_redis(self.base)
+        template = await self.create_database("tmpl")
+        conn = await db.connect(self.settings_for(template))
+        try:
+            await seed(conn, tenants_per_workspace=TENANTS_PER_WORKSPACE, policies_per_tenant=0)
+            rows = await conn.fetch("SELECT id, external_id FROM tenants ORDER BY external_id")
+        finally:
+            await conn.close()
+        self.tenants = [Tenant(str(r["id"]), str(r["external_id"])) for r in rows]
+        self.main_db = await self.create_database("main", template)
+        self.empty_db = await self.create_database("empty", template)
+        self.scale_db = await self.create_database("scale", template)
+        self.procrastinate_db = await self.create_database_plain("procr")
+        self.procrastinate_dsn = db.asyncpg_dsn(self.base, self.procrastinate_db)
+        bench = bw.procrastinate_app(self.procrastinate_dsn, pool_size=4)
+        async with bench.app.open_async():
+            await bench.app.schema_manager.apply_schema_async()
+
+    async def create_database_plain(self, suffix: str) -> str:
+        name = f"{self.db_prefix}_{suffix}"
+        self.databases.append(name)
+        conn = await db.connect(self.base, "postgres")
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+        return name
+
+    # --- enqueueing -------------------------------------------------------------------------------------------
+
+    async def enqueue_raw(self, queue: str, job_type: str, inputs: Callable[[int], dict[str, Any]], n: int) -> None:
+        """``n`` raw arq jobs (no run id), the way a plain arq user enqueues them."""
+        redis = self.require_redis()
+
+        async def one(i: int) -> None:
+            job = await redis.enqueue_job(job_type, tenant_id=self.tenants[i % len(self.tenants)].id,
+                                          inputs=inputs(i), _job_id=f"{queue}:j{i}", _queue_name=queue)
+            if job is None:
+                raise BenchError(f"enqueue of job {i} on {queue} was refused (job id exists)")
+
+        for start in range(0, n, 200):
+            await asyncio.gather(*(one(i) for i in range(start, min(n, start + 200))))
+
+    async def dispatch_many(self, settings: Settings, n: int, label: str) -> None:
+        rt = await Runtime.start(settings, pool_size=20)
+        try:
+            async def one(i: int) -> None:
+                await dispatch(rt, bw.NOOP_TYPE, tenant=self.tenants[i % len(self.tenants)].external_id,
+                               inputs={"n": i, "run": label})
+
+            for start in range(0, n, 16):
+                await asyncio.gather(*(one(i) for i in range(start, min(n, start + 16))))
+        finally:
+            await rt.close()
+
+    async def defer_procrastinate(self, n: int) -> None:
+        bench = bw.procrastinate_app(self.procrastinate_dsn, pool_size=4)
+        async with bench.app.open_async():
+            for start in range(0, n, 1000):
+                await bench.task.batch_defer_async(*({"n": i} for i in range(start, min(n, start + 1000))))
+
+    async def queue_length(self, queue: str) -> int:
+        return int(await self.require_redis().zcard(queue))
+
+    async def ledger_summary(self, database: str, queue: str) -> dict[str, Any]:
+        conn = await db.connect(self.settings_for(database))
+        try:
+            row = await conn.fetchrow(
+                """SELECT count(*) AS total,
+                          count(*) FILTER (WHERE outcome = 'succeeded') AS succeeded,
+                          count(*) FILTER (WHERE outcome <> 'skipped') AS executed,
+                          count(*) FILTER (WHERE status <> 'completed') AS active
+                   FROM operation_runs WHERE queue_name = $1""", queue)
+            reasons = await conn.fetch(
+                """SELECT reason_code, count(*) AS n FROM operation_runs
+                   WHERE queue_name = $1 AND outcome = 'skipped' GROUP BY reason_code""", queue)
+        finally:
+            await conn.close()
+        assert row is not None
+        return {**dict(row), "skipped_by_reason": {str(r["reason_code"]): int(r["n"]) for r in reasons}}
+
+    # --- 1. throughput ----------------------------------------------------------------------------------------
+
+    def _label(self, base: str) -> str:
+        self._runs[base] += 1
+        return f"{base}-{self._runs[base]}"
+
+    async def run_bare(self, workers: int) -> Drain:
+        n, label = self.plan.jobs, self._label(f"bare{workers}")
+        queue = self.queue(label)
+        await self.enqueue_raw(queue, bw.NOOP_TYPE, lambda i: {"n": i}, n)
+        settings = self.settings_for(self.main_db, queue)
+        drained = await self.drain(label, [self.arq_worker("Bare", settings)] * workers, jobs=n)
+        self._expect(f"bare arq ({label}) executions", drained.executions(bw.NOOP_TYPE), n)
+        if await self.queue_length(queue):
+            raise BenchError(f"bare arq left jobs in {queue}")
+        return drained
+
+    async def run_tracked(self, workers: int, *, raw: bool = False) -> Drain:
+        n, label = self.plan.jobs, self._label(f"{'raw' if raw else 'tracked'}{workers}")
+        queue = self.queue(label)
+        settings = self.settings_for(self.main_db, queue)
+        if raw:
+            await self.enqueue_raw(queue, bw.NOOP_TYPE, lambda i: {"n": i, "run": label}, n)
+        else:
+            await self.dispatch_many(settings, n, label)
+        drained = await self.drain(label, [self.arq_worker("Tracked", settings)] * workers, jobs=n,
+                                   databases=(self.main_db,))
+        self._expect(f"tracked ({label}) body executions", drained.executions(bw.NOOP_TYPE), n)
+        ledger = await self.ledger_summary(self.main_db, queue)
+        self._expect(f"tracked ({label}) succeeded runs in the ledger", int(ledger["succeeded"]), n)
+        self._expect(f"tracked ({label}) runs in the ledger", int(ledger["total"]), n)
+        return drained
+
+    async def run_procrastinate(self, workers: int) -> Drain:
+        n, label = self.plan.jobs, self._label(f"procrastinate{workers}")
+        await self.defer_procrastinate(n)
+        drained = await self.drain(label, [self.procrastinate_worker(self.procrastinate_dsn)] * workers, jobs=n,
+                                   databases=(self.procrastinate_db,))
+        self._expect(f"procrastinate ({label}) executions", drained.executions(bw.PROCRASTINATE_TASK), n)
+        conn = await db.connect(self.base, self.procrastinate_db)
+        try:
+            left = await conn.fetchval("SELECT count(*) FROM procrastinate_jobs WHERE status <> 'succeeded'")
+        finally:
+            await conn.close()
+        self._expect("procrastinate jobs not succeeded", int(left), 0)
+        return drained
+
+    @staticmethod
+    def _expect(what: str, got: int, expected: int) -> None:
+        if got != expected:
+            raise BenchError(f"{what}: expected {expected}, got {got}")
+
+    async def run_contender(self, name: str, workers: int) -> Drain:
+        if name == "bare":
+            return await self.run_bare(workers)
+        if name == "tracked":
+            return await self.run_tracked(workers)
+        if name == "raw":
+            return await self.run_tracked(workers, raw=True)
+        return await self.run_procrastinate(workers)
+
+    async def throughput(self) -> None:
+        """Each contender drains N no-op jobs; the best of ``repeats`` runs (alternating order) is reported."""
+        n, r = self.plan.jobs, self.results
+        runs: dict[str, list[Drain]] = {}
+        contenders = ["bare", "tracked", "procrastinate"]
+        schedule = [(name, 1) for rep in range(self.plan.repeats)
+                    for name in (contenders if rep % 2 == 0 else contenders[::-1])]
+        if not self.plan.quick:
+            schedule += [(name, 2) for name in contenders] + [("raw", 1)]
+        for name, workers in schedule:
+            drained = await self.run_contender(name, workers)
+            runs.setdefault(f"{name}{workers}", []).append(drained)
+            print(f"  {name}, {workers} worker(s): {n / drained.seconds:,.0f} jobs/s; CPU per job: worker "
+                  f"{drained.worker_cpu_s() / n * 1000:.2f} ms, postgres {drained.postgres_cpu_s / n * 1000:.2f} ms;"
+                  f" machine {drained.machine_busy:.0%} busy", flush=True)
+
+        def best(key: str) -> Drain:
+            return min(runs[key], key=lambda d: d.seconds)
+
+        r["throughput_samples_jobs_s"] = {k: [round(n / d.seconds, 1) for d in v] for k, v in runs.items()}
+        r["worker_startup_s"] = {k: [round(d.startup_s, 2) for d in v] for k, v in runs.items()}
+        r["worker_cpu_ms_per_job"] = {k: [round(d.worker_cpu_s() / n * 1000, 3) for d in v]
+                                      for k, v in runs.items()}
+        r["postgres_cpu_ms_per_job"] = {k: [round(d.postgres_cpu_s / n * 1000, 3) for d in v]
+                                        for k, v in runs.items()}
+        r["machine_busy_while_draining"] = {k: [round(d.machine_busy, 2) for d in v] for k, v in runs.items()}
+        for workers, suffix in ((1, ""), (2, "_2w")):
+            if f"bare{workers}" not in runs:
+                continue
+            bare, tracked, procr = best(f"bare{workers}"), best(f"tracked{workers}"), best(f"procrastinate{workers}")
+            r[f"throughput_bare_jobs_s{suffix}"] = n / bare.seconds
+            r[f"throughput_tracked_jobs_s{suffix}"] = n / tracked.seconds
+            r[f"throughput_procrastinate_jobs_s{suffix}"] = n / procr.seconds
+            r[f"throughput_ratio{suffix}"] = bare.seconds / tracked.seconds
+            r[f"throughput_tracked_vs_procrastinate{suffix}"] = procr.seconds / tracked.seconds
+            r[f"tracked_metrics{suffix}"] = dict(tracked.metrics())
+        r["worker_rss_mb"] = max(d.rss_mb() for d in runs["tracked1"])
+        r["worker_rss_bare_mb"] = max(d.rss_mb() for d in runs["bare1"])
+        r["worker_rss_procrastinate_mb"] = max(d.rss_mb() for d in runs["procrastinate1"])
+        if "raw1" in runs:
+            r["throughput_tracked_raw_jobs_s"] = n / best("raw1").seconds
+            r["throughput_raw_ratio"] = r["throughput_tracked_raw_jobs_s"] / r["throughput_bare_jobs_s"]
+
+    # --- 3. duplicate storm -----------------------------------------------------------------------------------
+
+    async def storm(self) -> None:
+        n = self.plan.storm
+        storm_q, distinct_q = self.queue("storm"), self.queue("distinct")
+        identity = {"storm": self.tag}
+        redis = self.require_redis()
+        for start in range(0, n, 200):
+            await asyncio.gather(*(
+                redis.enqueue_job(bw.STORM_TYPE, tenant_id=self.tenants[0].id, inputs=identity,
+                                  _job_id=f"{storm_q}:s{i}", _queue_name=storm_q)
+                for i in range(start, min(n, start + 200))))
+        self._expect("storm deliveries queued", await self.queue_length(storm_q), n)
+        s_storm = self.settings_for(self.main_db, storm_q)
+        storm = await self.drain("storm", [self.arq_worker("Tracked", s_storm)] * 2, jobs=n)
+
+        await self.enqueue_raw(distinct_q, bw.STORM_TYPE, lambda i: {"distinct": i}, n)
+        s_distinct = self.settings_for(self.main_db, distinct_q)
+        distinct = await self.drain("distinct", [self.arq_worker("Tracked", s_distinct)] * 2, jobs=n)
+        self._expect("distinct jobs executed", distinct.executions(bw.STORM_TYPE), n)
+
+        ledger = await self.ledger_summary(self.main_db, storm_q)
+        r = self.results
+        r["storm_executions"] = storm.executions(bw.STORM_TYPE)
+        r["storm_ledger_executed_runs"] = int(ledger["executed"])
+        r["storm_ledger_rows"] = int(ledger["total"])
+        r["storm_ledger_active_rows"] = int(ledger["active"])
+        r["storm_skipped_by_reason"] = ledger["skipped_by_reason"]
+        r["storm_gate_metrics"] = dict(storm.metrics())
+        r["storm_drain_s"] = storm.seconds
+        r["storm_distinct_drain_s"] = distinct.seconds
+        r["storm_drain_ratio"] = storm.seconds / distinct.seconds
+        print(f"  storm: {r['storm_executions']} execution(s), drained in {storm.seconds:.2f} s "
+              f"({n:,} distinct: {distinct.seconds:.2f} s)", flush=True)
+
+    # --- 5. dispatch --------------------------------------------------------------------------------------------
+
+    async def dispatch_rate(self) -> None:
+        n, rounds = self.plan.dispatches, 4
+        per = n // rounds
+        redis = self.require_redis()
+        bare_q, disp_q = self.queue("enqueue"), self.queue("dispatch")
+        rt = await Runtime.start(self.settings_for(self.main_db, disp_q), redis=redis, pool_size=4)
+        t_enqueue = t_dispatch = 0.0
+        try:
+            for warm in range(20):  # connections, prepared statements
+                await dispatch(rt, bw.NOOP_TYPE, tenant=self.tenants[0].external_id, inputs={"warm": warm})
+                await redis.enqueue_job(bw.NOOP_TYPE, tenant_id=self.tenants[0].id, inputs={"warm": warm},
+                                        _job_id=f"{bare_q}:w{warm}", _queue_name=bare_q)
+            for r in range(rounds):  # interleaved, so drift on a shared machine hits both alike
+                t0 = time.perf_counter()
+                for i in range(r * per, (r + 1) * per):
+                    await redis.enqueue_job(bw.NOOP_TYPE, tenant_id=self.tenants[i % len(self.tenants)].id,
+                                            inputs={"d": i}, _job_id=f"{bare_q}:d{i}", _queue_name=bare_q)
+                t1 = time.perf_counter()
+                for i in range(r * per, (r + 1) * per):
+                    await dispatch(rt, bw.NOOP_TYPE, tenant=self.tenants[i % len(self.tenants)].external_id,
+                                   inputs={"d": i})
+                t2 = time.perf_counter()
+                t_enqueue += t1 - t0
+                t_dispatch += t2 - t1
+        finally:
+            await rt.close()
+        done = rounds * per
+        self.results["dispatch_per_s"] = done / t_dispatch
+        self.results["enqueue_per_s"] = done / t_enqueue
+        self.results["dispatch_ratio"] = t_enqueue / t_dispatch
+        self.results["dispatch_p_mean_ms"] = t_dispatch / done * 1000
+        print(f"  dispatch {done / t_dispatch:,.0f}/s vs enqueue_job {done / t_enqueue:,.0f}/s", flush=True)
+
+    # --- 2 and 4. gate latency, empty ledger vs a large one ---------------------------------------------------
+
+    async def load_history(self) -> float:
+        """``history_rows`` completed runs in the scale ledger, in SQL; returns the seconds it took."""
+        t0 = time.perf_counter()
+        total, chunk = self.plan.history_rows, 50_000
+        chunks = [(lo, min(total, lo + chunk) - 1) for lo in range(0, total, chunk)]
+        done = 0
+
+        async def loader(mine: list[tuple[int, int]]) -> None:  # one per core: the insert is CPU-bound
+            nonlocal done
+            conn = await db.connect(self.settings_for(self.scale_db))
+            try:
+                await conn.execute("SET synchronous_commit = off")  # a bench database: nothing to lose
+                # The rows reference tenants read from the table itself, so the per-row foreign-key triggers
+                # (half the load time) are skipped, as pg_restore does; the references are checked below.
+                await conn.execute("SET session_replication_role = replica")
+                for lo, hi in mine:
+                    await conn.execute(HISTORY_SQL, lo, hi, timeout=600)
+                    done += hi - lo + 1
+                    if done % 250_000 < chunk:
+                        print(f"    {done:,} historical runs", flush=True)
+            finally:
+                await conn.close()
+
+        await asyncio.gather(*(loader(chunks[k::2]) for k in range(2)))
+        conn = await db.connect(self.settings_for(self.scale_db))
+        try:
+            await conn.execute("VACUUM (ANALYZE) operation_runs", timeout=600)
+            count = await conn.fetchval("SELECT count(*) FROM operation_runs")
+            dangling = await conn.fetchval(
+                """SELECT count(*) FROM operation_runs o
+                   WHERE NOT EXISTS (SELECT 1 FROM tenants t WHERE t.id = o.tenant_id
+                                     AND t.workspace_id = o.workspace_id)""", timeout=600)
+        finally:
+            await conn.close()
+        self._expect("historical runs", int(count), total)
+        self._expect("historical runs without their tenant", int(dangling), 0)
+        return time.perf_counter() - t0
+
+    async def measure_gate(self, rt: Runtime, iterations: int, label: str) -> GateSamples:
+        """Claims and completions, one at a time, as a worker makes them (asyncpg pool, same statements)."""
+        out = GateSamples()
+        queue = rt.settings.queue_name
+        perf = time.perf_counter
+        for i in range(iterations):
+            tenant = self.tenants[i % len(self.tenants)]
+            data = {"gate": label, "i": i}
+            queued = await rt.ledger.dispatch(tenant=tenant.id, workspace_id=None, run_type=bw.NOOP_TYPE,
+                                              fingerprint=fingerprint(data), context=canonical_inputs(data),
+                                              queue_name=queue)
+            if queued is None or not queued.created:
+                raise BenchError(f"gate: could not queue run {label}/{i}")
+            owner = uuid.uuid4()
+            t0 = perf()
+            claim = await rt.ledger.claim(run_id=queued.run_id, tenant=tenant.id, workspace_id=None,
+                                          run_type=bw.NOOP_TYPE, fingerprint=None, context=None,
+                                          job_id=queued.job_id, queue_name=queue, lease_owner=owner,
+                                          cooldown_s=900.0, lease_ttl_s=60.0)
+            t1 = perf()
+            done = await rt.ledger.complete(queued.run_id, owner, outcome="succeeded", counts=ZERO_COUNTS,
+                                            reason_code=None, reason_message=None)
+            t2 = perf()
+            if claim.decision != "claimed" or not done:
+                raise BenchError(f"gate: dispatched run {queued.run_id} was {claim.decision}, completed={done}")
+
+            raw = {"gate": label, "i": i, "raw": True}
+            owner = uuid.uuid4()
+            t3 = perf()
+            claim = await rt.ledger.claim(run_id=None, tenant=tenant.id, workspace_id=None, run_type=bw.NOOP_TYPE,
+                                          fingerprint=fingerprint(raw), context=canonical_inputs(raw),
+                                          job_id=f"{queue}:raw:{label}:{i}", queue_name=queue, lease_owner=owner,
+                                          cooldown_s=900.0, lease_ttl_s=60.0)
+            t4 = perf()
+            if claim.decision != "claimed" or claim.run_id is None:
+                raise BenchError(f"gate: raw delivery {label}/{i} was {claim.decision}")
+            done = await rt.ledger.complete(claim.run_id, owner, outcome="succeeded", counts=ZERO_COUNTS,
+                                            reason_code=None, reason_message=None)
+            t5 = perf()
+            if not done:
+                raise BenchError(f"gate: raw run {claim.run_id} was not completed")
+            t6 = perf()
+            await rt.pool.fetchval("SELECT 1")
+            out.floor.append(perf() - t6)
+            out.claim_dispatched.append(t1 - t0)
+            out.complete.append(t2 - t1)
+            out.claim_raw.append(t4 - t3)
+            out.complete.append(t5 - t4)
+        return out
+
+    async def seq_scans(self, database: str) -> int:
+        conn = await db.connect(self.settings_for(database))
+        try:
+            value = await conn.fetchval(
+                "SELECT seq_scan FROM pg_stat_user_tables WHERE relname = 'operation_runs'")
+        finally:
+            await conn.close()
+        return int(value or 0)
+
+    async def gate(self) -> None:
+        n, rounds = self.plan.gate_iterations, 4
+        per = max(1, n // rounds)
+        empty_rt = await Runtime.start(self.settings_for(self.empty_db, self.queue("gate")), connect_to_redis=False,
+                                       pool_size=2)
+        scale_rt = await Runtime.start(self.settings_for(self.scale_db, self.queue("gate")), connect_to_redis=False,
+                                       pool_size=2)
+        empty, scale = GateSamples(), GateSamples()
+        seq_before = await self.seq_scans(self.scale_db)
+        try:
+            await self.measure_gate(empty_rt, 50, "warm")
+            await self.measure_gate(scale_rt, 50, "warm")
+            for round_no in range(rounds):  # interleaved, alternating which ledger goes first
+                pairs = [(empty_rt, empty), (scale_rt, scale)]
+                for rt, samples in pairs if round_no % 2 == 0 else reversed(pairs):
+                    samples.extend(await self.measure_gate(rt, per, f"r{round_no}"))
+        finally:
+            await empty_rt.close()
+            await scale_rt.close()
+        await asyncio.sleep(1.0)  # closed backends have flushed their table statistics by now
+        seq_after = await self.seq_scans(self.scale_db)
+
+        r = self.results
+        for name, samples in (("gate", empty), ("scale_gate", scale)):
+            r[f"{name}_dispatched_p50_ms"] = pct_ms(samples.claim_dispatched, 50)
+            r[f"{name}_dispatched_p99_ms"] = pct_ms(samples.claim_dispatched, 99)
+            r[f"{name}_raw_p50_ms"] = pct_ms(samples.claim_raw, 50)
+            r[f"{name}_raw_p99_ms"] = pct_ms(samples.claim_raw, 99)
+            r[f"{name}_p50_ms"] = max(r[f"{name}_dispatched_p50_ms"], r[f"{name}_raw_p50_ms"])
+            r[f"{name}_p99_ms"] = max(r[f"{name}_dispatched_p99_ms"], r[f"{name}_raw_p99_ms"])
+        r["pool_round_trip_p50_ms"] = pct_ms(empty.floor, 50)
+        r["pool_round_trip_p99_ms"] = pct_ms(empty.floor, 99)
+        r["complete_p50_ms"] = pct_ms(empty.complete, 50)
+        r["complete_p99_ms"] = pct_ms(empty.complete, 99)
+        r["scale_complete_p50_ms"] = pct_ms(scale.complete, 50)
+        r["scale_complete_p99_ms"] = pct_ms(scale.complete, 99)
+        r["scale_gate_p50_ratio"] = max(r["scale_gate_dispatched_p50_ms"] / r["gate_dispatched_p50_ms"],
+                                        r["scale_gate_raw_p50_ms"] / r["gate_raw_p50_ms"])
+        r["scale_gate_p99_ratio"] = r["scale_gate_p99_ms"] / r["gate_p99_ms"]
+        r["scale_complete_p50_ratio"] = r["scale_complete_p50_ms"] / r["complete_p50_ms"]
+        r["scale_seq_scans_during_gate"] = seq_after - seq_before
+        r["gate_samples_per_path"] = len(empty.claim_dispatched)
+        print(f"  claim p50 {r['gate_p50_ms']:.3f} ms empty, {r['scale_gate_p50_ms']:.3f} ms with "
+              f"{self.plan.history_rows:,} runs", flush=True)
+
+    # --- the whole run ----------------------------------------------------------------------------------------
+
+    async def phase(self, name: str, step: Callable[[], Awaitable[Any]]) -> None:
+        print(f"== {name}", flush=True)
+        t0 = time.perf_counter()
+        await step()
+        self.phase_s[name] = round(time.perf_counter() - t0, 2)
+
+    async def run(self) -> None:
+        await self.phase("setup (databases, seed, procrastinate schema)", self.setup)
+        await self.phase("1. throughput", self.throughput)
+        await self.phase("3. duplicate storm", self.storm)
+        await self.phase("5. dispatch", self.dispatch_rate)
+
+        async def history() -> None:
+            self.results["history_load_s"] = await self.load_history()
+
+        await self.phase(f"4. loading {self.plan.history_rows:,} historical runs", history)
+        await self.phase("2+4. gate latency, empty ledger vs large", self.gate)
+
+
+#: Completed historical runs $1..$2 spread over the seeded tenants and the last 30 days: three job types,
+#: one in ten skipped, every identity distinct. Holds to the CHECK constraints of operation_runs.
+HISTORY_SQL = """
+WITH t AS (SELECT array_agg(id ORDER BY id) AS ids, array_agg(workspace_id ORDER BY id) AS wss FROM tenants)
+INSERT INTO operation_runs (workspace_id, tenant_id, type, status, outcome, run_identity_hash, fingerprint,
+                            context, summary_counts, reason_code, reason_message, attempts, queue_name, job_id,
+                            heartbeat_at, created_at, started_at, completed_at)
+SELECT t.wss[1 + g % cardinality(t.ids)], t.ids[1 + g % cardinality(t.ids)],
+       (ARRAY['bench.noop', 'assignments.fetch', 'assignments.restore'])[1 + g % 3],
+       'completed', CASE WHEN g % 10 = 0 THEN 'skipped' ELSE 'succeeded' END,
+       encode(sha256(convert_to('bench-history/identity/' || g, 'UTF8')), 'hex'),
+       encode(sha256(convert_to('bench-history/fingerprint/' || g, 'UTF8')), 'hex'),
+       jsonb_build_object('n', g),
+       jsonb_build_object('total', 1 + g % 7, 'processed', 1 + g % 7, 'failed', g % 2),
+       CASE WHEN g % 10 = 0 THEN 'dedupe.cooldown' END,
+       CASE WHEN g % 10 = 0 THEN 'identity completed an earlier run within its cooldown' END,
+       CASE WHEN g % 10 = 0 THEN 0 ELSE 1 END,
+       'opspolish-bench:history', 'opspolish-bench:history:' || g,
+       x.ts, x.ts - interval '2 seconds', x.ts - interval '2 seconds', x.ts
+FROM t, generate_series($1::bigint, $2::bigint) AS g,
+     LATERAL (SELECT now() - make_interval(secs => (g % 2592000)::float8) AS ts) AS x
+"""
+
+
+class BackendCpu:
+    """CPU seconds used by the PostgreSQL backends serving some databases, sampled from /proc.
+
+    Backends exit with their worker, so they are sampled while the workers drain; the last sample of each
+    is what it used (at most one sampling interval is missed per backend).
+    """
+
+    TICK_S = 1 / (os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100)
+
+    def __init__(self, databases: tuple[str, ...]) -> None:
+        self.databases = tuple(f" {name} " for name in databases)
+        self.first: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+        self._ignored: set[int] = set()
+
+    def sample(self) -> None:
+        try:
+            pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+        except OSError:
+            return
+        for pid in pids:
+            if pid in self._ignored:
+                continue
+            try:
+                if pid not in self.last:
+                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    if not cmdline.startswith("postgres:") or not any(db in cmdline for db in self.databases):
+                        self._ignored.add(pid)
+                        continue
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            used = (int(fields[11]) + int(fields[12])) * self.TICK_S  # utime + stime
+            self.first.setdefault(pid, used)
+            self.last[pid] = used
+
+    def seconds(self, *, new_from_zero: set[int]) -> float:
+        return sum(self.last[pid] - (0.0 if pid in new_from_zero else self.first[pid]) for pid in self.last)
+
+
+def _machine_cpu() -> tuple[int, int]:
+    """(busy, total) jiffies of all cores, from /proc/stat; (0, 0) where there is none."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return 0, 0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def _tail(path: Path, chars: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return "(no log)"
+
+
+# --- report --------------------------------------------------------------------------------------------------
+
+def _verdict(ok: bool) -> str:
+    return "ok" if ok else "MISS"
+
+
+def table_rows(r: dict[str, Any], plan: Plan) -> list[tuple[str, str, str, str]]:
+    """(metric, value, target, verdict) rows; a section header has empty value and target."""
+    best = f"best of {plan.repeats} runs"
+    rows: list[tuple[str, str, str, str]] = [
+        (f"1. throughput, no-op jobs, N={plan.jobs:,} per run, max_jobs/concurrency={CONCURRENCY}", "", "", "")]
+    for workers, suffix in ((1, ""), (2, "_2w")):
+        if f"throughput_ratio{suffix}" not in r:
+            rows.append((f"   {workers} worker processes: not run with --quick", "", "", ""))
+            continue
+        ratio = r[f"throughput_ratio{suffix}"]
+        note = f" ({best})" if workers == 1 and plan.repeats > 1 else ""
+        rows += [
+            (f"   bare arq, {workers} worker(s){note}", f"{r[f'throughput_bare_jobs_s{suffix}']:,.0f} jobs/s",
+             "ref ~3,200 (1 worker)" if workers == 1 else "", ""),
+            (f"   opspolish tracked (dispatched), {workers} worker(s){note}",
+             f"{r[f'throughput_tracked_jobs_s{suffix}']:,.0f} jobs/s", "", ""),
+            (f"   procrastinate, {workers} worker(s){note}",
+             f"{r[f'throughput_procrastinate_jobs_s{suffix}']:,.0f} jobs/s",
+             "ref ~970 (1 worker)" if workers == 1 else "", ""),
+            (f"   ratio tracked / bare, {workers} worker(s)", f"{ratio:.2f}", ">= 0.60", _verdict(ratio >= 0.6)),
+            (f"   ratio tracked / procrastinate, {workers} worker(s)",
+             f"{r[f'throughput_tracked_vs_procrastinate{suffix}']:.2f}", "", ""),
+        ]
+    if "throughput_tracked_raw_jobs_s" in r:
+        rows.append(("   opspolish tracked (raw enqueue_job, the gate creates the run), 1 worker",
+                     f"{r['throughput_tracked_raw_jobs_s']:,.0f} jobs/s", ">= 0.60 x bare",
+                     _verdict(r["throughput_raw_ratio"] >= 0.6) + f" ({r['throughput_raw_ratio']:.2f})"))
+    samples = r["gate_samples_per_path"]
+    rows += [
+        (f"2. gate latency, empty ledger, one caller, asyncpg pool as the worker uses it ({samples:,} per path)",
+         "", "", ""),
+        ("   claim p50 (worse path)", f"{r['gate_p50_ms']:.3f} ms", "<= 1.0 ms", _verdict(r["gate_p50_ms"] <= 1.0)),
+        ("   claim p99 (worse path)", f"{r['gate_p99_ms']:.3f} ms", "<= 5.0 ms", _verdict(r["gate_p99_ms"] <= 5.0)),
+        ("   claim of a dispatched run p50 / p99",
+         f"{r['gate_dispatched_p50_ms']:.3f} / {r['gate_dispatched_p99_ms']:.3f} ms", "", ""),
+        ("   claim of a raw delivery (creates the run) p50 / p99",
+         f"{r['gate_raw_p50_ms']:.3f} / {r['gate_raw_p99_ms']:.3f} ms", "", ""),
+        ("   completion write p50 / p99", f"{r['complete_p50_ms']:.3f} / {r['complete_p99_ms']:.3f} ms",
+         "", ""),
+        ("   floor: SELECT 1 through the same pool p50 / p99",
+         f"{r['pool_round_trip_p50_ms']:.3f} / {r['pool_round_trip_p99_ms']:.3f} ms", "", ""),
+        (f"3. duplicate storm, {plan.storm:,} deliveries of one identity, 2 workers", "", "", ""),
+        ("   executions", f"{r['storm_executions']}", "= 1", _verdict(r["storm_executions"] == 1)),
+        ("   ledger rows (executed + skipped)", f"{r['storm_ledger_executed_runs']} + "
+         f"{r['storm_ledger_rows'] - r['storm_ledger_executed_runs']}", f"1 + {plan.storm - 1}",
+         _verdict(r["storm_ledger_rows"] == plan.storm and r["storm_ledger_executed_runs"] == 1)),
+        (f"   drain time: storm vs {plan.storm:,} distinct jobs",
+         f"{r['storm_drain_s']:.2f} s vs {r['storm_distinct_drain_s']:.2f} s", "storm <= distinct",
+         _verdict(r["storm_drain_s"] <= r["storm_distinct_drain_s"]) + f" ({r['storm_drain_ratio']:.2f}x)"),
+        ("   busy-lock deferrals during the storm", f"{r['storm_gate_metrics'].get('deferred:busy', 0):,}", "", ""),
+        (f"4. ledger at scale: {plan.history_rows:,} historical runs vs empty", "", "", ""),
+        ("   claim p50 / p99 at scale (worse path)",
+         f"{r['scale_gate_p50_ms']:.3f} / {r['scale_gate_p99_ms']:.3f} ms", "", ""),
+        ("   claim p50 ratio, scale / empty (worse path)", f"{r['scale_gate_p50_ratio']:.2f}", "<= 1.25",
+         _verdict(r["scale_gate_p50_ratio"] <= 1.25)),
+        ("   claim p99 ratio, scale / empty", f"{r['scale_gate_p99_ratio']:.2f}", "", ""),
+        ("   completion p50 ratio, scale / empty", f"{r['scale_complete_p50_ratio']:.2f}", "", ""),
+        ("   sequential scans of operation_runs during the gate runs", f"{r['scale_seq_scans_during_gate']}",
+         "0", _verdict(r["scale_seq_scans_during_gate"] == 0)),
+        ("5. dispatch, one caller", "", "", ""),
+        ("   dispatch() vs bare enqueue_job", f"{r['dispatch_per_s']:,.0f}/s vs {r['enqueue_per_s']:,.0f}/s", "", ""),
+        ("   dispatch ratio (dispatch / enqueue_job)", f"{r['dispatch_ratio']:.2f}", "", ""),
+        ("6. memory", "", "", ""),
+        ("   peak RSS, tracked worker (1 worker run)", f"{r['worker_rss_mb']:.1f} MB", "", ""),
+        ("   peak RSS, bare arq / procrastinate worker",
+         f"{r['worker_rss_bare_mb']:.1f} / {r['worker_rss_procrastinate_mb']:.1f} MB", "", ""),
+    ]
+    return rows
+
+
+def print_table(rows: list[tuple[str, str, str, str]]) -> None:
+    w_metric = max(len(r[0]) for r in rows if r[1] or r[2])
+    w_value = max(len("value"), *(len(r[1]) for r in rows))
+    w_target = max(len("target"), *(len(r[2]) for r in rows))
+    line = f"{'metric':<{w_metric}}  {'value':>{w_value}}  {'target':<{w_target}}  verdict"
+    print(line)
+    print("-" * len(line))
+    for metric, value, target, verdict in rows:
+        if not value and not target:
+            print(metric)
+        else:
+            print(f"{metric:<{w_metric}}  {value:>{w_value}}  {target:<{w_target}}  {verdict}".rstrip())
+
+
+def _rounded(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return value
+
+
+async def _main(plan: Plan) -> int:
+    load_start = os.getloadavg()
+    cpus = os.cpu_count() or 1
+    configure_bench_logging()
+    try:
+        base = Settings(log_format="json", max_jobs=CONCURRENCY)
+    except Exception as exc:
+        raise BenchError(f"settings: {exc}") from exc
+    started = time.perf_counter()
+    print(f"opspolish bench ({'quick' if plan.quick else 'full'}): load average at start "
+          f"{load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f} on {cpus} cores", flush=True)
+    if load_start[0] > cpus * 0.75:
+        print(f"bench: warning: the machine is busy (load {load_start[0]:.2f} on {cpus} cores); "
+              "figures will be noisy", flush=True)
+    with tempfile.TemporaryDirectory(prefix="opspolish-bench-") as tmp:
+        bench = Bench(plan, base, Path(tmp))
+        try:
+            await asyncio.wait_for(bench.run(), plan.timeout_s)
+        except TimeoutError:
+            raise BenchError(f"the benchmark did not finish within {plan.timeout_s:g} s") from None
+        finally:
+            await bench.cleanup()
+    total_s = time.perf_counter() - started
+    r = bench.results
+    r.update({
+        "quick": plan.quick,
+        "jobs_per_throughput_run": plan.jobs,
+        "storm_deliveries": plan.storm,
+        "history_rows": plan.history_rows,
+        "dispatches_timed": (plan.dispatches // 4) * 4,
+        "arq_settings": bw.arq_settings_summary(),
+        "procrastinate_concurrency": CONCURRENCY,
+        "loadavg_start": list(load_start),
+        "loadavg_end": list(os.getloadavg()),
+        "cpu_count": cpus,
+        "python": platform.python_version(),
+        "phase_seconds": bench.phase_s,
+        "total_seconds": round(total_s, 2),
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    })
+    r["targets_met"] = {
+        "throughput_ratio": r["throughput_ratio"] >= 0.6,
+        "gate_p50_ms": r["gate_p50_ms"] <= 1.0,
+        "gate_p99_ms": r["gate_p99_ms"] <= 5.0,
+        "storm_executions": r["storm_executions"] == 1,
+        "storm_drain": r["storm_drain_s"] <= r["storm_distinct_drain_s"],
+        "scale_gate_p50_ratio": r["scale_gate_p50_ratio"] <= 1.25,
+    }
+    print()
+    print_table(table_rows(r, plan))
+    print("\nphases: " + ", ".join(f"{k} {v:.1f} s" for k, v in bench.phase_s.items()))
+    print(f"total {total_s:.1f} s; load average at start {load_start[0]:.2f}, at end {os.getloadavg()[0]:.2f}")
+    RESULTS_PATH.parent.mkdir(exist_ok=True)
+    RESULTS_PATH.write_text(json.dumps(_rounded(r), indent=2, sort_keys=True) + "\n")
+    print(f"wrote {RESULTS_PATH.relative_to(ROOT)}")
+    if r["storm_executions"] != 1:
+        print(f"bench: FAILED: the duplicate storm executed {r['storm_executions']} times (must be 1)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="a smaller run, under a minute")
+    args = parser.parse_args()
+    plan = Plan.make(args.quick)
+
+    async def runner() -> int:
+        task = asyncio.current_task()
+        if task is not None:  # SIGTERM cleans up like Ctrl-C does
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await _main(plan)
+
+    try:
+        return asyncio.run(runner())
+    except BenchError as exc:
+        print(f"bench: FAILED: {exc}", file=sys.stderr)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("bench: interrupted; its databases and queues were removed", file=sys.stderr)
+    except Exception as exc:
+        print(f"bench: FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
