@@ -170,6 +170,15 @@ def parse_inputs(pairs: tuple[str, ...], inputs_json: str | None) -> dict[str, A
     return inputs
 
 
+def _utf8(value: str, option: str) -> str:
+    """An option's text as the database will take it (argv bytes that are not UTF-8 arrive as surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputInvalid(f"{option}: not valid UTF-8", field=option) from None
+    return value
+
+
 def _refuse_constant(name: str) -> NoReturn:
     raise ValueError(f"non-finite number {name} is not allowed")
 
@@ -195,13 +204,14 @@ async def dispatch_cmd(ctx: Ctx, run_type: str, tenant: str | None, workspace: s
     inputs = parse_inputs(pairs, inputs_json)
     job.validate_inputs(inputs)
     settings = ctx.settings
+    if job.scope == "workspace" and not workspace:
+        raise InputInvalid("--workspace: required for this job type", field="--workspace")
     rt = await Runtime.start(settings, pool_size=2)
     try:
         workspace_id = None
-        if job.scope == "workspace":
-            if not workspace:
-                raise InputInvalid("--workspace: required for this job type", field="--workspace")
-            workspace_id = await rt.pool.fetchval("SELECT id FROM workspaces WHERE slug = $1", workspace)
+        if workspace is not None:  # for a tenant job it scopes the tenant: one of another workspace is refused
+            workspace_id = await rt.pool.fetchval("SELECT id FROM workspaces WHERE slug = $1",
+                                                  _utf8(workspace, "--workspace"))
             if workspace_id is None:
                 raise InputInvalid(f"--workspace: no workspace {workspace!r}", field="--workspace")
         result = await dispatch(rt, run_type, tenant=tenant, workspace_id=workspace_id, inputs=inputs)
@@ -222,7 +232,9 @@ async def _scope_for(rt: Any, tenant: str | None) -> Any:
 
     if tenant is None:
         return Scope.operator()
-    row = await rt.pool.fetchrow("SELECT * FROM opspolish_resolve_tenant($1)", tenant)
+    from opspolish.dispatch import tenant_ref
+
+    row = await rt.pool.fetchrow("SELECT * FROM opspolish_resolve_tenant($1)", tenant_ref(tenant))
     if row is None or row["tenant_id"] is None:
         raise TenantNotFound(f"--tenant: no tenant with id or external_id {tenant!r}", field="--tenant")
     return Scope(row["workspace_id"], row["tenant_id"])
@@ -249,8 +261,8 @@ async def runs_list(ctx: Ctx, tenant: str | None, run_type: str | None, status: 
 
     rt = await Runtime.start(ctx.settings, connect_to_redis=False, pool_size=2)
     try:
-        runs = await rt.ledger.scoped(await _scope_for(rt, tenant)).list_runs(run_type=run_type, status=status,
-                                                                           limit=limit)
+        runs = await rt.ledger.scoped(await _scope_for(rt, tenant)).list_runs(
+            run_type=None if run_type is None else _utf8(run_type, "--type"), status=status, limit=limit)
     finally:
         await rt.close()
     lines = [f"{'ID':>8}  {'TYPE':<28} {'TENANT':<36} {'STATUS':<10} {'OUTCOME':<20} {'COUNTS':<18} REASON"]
@@ -294,7 +306,7 @@ async def reconcile_cmd(ctx: Ctx, workspace: str | None, as_json: bool) -> None:
     rt = await Runtime.start(ctx.settings, connect_to_redis=False, pool_size=3)
     try:
         if workspace is not None and not await rt.pool.fetchval("SELECT 1 FROM workspaces WHERE slug = $1",
-                                                                workspace):
+                                                                _utf8(workspace, "--workspace")):
             raise InputInvalid(f"--workspace: no workspace {workspace!r}", field="--workspace")
         results = await reconcile_all(rt, workspace_slug=workspace)
     finally:

@@ -30,6 +30,14 @@ DRIVER_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.AdminShutdownError,
     asyncio.TimeoutError,
 )
+#: What the server answers when it refuses a new connection (no such database, bad credentials, too many
+#: clients): as operational as a closed port, so it is DbUnavailable too, not a traceback.
+CONNECT_ERRORS: tuple[type[BaseException], ...] = (
+    *DRIVER_ERRORS,
+    asyncpg.InvalidCatalogNameError,
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.TooManyConnectionsError,
+)
 
 
 def sqlalchemy_url(settings: Settings) -> URL:
@@ -81,7 +89,7 @@ async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 
             asyncpg_dsn(settings), min_size=min_size, max_size=max_size,
             server_settings=SERVER_SETTINGS, timeout=10, init=init_connection,
         )
-    except DRIVER_ERRORS as exc:
+    except CONNECT_ERRORS as exc:
         raise DbUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
     assert pool is not None
     return pool
@@ -91,7 +99,7 @@ async def connect(settings: Settings, database: str | None = None) -> asyncpg.Co
     try:
         return await asyncpg.connect(asyncpg_dsn(settings, database), timeout=10,
                                      server_settings=SERVER_SETTINGS)
-    except DRIVER_ERRORS as exc:
+    except CONNECT_ERRORS as exc:
         raise DbUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
 
 

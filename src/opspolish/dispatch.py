@@ -11,6 +11,7 @@ import structlog
 
 from opspolish.errors import InputInvalid, RedisUnavailable, TenantNotFound
 from opspolish.fingerprint import canonical_inputs, fingerprint
+from opspolish.ledger import translate_errors
 from opspolish.runtime import Runtime
 from opspolish.tracking import get_job
 
@@ -31,8 +32,33 @@ class DispatchResult:
         return "queued" if self.created else "joined"
 
 
+def tenant_ref(tenant: str | uuid.UUID) -> str:
+    """A tenant reference as the ledger resolves it: the tenant's id or external_id, both UUID-shaped.
+
+    Anything else (garbage, NUL bytes, text that is not UTF-8) names no tenant: :class:`TenantNotFound`
+    before any query, rather than a driver error from the database.
+    """
+    text = str(tenant).strip()
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        raise TenantNotFound(f"tenant: no tenant with id or external_id {text!r}", field="tenant") from None
+    return text
+
+
 def _redis_error(exc: BaseException) -> bool:
     return isinstance(exc, OSError | ConnectionError | TimeoutError) or type(exc).__module__.startswith("redis")
+
+
+async def _check_tenant_workspace(rt: Runtime, tenant: str, workspace_id: str | uuid.UUID) -> None:
+    try:
+        expected = uuid.UUID(str(workspace_id))
+    except ValueError:
+        raise InputInvalid("workspace_id: not a UUID", field="workspace_id") from None
+    async with translate_errors():
+        actual = await rt.pool.fetchval("SELECT workspace_id FROM opspolish_resolve_tenant($1)", tenant)
+    if actual != expected:
+        raise TenantNotFound(f"tenant: no tenant {tenant!r} in workspace {expected}", field="tenant")
 
 
 async def dispatch(
@@ -40,6 +66,9 @@ async def dispatch(
     workspace_id: str | uuid.UUID | None = None, inputs: Mapping[str, Any] | None = None,
 ) -> DispatchResult:
     """Create a queued run of ``run_type`` for a tenant (id or external_id), or join the active one.
+
+    A ``workspace_id`` given with a tenant job scopes the tenant look-up: a tenant of another workspace
+    is :class:`TenantNotFound`, never a run in the other workspace.
 
     Raises :class:`InputInvalid` (unknown type, bad inputs), :class:`TenantNotFound`,
     :class:`DbUnavailable` or :class:`RedisUnavailable`. A run whose job cannot be enqueued is
@@ -50,7 +79,10 @@ async def dispatch(
     if job.scope == "tenant":
         if tenant is None or not str(tenant).strip():
             raise InputInvalid("tenant: required for this job type", field="tenant")
-        tenant_text: str | None = str(tenant).strip()
+        ref = tenant_ref(tenant)
+        if workspace_id is not None:  # the caller's workspace: the tenant must belong to it
+            await _check_tenant_workspace(rt, ref, workspace_id)
+        tenant_text: str | None = ref
         ws = None
     else:
         if workspace_id is None:
@@ -76,7 +108,7 @@ async def dispatch(
     except Exception as exc:
         if not _redis_error(exc):
             raise
-        err = RedisUnavailable(f"could not enqueue run {result.run_id}: {type(exc).__name__}")
+        err = RedisUnavailable(f"could not enqueue run {result.run_id} to Redis: {type(exc).__name__}")
         if result.created:
             await rt.ledger.fail_unstarted(result.run_id, reason_code=err.reason_code, reason_message=err.message)
         raise err from exc

@@ -161,6 +161,53 @@ def lock_key(identity_hex: str) -> int:
     return int.from_bytes(bytes.fromhex(identity_hex[:16]), "big", signed=True)
 
 
+def refuse_nul(value: Any, path: str = "inputs") -> None:
+    """Refuse NUL characters in the non-secret inputs, naming the field: PostgreSQL text and jsonb cannot hold
+    them, so the ledger's ``context`` could not either (better ``input.invalid`` than a driver error)."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise InputInvalid(f"{path}: text contains a NUL character", field=path)
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            if isinstance(key, str) and not is_secret_key(key) and not isinstance(item, SecretStr | SecretBytes):
+                refuse_nul(key, f"{path}.{key}")
+                refuse_nul(item, f"{path}.{key}")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            refuse_nul(item, f"{path}[{i}]")
+    elif isinstance(value, set | frozenset):
+        for item in value:
+            refuse_nul(item, f"{path}[]")
+
+
+#: Shorter secret values are not redacted by value (they would mangle every message they occur in).
+MIN_SECRET_CHARS = 4
+
+
+def secret_values(inputs: Any) -> tuple[str, ...]:
+    """The literal secrets inside inputs - ``SecretStr`` values and whatever sits under a secret-named key, at any
+    depth - so messages that echo them (a provider's error text, say) can be redacted."""
+    found: list[str] = []
+
+    def walk(value: Any, secret: bool) -> None:
+        if isinstance(value, SecretStr | SecretBytes):
+            raw = value.get_secret_value()
+            walk(raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw, True)
+        elif isinstance(value, Mapping):
+            for key, item in value.items():
+                walk(item, secret or (isinstance(key, str) and is_secret_key(key)))
+        elif isinstance(value, list | tuple | set | frozenset):
+            for item in value:
+                walk(item, secret)
+        elif secret and value is not None and not isinstance(value, bool):
+            text = str(value)
+            if len(text) >= MIN_SECRET_CHARS:
+                found.append(text)
+
+    walk(inputs, False)
+    return tuple(dict.fromkeys(found))
+
+
 def parse_number_text(text: str, path: str) -> Decimal:
     """Parse a CLI ``KEY=VALUE`` number, refusing NaN and infinities."""
     try:

@@ -83,8 +83,17 @@ DECLARE
     r operation_runs%ROWTYPE;
     v_zero constant jsonb := '{"total": 0, "processed": 0, "failed": 0}';
 BEGIN
+    -- 1. Resolve the run (by id) or the identity (raw enqueue), within the delivery's scope.
+    IF p_run_id IS NOT NULL THEN
+        SELECT * INTO r FROM operation_runs o WHERE o.id = p_run_id;
+    END IF;
     IF p_tenant IS NOT NULL THEN
-        SELECT rt.tenant_id, rt.workspace_id INTO v_tenant, v_ws FROM opspolish_resolve_tenant(p_tenant) rt;
+        IF r.tenant_id IS NOT NULL AND r.tenant_id::text = lower(p_tenant) THEN
+            v_tenant := r.tenant_id;  -- dispatch names the tenant by id: no look-up needed
+            v_ws := r.workspace_id;
+        ELSE
+            SELECT rt.tenant_id, rt.workspace_id INTO v_tenant, v_ws FROM opspolish_resolve_tenant(p_tenant) rt;
+        END IF;
         IF v_tenant IS NULL THEN
             RETURN QUERY SELECT 'tenant_not_found', NULL::bigint, 0, NULL::bigint, 'tenant.not_found', 0::float8,
                                 NULL::uuid, NULL::uuid;
@@ -92,10 +101,8 @@ BEGIN
         END IF;
     END IF;
 
-    -- 1. Resolve the run (by id) or the identity (raw enqueue), within the delivery's scope.
     IF p_run_id IS NOT NULL THEN
-        SELECT * INTO r FROM operation_runs o WHERE o.id = p_run_id;
-        IF NOT FOUND OR r.type <> p_type
+        IF r.id IS NULL OR r.type <> p_type
            OR (p_tenant IS NOT NULL AND r.tenant_id IS DISTINCT FROM v_tenant)
            OR (p_tenant IS NULL AND v_ws IS NOT NULL AND (r.workspace_id <> v_ws OR r.tenant_id IS NOT NULL)) THEN
             RETURN QUERY SELECT 'run_not_found', p_run_id, 0, NULL::bigint, 'run.not_found', 0::float8,
@@ -244,7 +251,7 @@ BEGIN
                                          queue_name, job_id)
         SELECT s.n, v_ws, v_tenant, p_type, v_identity, p_fingerprint, p_context, p_queue_name,
                p_queue_name || ':run:' || s.n
-        FROM (SELECT nextval(pg_get_serial_sequence('operation_runs', 'id')) AS n) s
+        FROM (SELECT nextval('operation_runs_id_seq'::regclass) AS n) s
         ON CONFLICT (run_identity_hash) WHERE status IN ('queued', 'running') DO NOTHING
         RETURNING o.id, o.job_id INTO v_id, v_job;
         IF v_id IS NOT NULL THEN

@@ -254,6 +254,14 @@ class ScopedLedger:
     async def claim(self, run_id: int, *, run_type: str, job_id: str, queue_name: str, lease_owner: uuid.UUID,
                     cooldown_s: float, lease_ttl_s: float) -> Claim:
         """Claim a run of this scope through the gate; a run of another scope is ``run_not_found``."""
+        if self.scope.tenant_id is not None and self.scope.workspace_id is not None:
+            # The gate scopes by tenant alone: a scope whose tenant is not of its workspace reaches no run.
+            async with translate_errors():
+                consistent = await self.pool.fetchval(
+                    "SELECT true FROM tenants WHERE id = $1 AND workspace_id = $2", self.scope.tenant_id,
+                    self.scope.workspace_id)
+            if not consistent:
+                return Claim("run_not_found", run_id, 0, None, "run.not_found", 0.0, None, None)
         return await Ledger(self.pool).claim(
             run_id=run_id, tenant=str(self.scope.tenant_id) if self.scope.tenant_id else None,
             workspace_id=None if self.scope.tenant_id else self.scope.workspace_id, run_type=run_type,
@@ -275,8 +283,9 @@ class ScopedLedger:
                     WHERE workspace_id = $1 AND status IN ('queued', 'running') AND id > $4
                       AND ((status = 'running' AND heartbeat_at < now() - make_interval(secs => $2))
                         OR (status = 'queued' AND created_at < now() - make_interval(secs => $3)))
+                      AND ($6::uuid IS NULL OR tenant_id = $6)
                     ORDER BY id LIMIT $5""",
-                self.scope.workspace_id, lease_ttl_s, min_age_s, after_id, limit,
+                self.scope.workspace_id, lease_ttl_s, min_age_s, after_id, limit, self.scope.tenant_id,
             )
         return [Run.from_record(row) for row in rows]
 
@@ -286,8 +295,8 @@ class ScopedLedger:
                 """UPDATE operation_runs SET status = 'completed', outcome = 'failed', reason_code = 'run.orphaned',
                           reason_message = $4, summary_counts = coalesce(summary_counts, $5), completed_at = now()
                    WHERE workspace_id = $1 AND id = $2 AND status = 'running'
-                     AND heartbeat_at < now() - make_interval(secs => $3)""",
-                self.scope.workspace_id, run_id, lease_ttl_s, message, ZERO_COUNTS,
+                     AND heartbeat_at < now() - make_interval(secs => $3) AND ($6::uuid IS NULL OR tenant_id = $6)""",
+                self.scope.workspace_id, run_id, lease_ttl_s, message, ZERO_COUNTS, self.scope.tenant_id,
             )
         return status.endswith(" 1")
 
@@ -296,8 +305,9 @@ class ScopedLedger:
         async with translate_errors():
             status = await self.pool.execute(
                 """UPDATE operation_runs SET requeues = requeues + 1
-                   WHERE workspace_id = $1 AND id = $2 AND status = 'queued' AND requeues = 0""",
-                self.scope.workspace_id, run_id,
+                   WHERE workspace_id = $1 AND id = $2 AND status = 'queued' AND requeues = 0
+                     AND ($3::uuid IS NULL OR tenant_id = $3)""",
+                self.scope.workspace_id, run_id, self.scope.tenant_id,
             )
         return status.endswith(" 1")
 
@@ -306,7 +316,8 @@ class ScopedLedger:
             status = await self.pool.execute(
                 """UPDATE operation_runs SET status = 'completed', outcome = 'failed', reason_code = 'run.lost',
                           reason_message = $3, summary_counts = coalesce(summary_counts, $4), completed_at = now()
-                   WHERE workspace_id = $1 AND id = $2 AND status = 'queued'""",
-                self.scope.workspace_id, run_id, message, ZERO_COUNTS,
+                   WHERE workspace_id = $1 AND id = $2 AND status = 'queued'
+                     AND ($5::uuid IS NULL OR tenant_id = $5)""",
+                self.scope.workspace_id, run_id, message, ZERO_COUNTS, self.scope.tenant_id,
             )
         return status.endswith(" 1")

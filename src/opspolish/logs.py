@@ -4,19 +4,50 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import structlog
 
-from opspolish.sanitize import sanitize_message
+from opspolish.fingerprint import is_secret_key
+from opspolish.sanitize import REDACTED, redact_secrets, sanitize_message
+
+
+def _scrub_value(value: Any, secret: bool) -> Any:
+    if secret and value is not None and not isinstance(value, bool):
+        return REDACTED
+    if isinstance(value, str):
+        return sanitize_message(value)
+    if isinstance(value, Mapping):  # nested values too: a body logging its inputs logs their secrets
+        return {k: _scrub_value(v, isinstance(k, str) and is_secret_key(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub_value(v, False) for v in value]
+    return value
 
 
 def _scrub(_: Any, __: str, event_dict: structlog.types.EventDict) -> structlog.types.EventDict:
-    """Last line of defence: string values in log events are sanitized like reason messages."""
+    """Last line of defence: values in log events are sanitized like reason messages, at any depth, and
+    values under secret-named keys are redacted."""
     for key, value in event_dict.items():
-        if isinstance(value, str) and key not in {"event", "timestamp", "level"}:
-            event_dict[key] = sanitize_message(value)
+        if key not in {"event", "timestamp", "level"}:
+            event_dict[key] = _scrub_value(value, is_secret_key(key))
     return event_dict
+
+
+class _RedactRecords(logging.Filter):
+    """stdlib records get the same redaction: arq logs every job's arguments, secret inputs included."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+            redacted = redact_secrets(message)
+            if redacted != message:
+                record.msg, record.args = redacted, None
+            if record.exc_info and not record.exc_text:
+                record.exc_text = redact_secrets(logging.Formatter().formatException(record.exc_info))
+        except Exception:  # a malformed record is the logging module's to report, not ours to raise
+            pass
+        return True
 
 
 def configure_logging(log_format: str, *, verbose: bool = False) -> None:
@@ -40,5 +71,8 @@ def configure_logging(log_format: str, *, verbose: bool = False) -> None:
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for handler in (*logging.getLogger().handlers, *logging.getLogger("arq").handlers):
+        if not any(isinstance(f, _RedactRecords) for f in handler.filters):
+            handler.addFilter(_RedactRecords())
     if not verbose:
         logging.getLogger("alembic").setLevel(logging.WARNING)

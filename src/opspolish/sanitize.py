@@ -18,11 +18,13 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"(?i)\b(bearer|basic|token)\s+[A-Za-z0-9\-._~+/=]{6,}"), rf"\1 {REDACTED}"),
     # JWTs anywhere
     (re.compile(r"\beyJ[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]*"), REDACTED),
-    # key=value, key: value, "key": "value" for secret-named keys
+    # key=value, key: value, "key": "value" for secret-named keys (a value already redacted is left alone, so
+    # sanitizing a sanitized message changes nothing)
     (
         re.compile(
             rf"(?i)([\"']?\b[\w\-]*(?:{_SECRET_WORDS})[\w\-]*[\"']?\s*[:=]\s*)"
-            r"(\"[^\"]*\"|'[^']*'|[^\s,;&}\]]+)"
+            + r"(?!" + re.escape(REDACTED) + r"(?:[\s,;&}\]]|$))"
+            + r"(\"[^\"]*\"|'[^']*'|[^\s,;&}\]]+)"
         ),
         rf"\1{REDACTED}",
     ),
@@ -33,18 +35,22 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
 _TRACEBACK = re.compile(r"Traceback \(most recent call last\):.*", re.DOTALL)
 
 
+def redact_secrets(text: str, *, extra_secrets: tuple[str, ...] = ()) -> str:
+    """``text`` with credentials replaced by ``[redacted]``, otherwise unchanged (lines and length kept)."""
+    for secret in extra_secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    for pattern, replacement in _PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
 def sanitize_message(text: object, *, extra_secrets: tuple[str, ...] = ()) -> str:
     """Return ``text`` as one line of at most 500 characters with credentials and stack traces removed.
 
     ``extra_secrets`` are literal values known to be secret (e.g. the configured DSN passwords).
     """
-    s = str(text)
-    s = _TRACEBACK.sub("", s)
-    for secret in extra_secrets:
-        if secret:
-            s = s.replace(secret, REDACTED)
-    for pattern, replacement in _PATTERNS:
-        s = pattern.sub(replacement, s)
+    s = redact_secrets(_TRACEBACK.sub("", str(text)), extra_secrets=extra_secrets)
     s = " ".join(s.split())  # one line, no control characters
     s = "".join(ch if ch.isprintable() else "?" for ch in s)
     if len(s) > MAX_MESSAGE_CHARS:

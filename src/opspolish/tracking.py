@@ -30,8 +30,9 @@ from opspolish.errors import (
     InputInvalid,
     JobTimeout,
     OpsPolishError,
+    TenantNotFound,
 )
-from opspolish.fingerprint import canonical_inputs, canonical_json, fingerprint
+from opspolish.fingerprint import canonical_inputs, canonical_json, fingerprint, refuse_nul, secret_values
 from opspolish.runtime import Lease, Runtime
 from opspolish.sanitize import sanitize_message
 
@@ -120,6 +121,7 @@ class TrackedJob:
             raise InputInvalid(f"inputs: must be a mapping, got {type(inputs).__name__}", field="inputs")
         data = dict(inputs or {})
         canonical_json(data)  # refuses NaN, naive datetimes, bytes, huge payloads... with the path
+        refuse_nul(data)
         if self.inputs_model is None:
             return data
         try:
@@ -194,6 +196,15 @@ def get_job(run_type: str) -> TrackedJob:
         raise InputInvalid(f"type: unknown job type {run_type!r} (known: {known})", field="type") from None
 
 
+def _sql_text(text: str) -> bool:
+    """Whether PostgreSQL can take ``text`` as a parameter at all (valid UTF-8, no NUL)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
+
+
 def _backoff_s(attempt: int) -> float:
     return min(2.0 ** attempt, 60.0) * random.uniform(0.5, 1.0)
 
@@ -219,8 +230,10 @@ async def execute(
             if job.scope == "workspace" and not workspace_id:
                 raise InputInvalid("workspace_id: required for a workspace job", field="workspace_id")
             context, fp = canonical_inputs(data), fingerprint(data)
+        if tenant is not None and not _sql_text(str(tenant)):  # a driver error otherwise, and no visible skip
+            raise TenantNotFound("tenant_id: not a tenant id or external_id", field="tenant_id")
         ws = uuid.UUID(str(workspace_id)) if workspace_id else None
-    except (InputInvalid, ValueError) as exc:
+    except (InputInvalid, TenantNotFound, ValueError) as exc:
         code = exc.reason_code if isinstance(exc, OpsPolishError) else "input.invalid"
         rt.metrics[f"rejected:{code}"] += 1
         bound.warning("run_rejected", reason_code=code, message=sanitize_message(str(exc), extra_secrets=rt.secrets))
@@ -257,16 +270,18 @@ async def execute(
     bound.debug("run_claimed", attempt=claim.attempts, decision=decision)
     rt.metrics[decision] += 1
     lease = rt.leases.hold(claim.run_id, owner)
+    # Error texts may echo the inputs' secrets verbatim (an upstream quoting the token it refused): redact them too.
+    secrets = (*rt.secrets, *secret_values(data))
     try:
         return await _run_body(rt, job, claim.run_id, claim.attempts, claim.workspace_id, claim.tenant_id,
-                               data, job_id, lease, bound)
+                               data, job_id, lease, bound, secrets)
     finally:
         rt.leases.drop(lease)
 
 
 async def _run_body(
     rt: Runtime, job: TrackedJob, run_id: int, attempt: int, workspace_id: uuid.UUID, tenant_id: uuid.UUID | None,
-    data: dict[str, Any], job_id: str, lease: Lease, bound: Any,
+    data: dict[str, Any], job_id: str, lease: Lease, bound: Any, secrets: tuple[str, ...],
 ) -> dict[str, Any]:
     counts = Counts()
     run = RunContext(run_id, job.type, workspace_id, tenant_id, attempt, data, counts, rt, job_id, bound)
@@ -293,7 +308,7 @@ async def _run_body(
     except OpsPolishError as exc:
         error = exc
     except Exception as exc:
-        error = OpsPolishError(sanitize_message(f"{type(exc).__name__}: {exc}", extra_secrets=rt.secrets))
+        error = OpsPolishError(sanitize_message(f"{type(exc).__name__}: {exc}", extra_secrets=secrets))
     finally:
         lease.in_body = False
 
@@ -303,7 +318,7 @@ async def _run_body(
 
     if error is not None and error.transient and attempt < job.attempts_allowed(rt):
         delay = getattr(error, "retry_after_s", None) or _backoff_s(attempt)
-        last_error = sanitize_message(error.message, extra_secrets=rt.secrets)
+        last_error = sanitize_message(error.message, extra_secrets=secrets)
         try:
             released = await rt.ledger.release(run_id, lease.owner, reason_code=error.reason_code,
                                                reason_message=last_error)
@@ -315,7 +330,7 @@ async def _run_body(
             raise Retry(defer=delay)
         return _skip_result("lease_lost", run_id, "dedupe.overlap", None)
 
-    outcome, code, message = _outcome(counts, error, rt)
+    outcome, code, message = _outcome(counts, error, secrets)
     try:
         written = await rt.ledger.complete(run_id, lease.owner, outcome=outcome, counts=counts.as_dict(),
                                            reason_code=code, reason_message=message)
@@ -331,9 +346,10 @@ async def _run_body(
     return {"decision": "completed", "run_id": run_id, "outcome": outcome, "reason_code": code}
 
 
-def _outcome(counts: Counts, error: OpsPolishError | None, rt: Runtime) -> tuple[str, str | None, str | None]:
+def _outcome(counts: Counts, error: OpsPolishError | None, secrets: tuple[str, ...],
+             ) -> tuple[str, str | None, str | None]:
     if error is not None:
-        return "failed", error.reason_code, sanitize_message(error.message, extra_secrets=rt.secrets)
+        return "failed", error.reason_code, sanitize_message(error.message, extra_secrets=secrets)
     if counts.failed == 0:
         return "succeeded", None, None
     if counts.failed < counts.processed:

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import uuid
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, SecretStr
+from sqlalchemy.engine import make_url
 
-from opspolish.errors import ProviderThrottled, ProviderUnavailable
+from opspolish.errors import ProviderRejected, ProviderThrottled, ProviderUnavailable
+from opspolish.provider import Assignment, PolicyRef
 from opspolish.tracking import RunContext, tracked_job
 
 EFFECT_TYPE = "test.effect"
 WORKSPACE_EFFECT_TYPE = "test.workspace_effect"
+SECRETIVE_TYPE = "test.secretive"
 
 TEST_EFFECTS_DDL = """
 CREATE TABLE IF NOT EXISTS test_effects (
@@ -38,6 +43,8 @@ class EffectInputs(BaseModel):
     items: int = 0
     fail_items: int = 0
     crash: bool = False  # raise an unexpected error carrying a secret-looking text
+    attempt_items: list[int] | None = None  # attempt n counts attempt_items[n-1] more succeeded items
+    attempt_sleep_s: list[float] | None = None  # attempt n sleeps attempt_sleep_s[n-1] (instead of sleep_s)
 
 
 async def effect(run: RunContext) -> None:
@@ -53,7 +60,13 @@ async def effect(run: RunContext) -> None:
             run.counts.item_failed()
         else:
             run.counts.item_succeeded()
-    if inputs.sleep_s and run.attempt <= inputs.sleep_attempts:
+    if inputs.attempt_items:
+        n = inputs.attempt_items[min(run.attempt, len(inputs.attempt_items)) - 1]
+        run.counts.add_total(n)
+        run.counts.item_succeeded(n)
+    if inputs.attempt_sleep_s:
+        await asyncio.sleep(inputs.attempt_sleep_s[min(run.attempt, len(inputs.attempt_sleep_s)) - 1])
+    elif inputs.sleep_s and run.attempt <= inputs.sleep_attempts:
         await asyncio.sleep(inputs.sleep_s)
     if run.attempt <= inputs.fail_times:
         if inputs.throttle:
@@ -66,4 +79,84 @@ async def effect(run: RunContext) -> None:
 
 effect_job = tracked_job(EFFECT_TYPE, inputs=EffectInputs)(effect)
 workspace_effect_job = tracked_job(WORKSPACE_EFFECT_TYPE, inputs=EffectInputs, scope="workspace")(effect)
-TEST_JOBS = [effect_job, workspace_effect_job]
+
+
+class SecretiveInputs(BaseModel):
+    """Inputs that carry secrets, as a ``SecretStr`` and under secret-named keys (also nested)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # password first: arq logs a job's arguments cut at 80 characters, and this must be inside them.
+    password: str | None = None
+    tag: str = "s"
+    api_token: SecretStr | None = None
+    options: dict[str, Any] = {}
+    # How the body fails, echoing every secret it knows verbatim (as careless SDKs and upstreams do).
+    leak: Literal["none", "unexpected", "rejected", "transient"] = "none"
+
+
+def _process_secrets(run: RunContext) -> list[str]:
+    settings = run.runtime.settings
+    out = []
+    for dsn in (settings.database_url.get_secret_value(), settings.redis_url.get_secret_value()):
+        out.append(dsn)
+        password = make_url(dsn).password
+        if password:
+            out.append(f"raw password {password}")
+    return out
+
+
+async def secretive(run: RunContext) -> None:
+    inputs = SecretiveInputs.model_validate(run.inputs)
+    pool = run.runtime.pool
+    effect_id = await pool.fetchval(
+        "INSERT INTO test_effects (run_id, attempt, tag, pid) VALUES ($1, $2, $3, $4) RETURNING id",
+        run.run_id, run.attempt, inputs.tag, os.getpid(),
+    )
+    echoed = [inputs.api_token.get_secret_value() if inputs.api_token else "", inputs.password or "",
+              *(str(v) for v in inputs.options.values()), *_process_secrets(run)]
+    text = "upstream refused the credentials " + " ".join(echoed)
+    run.log.info("secretive_started", inputs=run.inputs)  # what bodies do: log their inputs
+    if inputs.leak == "unexpected":
+        raise RuntimeError(text)
+    if inputs.leak == "rejected":
+        raise ProviderRejected(text)
+    if inputs.leak == "transient":
+        raise ProviderUnavailable(text)
+    await pool.execute("UPDATE test_effects SET finished_at = clock_timestamp() WHERE id = $1", effect_id)
+
+
+secretive_job = tracked_job(SECRETIVE_TYPE, inputs=SecretiveInputs)(secretive)
+TEST_JOBS = [effect_job, workspace_effect_job, secretive_job]
+
+#: Credentials a leaky provider puts in its errors (the shapes real SDK errors carry).
+PROVIDER_CANARIES = {
+    "bearer": "cnryBearer0a1b2c3d4e5f",
+    "api_key": "cnryApiKey9f8e7d6c5b4a",
+    "client_secret": "cnryClientSecret1234abcd",
+    "jwt": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJjbnJ5In0.cnryJwtSignature_x1y2z3",
+    "github": "ghp_cnry0123456789abcdefABCDEF0123456789",
+}
+
+
+class LeakyProvider:
+    """``OPSPOLISH_PROVIDER=tests.support.jobs:LeakyProvider``: every call fails with credentials in its text."""
+
+    def __init__(self, runtime: Any) -> None:
+        self.runtime = runtime
+
+    def _text(self, what: str) -> str:
+        c = PROVIDER_CANARIES
+        dsn = self.runtime.settings.database_url.get_secret_value()
+        return (f"{what} failed: GET https://svc.example/v1?api_key={c['api_key']}&page=1 -> 401 "
+                f"(Authorization: Bearer {c['bearer']}) id_token {c['jwt']} "
+                f'{{"client_secret": "{c["client_secret"]}"}} {c["github"]} while connected to {dsn}')
+
+    async def list_policies(self, tenant_id: uuid.UUID) -> list[PolicyRef]:
+        raise ProviderUnavailable(self._text("list_policies"))
+
+    async def get_assignments(self, tenant_id: uuid.UUID, policy_id: uuid.UUID) -> list[Assignment]:
+        raise ProviderRejected(self._text("get_assignments"))
+
+    async def apply(self, tenant_id: uuid.UUID, policy_id: uuid.UUID, assignments: list[Assignment]) -> None:
+        raise ProviderRejected(self._text("apply"))

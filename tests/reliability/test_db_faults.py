@@ -1,0 +1,161 @@
+"""A worker's Postgres backends terminated (``pg_terminate_backend``, only in the test's own database) during
+the body and during the completion write: the run ends consistently - retried, or failed with
+``db.unavailable`` - and is never half-written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+import opspolish
+from opspolish.jobs.assignments import FETCH_TYPE
+from opspolish.settings import Settings
+from tests.conftest import WorkerProcess, wait_until
+from tests.reliability.faults import (
+    assert_ledger_settled,
+    assert_never_concurrent,
+    effects,
+    log_events,
+    terminate_backends,
+)
+from tests.support.jobs import EFFECT_TYPE
+
+pytestmark = pytest.mark.timeout(90)
+
+_COMPLETION_WRITE = "%UPDATE operation_runs SET status = 'completed'%"
+
+
+async def _row(conn: asyncpg.Connection, run_id: int) -> dict[str, Any]:
+    row = await conn.fetchrow("SELECT * FROM operation_runs WHERE id = $1", run_id)
+    assert row is not None
+    return dict(row)
+
+
+async def test_backends_terminated_during_the_body_do_not_break_the_run(
+    settings: Settings, conn: asyncpg.Connection, tenant: str, tmp_path: Path,
+    worker_processes: list[WorkerProcess],
+) -> None:
+    s = settings.model_copy(update={"lease_ttl_s": 1.5})  # a heartbeat every 0.5 s, so some are cut off
+    async with opspolish.connect(s) as rt:
+        run = await opspolish.dispatch(rt, EFFECT_TYPE, tenant=tenant,
+                                       inputs={"tag": "body", "sleep_s": 5, "items": 4, "fail_items": 1})
+    worker = WorkerProcess(s, burst=True, log_path=tmp_path / "w.log")
+    worker_processes.append(worker)
+
+    async def started() -> bool:
+        return bool(await effects(conn, "body"))
+
+    await wait_until(started)
+    # Every idle pool connection of the worker, then a heartbeat in flight (held on the row lock, then cut).
+    assert await terminate_backends(conn), "no worker backend was terminated: the fault was not injected"
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        await conn.execute("SELECT 1 FROM operation_runs WHERE id = $1 FOR UPDATE", run.run_id)
+
+        async def heartbeat_blocked() -> list[int]:
+            return await terminate_backends(conn, query_like="%SET heartbeat_at = now()%unnest%",
+                                            waiting_on_lock=True)
+
+        assert await wait_until(heartbeat_blocked, timeout_s=5)
+    finally:
+        await tx.rollback()
+    faults_over = await conn.fetchval("SELECT clock_timestamp()")
+
+    async def heartbeat_resumed() -> bool:  # the lease keeper survived the lost connections
+        return bool(await conn.fetchval(
+            "SELECT status = 'running' AND heartbeat_at > $1 FROM operation_runs", faults_over))
+
+    await wait_until(heartbeat_resumed, timeout_s=2)
+    assert await worker.wait(60) == 0, worker.log()[-3000:]
+
+    [row] = await assert_ledger_settled(conn)
+    assert (row["outcome"], row["reason_code"]) == ("partially_succeeded", "items.partially_failed")
+    assert row["summary_counts"] == {"total": 4, "processed": 4, "failed": 1}
+    executions = await effects(conn, "body")
+    assert_never_concurrent(executions)
+    assert executions[-1]["attempt"] == row["attempts"] and executions[-1]["finished_at"] is not None
+
+
+async def test_backend_terminated_during_the_completion_write_retries_and_records_the_final_attempt(
+    settings: Settings, conn: asyncpg.Connection, tenant: str, tmp_path: Path,
+    worker_processes: list[WorkerProcess],
+) -> None:
+    s = settings.model_copy(update={"lease_ttl_s": 1.5})
+    async with opspolish.connect(s) as rt:
+        run = await opspolish.dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={
+            "tag": "write", "sleep_s": 0.5, "sleep_attempts": 1, "attempt_items": [3, 7]})
+    worker = WorkerProcess(s, burst=True, log_path=tmp_path / "w.log")
+    worker_processes.append(worker)
+
+    async def started() -> bool:
+        return bool(await effects(conn, "write"))
+
+    await wait_until(started)
+    # Hold the run's row so the completion write blocks where we can see it, then cut its backend.
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        await conn.execute("SELECT 1 FROM operation_runs WHERE id = $1 FOR UPDATE", run.run_id)
+
+        async def completion_blocked() -> list[int]:
+            return await terminate_backends(conn, query_like=_COMPLETION_WRITE, waiting_on_lock=True)
+
+        assert await wait_until(completion_blocked, timeout_s=20)
+    finally:
+        await tx.rollback()
+    # The terminated write left nothing behind: still running, no outcome, no counts.
+    cut = await _row(conn, run.run_id)
+    assert (cut["status"], cut["outcome"], cut["summary_counts"], cut["attempts"]) == ("running", "pending", None, 1)
+
+    assert await worker.wait(60) == 0, worker.log()[-3000:]
+    [row] = await assert_ledger_settled(conn)
+    assert (row["outcome"], row["attempts"]) == ("succeeded", 2)
+    assert row["summary_counts"] == {"total": 7, "processed": 7, "failed": 0}  # attempt 2's only
+    executions = await effects(conn, "write")
+    assert [(e["attempt"], e["finished_at"] is not None) for e in executions] == [(1, True), (2, True)]
+    assert_never_concurrent(executions)
+    events = [e for e in log_events([worker]) if e.get("run_id") == run.run_id]
+    assert any(e["event"] == "run_completion_failed" and e["reason_code"] == "db.unavailable" for e in events)
+
+
+@pytest.mark.parametrize(("max_attempts", "outcome"), [(1, "failed"), (2, "succeeded")])
+async def test_backend_terminated_during_a_body_query_ends_retried_or_failed_with_db_unavailable(
+    settings: Settings, conn: asyncpg.Connection, tenant: str, tmp_path: Path,
+    worker_processes: list[WorkerProcess], max_attempts: int, outcome: str,
+) -> None:
+    policies = await conn.fetchval("SELECT count(*) FROM directory_policies p JOIN tenants t ON t.id = p.tenant_id "
+                                   "WHERE t.external_id = $1", tenant)
+    assert policies > 0
+    async with opspolish.connect(settings) as rt:
+        run = await opspolish.dispatch(rt, FETCH_TYPE, tenant=tenant, inputs={})
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        # The fetch body's first write (replacing any earlier snapshot) waits on this lock; then it is cut off.
+        await conn.execute("LOCK TABLE assignment_snapshots IN ACCESS EXCLUSIVE MODE")
+        worker = WorkerProcess(settings, burst=True, log_path=tmp_path / "w.log",
+                               OPSPOLISH_MAX_ATTEMPTS=str(max_attempts))
+        worker_processes.append(worker)
+
+        async def body_query_blocked() -> list[int]:
+            return await terminate_backends(conn, query_like="%assignment_snapshots%", waiting_on_lock=True)
+
+        assert await wait_until(body_query_blocked, timeout_s=30)
+    finally:
+        await tx.rollback()
+    assert await worker.wait(60) == 0, worker.log()[-3000:]
+
+    [row] = await assert_ledger_settled(conn)
+    snapshot = await conn.fetchval("SELECT count(*) FROM assignment_snapshots WHERE run_id = $1", run.run_id)
+    if outcome == "failed":
+        assert (row["outcome"], row["reason_code"], row["attempts"]) == ("failed", "db.unavailable", 1)
+        assert row["summary_counts"] == {"total": policies, "processed": 0, "failed": 0}
+        assert "\n" not in row["reason_message"] and snapshot == 0
+    else:
+        assert (row["outcome"], row["reason_code"], row["attempts"]) == ("succeeded", None, 2)
+        assert row["summary_counts"] == {"total": policies, "processed": policies, "failed": 0}
+        assert snapshot == policies  # one snapshot, the final attempt's: nothing doubled

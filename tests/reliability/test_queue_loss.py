@@ -1,0 +1,156 @@
+"""Redis restarted or flushed mid-flight (a private redis-server): nothing is lost from the ledger, and every
+queued run whose job vanished is re-enqueued once or ends ``failed`` / ``run.lost`` with its reason."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+import opspolish
+from opspolish.jobs.reconcile import RECONCILE_TYPE, reconcile_all
+from opspolish.settings import Settings
+from tests.conftest import WorkerProcess, drain, wait_until
+from tests.reliability.faults import (
+    RedisServer,
+    assert_ledger_settled,
+    assert_never_concurrent,
+    effects,
+    run_cli,
+    run_rows,
+)
+from tests.support.jobs import EFFECT_TYPE
+
+pytestmark = pytest.mark.timeout(90)
+
+
+async def _flush(server: RedisServer) -> None:
+    client = server.client()
+    try:
+        await client.flushall()  # the private server of this test, never the shared one
+    finally:
+        await client.aclose()
+
+
+async def test_a_flushed_queue_is_re_enqueued_once_and_the_runs_complete(
+    settings: Settings, private_redis: RedisServer, conn: asyncpg.Connection, tenant: str,
+) -> None:
+    s = private_redis.settings_for(settings)
+    async with opspolish.connect(s) as rt:
+        runs = [await opspolish.dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": f"f{i}", "items": i})
+                for i in range(3)]
+        await _flush(private_redis)
+        assert await private_redis.job_ids(s.queue_name) == set()
+        results = await reconcile_all(rt)
+        # Re-enqueued under the run's own job id, without the payload (the worker reads the ledger's context).
+        assert await private_redis.job_ids(s.queue_name) == {r.job_id for r in runs}
+        assert sum(r["outcome"] == "succeeded" for r in results) == len(results) == 2
+        await drain(s)
+    rows = {r["id"]: r for r in await assert_ledger_settled(conn)}
+    for i, run in enumerate(runs):
+        row = rows[run.run_id]
+        assert (row["outcome"], row["requeues"], row["attempts"]) == ("succeeded", 1, 1)
+        assert row["summary_counts"] == {"total": i, "processed": i, "failed": 0}
+    assert sorted(e["tag"] for e in await effects(conn)) == ["f0", "f1", "f2"]
+    passes = [r for r in rows.values() if r["type"] == RECONCILE_TYPE]
+    assert sum(p["summary_counts"]["processed"] for p in passes) == 3
+    assert sum(p["summary_counts"].get("requeued", 0) for p in passes) == 3
+
+
+async def test_a_queue_lost_twice_or_too_old_is_explained_as_run_lost(
+    settings: Settings, private_redis: RedisServer, conn: asyncpg.Connection, tenant: str,
+) -> None:
+    s = private_redis.settings_for(settings)
+    async with opspolish.connect(s) as rt:
+        twice = await opspolish.dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "twice"})
+        await _flush(private_redis)
+        await reconcile_all(rt)
+        assert await private_redis.job_ids(s.queue_name) == {twice.job_id}
+        await _flush(private_redis)  # lost again: a second re-enqueue would just loop
+        await reconcile_all(rt)
+    async with opspolish.connect(s.model_copy(update={"reconcile_max_queued_age_s": 0.2})) as rt:
+        old = await opspolish.dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "old"})
+        await _flush(private_redis)
+        await asyncio.sleep(0.3)
+        await reconcile_all(rt)
+        assert await private_redis.job_ids(s.queue_name) == set()
+    rows = {r["id"]: r for r in await assert_ledger_settled(conn)}
+    assert (rows[twice.run_id]["outcome"], rows[twice.run_id]["reason_code"], rows[twice.run_id]["requeues"]) == (
+        "failed", "run.lost", 1)
+    assert "re-enqueued once already" in rows[twice.run_id]["reason_message"]
+    assert (rows[old.run_id]["outcome"], rows[old.run_id]["reason_code"], rows[old.run_id]["requeues"]) == (
+        "failed", "run.lost", 0)
+    assert rows[old.run_id]["summary_counts"] == {"total": 0, "processed": 0, "failed": 0}
+    assert await effects(conn) == []  # a lost run is explained, never silently run twice
+
+
+async def test_redis_restarted_mid_run_loses_nothing_from_the_ledger(
+    settings: Settings, private_redis: RedisServer, conn: asyncpg.Connection, tenant: str, tmp_path: Path,
+    worker_processes: list[WorkerProcess],
+) -> None:
+    s = private_redis.settings_for(settings)
+    async with opspolish.connect(s) as rt:
+        busy = await opspolish.dispatch(rt, EFFECT_TYPE, tenant=tenant,
+                                        inputs={"tag": "busy", "sleep_s": 2, "items": 5, "fail_items": 1})
+        waiting = [await opspolish.dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": f"w{i}", "items": 1})
+                   for i in range(2)]
+    worker = WorkerProcess(s, log_path=tmp_path / "w1.log", OPSPOLISH_MAX_JOBS="1")
+    worker_processes.append(worker)
+
+    async def busy_started() -> bool:
+        return bool(await effects(conn, "busy"))
+
+    await wait_until(busy_started)
+    await private_redis.restart()  # mid-run: the busy run's job and the two queued ones vanish
+
+    async def busy_settled() -> bool:
+        return bool(await conn.fetchval("SELECT status <> 'running' FROM operation_runs WHERE id = $1",
+                                        busy.run_id))
+
+    await wait_until(busy_settled, timeout_s=30)
+    assert {r["id"] for r in await run_rows(conn)} == {busy.run_id, *(w.run_id for w in waiting)}
+    async with opspolish.connect(s) as rt:
+        await reconcile_all(rt)
+    drainer = WorkerProcess(s, burst=True, log_path=tmp_path / "w2.log")
+    worker_processes.append(drainer)
+    assert await drainer.wait(60) == 0, drainer.log()[-3000:]
+    worker.kill(signal.SIGTERM)
+    await worker.wait(30)
+
+    rows = {r["id"]: r for r in await assert_ledger_settled(conn)}
+    assert rows[busy.run_id]["outcome"] == "partially_succeeded"
+    assert rows[busy.run_id]["summary_counts"] == {"total": 5, "processed": 5, "failed": 1}
+    for w in waiting:
+        assert (rows[w.run_id]["outcome"], rows[w.run_id]["requeues"]) == ("succeeded", 1)
+    executions = await effects(conn)
+    assert_never_concurrent(executions)
+    finished = [e for e in executions if e["finished_at"] is not None]
+    assert sorted(e["run_id"] for e in finished) == sorted([busy.run_id, *(w.run_id for w in waiting)])
+
+
+async def test_reconcile_with_redis_down_is_recorded_failed_and_settles_nothing(
+    settings: Settings, private_redis: RedisServer, conn: asyncpg.Connection, tenant: str,
+) -> None:
+    s = private_redis.settings_for(settings)
+    async with opspolish.connect(s) as rt:
+        run = await opspolish.dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "down"})
+    private_redis.stop()
+    down = await run_cli(s, "reconcile", "--json")
+    assert down.code == 1, down
+    results = json.loads(down.stdout)
+    assert {r["reason_code"] for r in results} == {"redis.unavailable"}
+    assert len(down.lines) == 0 or all("Traceback" not in line for line in down.lines)
+    passes = [r for r in await run_rows(conn) if r["type"] == RECONCILE_TYPE]
+    assert len(passes) == 2
+    assert all((p["outcome"], p["reason_code"]) == ("failed", "redis.unavailable") for p in passes)
+    row = await conn.fetchrow("SELECT status, requeues FROM operation_runs WHERE id = $1", run.run_id)
+    assert row is not None and (row["status"], row["requeues"]) == ("queued", 0)  # not settled on a guess
+
+    await private_redis.start()  # back, and empty: the next pass re-enqueues the run
+    up = await run_cli(s, "reconcile", "--json")
+    assert up.code == 0, up
+    assert await private_redis.job_ids(s.queue_name) == {run.job_id}
