@@ -325,3 +325,33 @@ async def test_tenant_scope_cannot_see_or_touch_another_tenants_runs(
     assert await scope_ws.get(run_b.run_id) is None
     scope_b = rt.ledger.scoped(Scope(b["workspace_id"], b["id"]))
     assert [r.id for r in await scope_b.list_runs()] == [run_b.run_id]
+
+
+async def test_a_busy_lock_still_records_skips_that_committed_facts_decide_but_never_claims(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str
+) -> None:
+    job = get_job(EFFECT_TYPE)
+    identity = identity_hash(f"tenant:{await conn.fetchval('SELECT id FROM tenants WHERE external_id = $1', tenant)}",
+                             EFFECT_TYPE, fingerprint({"tag": "busy"}))
+    holder = await asyncpg.connect(dsn=settings.database_url.get_secret_value().replace("+asyncpg", ""))
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        assert await holder.fetchval("SELECT pg_try_advisory_xact_lock($1)", lock_key(identity))
+        with pytest.raises(Retry):  # nothing decided yet: the delivery is deferred and nothing is written
+            await execute(rt, job, run_id=None, tenant=tenant, workspace_id=None, inputs={"tag": "busy"},
+                          job_id="raw-1")
+        assert await runs(conn) == []
+        active = await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "busy"})  # an active run now
+        outcome = await execute(rt, job, run_id=None, tenant=tenant, workspace_id=None, inputs={"tag": "busy"},
+                                job_id="raw-2")
+        assert (outcome["reason_code"], outcome["dedupe_of"]) == ("dedupe.non_canonical", active.run_id)
+        with pytest.raises(Retry):  # the active run itself is only ever claimed under the lock
+            await execute(rt, job, run_id=active.run_id, tenant=tenant, workspace_id=None,
+                          inputs={"tag": "busy"}, job_id=active.job_id)
+        await tx.rollback()
+    finally:
+        await holder.close()
+    rows = await runs(conn)
+    assert [(r["status"], r["outcome"]) for r in rows] == [("queued", "pending"), ("completed", "skipped")]
+    assert len(await effects(conn, "busy")) == 0

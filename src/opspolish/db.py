@@ -82,12 +82,19 @@ async def init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Release hook: asyncpg still rolls back a stray transaction and drops listeners; we skip its reset query
+    (advisory unlock, CLOSE ALL, UNLISTEN, RESET ALL): one round trip per acquire that nothing here needs, since
+    the gate's advisory lock is transaction-scoped and no code sets session state on pooled connections."""
+
+
 async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
     """asyncpg pool for the hot path (gate, heartbeat, completion)."""
     try:
         pool = await asyncpg.create_pool(
             asyncpg_dsn(settings), min_size=min_size, max_size=max_size,
             server_settings=SERVER_SETTINGS, timeout=10, init=init_connection,
+            reset=_keep_session,
         )
     except CONNECT_ERRORS as exc:
         raise DbUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc

@@ -10,7 +10,7 @@ from typing import Any
 import structlog
 
 from opspolish.errors import InputInvalid, RedisUnavailable, TenantNotFound
-from opspolish.fingerprint import canonical_inputs, fingerprint
+from opspolish.fingerprint import context_and_fingerprint
 from opspolish.ledger import translate_errors
 from opspolish.runtime import Runtime
 from opspolish.tracking import get_job
@@ -93,9 +93,10 @@ async def dispatch(
             raise InputInvalid("workspace_id: not a UUID", field="workspace_id") from None
         tenant_text = None
     redis = rt.require_redis()
+    context, fp = context_and_fingerprint(data)
     result = await rt.ledger.dispatch(
-        tenant=tenant_text, workspace_id=ws, run_type=run_type, fingerprint=fingerprint(data),
-        context=canonical_inputs(data), queue_name=rt.settings.queue_name,
+        tenant=tenant_text, workspace_id=ws, run_type=run_type, fingerprint=fp, context=context,
+        queue_name=rt.settings.queue_name,
     )
     if result is None:
         raise TenantNotFound(f"tenant: no tenant with id or external_id {tenant_text!r}", field="tenant")

@@ -139,6 +139,14 @@ def canonical_inputs(inputs: Mapping[str, Any] | None) -> dict[str, Any]:
     return value
 
 
+def context_and_fingerprint(inputs: Mapping[str, Any] | None) -> tuple[dict[str, Any], str]:
+    """``(canonical_inputs(inputs), fingerprint(inputs))`` from one canonicalization."""
+    text = canonical_json(inputs)
+    context = json.loads(text)
+    assert isinstance(context, dict)
+    return context, hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def fingerprint(inputs: Mapping[str, Any] | None) -> str:
     """sha256 hex of the canonical non-secret inputs. Deterministic across processes and hash seeds."""
     return hashlib.sha256(canonical_json(inputs).encode("utf-8")).hexdigest()

@@ -50,7 +50,7 @@ END $$;
 CLAIM_V1 = r"""
 -- The execution gate (DESIGN §5). One call = one short transaction. Decisions:
 --   claimed / taken_over   the caller holds the lease and runs the body
---   busy                   the identity's lock is held right now: retry the delivery shortly
+--   busy                   the identity's lock is held and nothing is decided yet: retry the delivery shortly
 --   overlap                another delivery holds a live lease: defer by wait_s, then decide again
 --   already_completed      redelivery of finished work: nothing done
 --   skipped                recorded as skipped (reason_code dedupe.non_canonical / dedupe.cooldown)
@@ -80,6 +80,7 @@ DECLARE
     v_identity text;
     v_other bigint;
     v_code text;
+    v_locked boolean;
     r operation_runs%ROWTYPE;
     v_zero constant jsonb := '{"total": 0, "processed": 0, "failed": 0}';
 BEGIN
@@ -119,24 +120,27 @@ BEGIN
             p_type, p_fingerprint);
     END IF;
 
-    -- 2. The identity's lock, xact-scoped. Busy: the caller retries the delivery (work is never dropped).
-    IF NOT pg_try_advisory_xact_lock(opspolish_lock_key(v_identity)) THEN
-        RETURN QUERY SELECT 'busy', p_run_id, 0, NULL::bigint, NULL::text, 0::float8, v_ws, v_tenant;
-        RETURN;
-    END IF;
+    -- 2. The identity's lock, xact-scoped. Without it nothing is claimed: a busy delivery is retried by the
+    --    caller (work is never dropped). It may only record what committed facts already decide (below).
+    v_locked := pg_try_advisory_xact_lock(opspolish_lock_key(v_identity));
 
-    -- 3. Checks, each a new statement (fresh snapshot) issued after the lock is held.
+    -- 3. Checks, each a new statement (fresh snapshot) issued after the lock is held (or found busy).
     IF p_run_id IS NOT NULL THEN
         SELECT * INTO r FROM operation_runs o WHERE o.id = p_run_id;
-    ELSE  -- a redelivery of a raw job we already recorded?
+    ELSE  -- a redelivery of a raw job we already recorded? (its active run first, if it has one)
         SELECT * INTO r FROM operation_runs o
-        WHERE o.job_id = p_job_id AND o.run_identity_hash = v_identity ORDER BY o.id DESC LIMIT 1;
+        WHERE o.job_id = p_job_id AND o.run_identity_hash = v_identity
+        ORDER BY o.status = 'completed', o.id DESC LIMIT 1;
     END IF;
 
     IF r.id IS NOT NULL THEN
-        IF r.status = 'completed' THEN
+        IF r.status = 'completed' THEN  -- final: true with or without the lock
             RETURN QUERY SELECT 'already_completed', r.id, r.attempts, r.dedupe_of, 'dedupe.already_completed',
                                 0::float8, r.workspace_id, r.tenant_id;
+            RETURN;
+        END IF;
+        IF NOT v_locked THEN
+            RETURN QUERY SELECT 'busy', r.id, 0, NULL::bigint, NULL::text, 0::float8, v_ws, v_tenant;
             RETURN;
         END IF;
         IF r.status = 'running' AND r.heartbeat_at > now() - make_interval(secs => p_lease_ttl_s) THEN
@@ -191,6 +195,9 @@ BEGIN
             END IF;
         END IF;
 
+        -- A skip rests on committed facts only (another run of the identity is active, or one executed within
+        -- the cooldown) and never touches the active run, so it is recorded even while the lock is busy: a
+        -- storm of duplicates is settled at once instead of queueing behind one lock.
         IF v_code IS NOT NULL THEN
             INSERT INTO operation_runs AS o (workspace_id, tenant_id, type, status, outcome, run_identity_hash,
                    fingerprint, context, summary_counts, reason_code, reason_message, dedupe_of, job_id,
@@ -205,6 +212,10 @@ BEGIN
             RETURN;
         END IF;
 
+        IF NOT v_locked THEN  -- nothing decided: only the lock holder may create and claim the run
+            RETURN QUERY SELECT 'busy', NULL::bigint, 0, NULL::bigint, NULL::text, 0::float8, v_ws, v_tenant;
+            RETURN;
+        END IF;
         INSERT INTO operation_runs AS o (workspace_id, tenant_id, type, status, run_identity_hash, fingerprint,
                context, attempts, lease_owner, heartbeat_at, started_at, job_id, queue_name)
         VALUES (v_ws, v_tenant, p_type, 'running', v_identity, p_fingerprint, p_context, 1, p_lease_owner,

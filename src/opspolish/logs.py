@@ -71,7 +71,10 @@ def configure_logging(log_format: str, *, verbose: bool = False) -> None:
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    for handler in (*logging.getLogger().handlers, *logging.getLogger("arq").handlers):
+    arq_logger = logging.getLogger("arq")
+    if arq_logger.handlers:  # arq's CLI gave it its own handler: do not print each line a second time via root
+        arq_logger.propagate = False
+    for handler in (*logging.getLogger().handlers, *arq_logger.handlers):
         if not any(isinstance(f, _RedactRecords) for f in handler.filters):
             handler.addFilter(_RedactRecords())
     if not verbose:

@@ -15,6 +15,7 @@ import structlog
 from arq.connections import ArqRedis, RedisSettings, create_pool
 
 from opspolish import db
+from opspolish.batching import CompletionWriter
 from opspolish.errors import DbUnavailable, RedisUnavailable
 from opspolish.ledger import Ledger
 from opspolish.settings import Settings
@@ -119,6 +120,7 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.ledger = Ledger(self.pool)
+        self.completions = CompletionWriter(self.pool)
         self.leases = LeaseKeeper(self.ledger, self.settings.heartbeat_interval_s)
         self.secrets = db.secrets_of(self.settings)
 
@@ -144,6 +146,7 @@ class Runtime:
 
     async def close(self) -> None:
         await self.leases.stop()
+        await self.completions.close()
         if self._owns_redis and self.redis is not None:
             await self.redis.aclose()
         await self.pool.close()

@@ -35,11 +35,17 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
 _TRACEBACK = re.compile(r"Traceback \(most recent call last\):.*", re.DOTALL)
 
 
+#: One cheap scan that every pattern above needs to match first; most log lines have none of these.
+_HINT = re.compile(rf"(?i){_SECRET_WORDS}|bearer|basic|eyJ|://|gh[pousr]_|xox|AKIA|sk_")
+
+
 def redact_secrets(text: str, *, extra_secrets: tuple[str, ...] = ()) -> str:
     """``text`` with credentials replaced by ``[redacted]``, otherwise unchanged (lines and length kept)."""
     for secret in extra_secrets:
         if secret:
             text = text.replace(secret, REDACTED)
+    if not _HINT.search(text):
+        return text
     for pattern, replacement in _PATTERNS:
         text = pattern.sub(replacement, text)
     return text

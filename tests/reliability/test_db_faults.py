@@ -25,7 +25,7 @@ from tests.support.jobs import EFFECT_TYPE
 
 pytestmark = pytest.mark.timeout(90)
 
-_COMPLETION_WRITE = "%UPDATE operation_runs SET status = 'completed'%"
+_COMPLETION_WRITE = "%UPDATE operation_runs%SET status = 'completed'%"
 
 
 async def _row(conn: asyncpg.Connection, run_id: int) -> dict[str, Any]:
