@@ -6,7 +6,7 @@ import asyncio
 import functools
 import json
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -331,10 +331,6 @@ async def doctor_cmd(ctx: Ctx, as_json: bool) -> None:
          "\n".join(f"{c.verdict.upper():<5} {c.name:<11} {c.detail}" for c in checks))
     if any(c.verdict == "fail" for c in checks):
         sys.exit(1)
-
-
-async def _awaitable(value: Awaitable[T]) -> T:
-    return await value
 
 
 if __name__ == "__main__":  # pragma: no cover

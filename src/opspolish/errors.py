@@ -100,12 +100,6 @@ class ItemsAllFailed(OpsPolishError):
     reason_code = "items.all_failed"
 
 
-class LeaseLost(OpsPolishError):
-    """This delivery lost its lease on the run; it writes nothing more."""
-
-    reason_code = "dedupe.overlap"
-
-
 #: Every stable reason code, with its meaning. The README table is generated from the same words.
 REASON_CODES: dict[str, str] = {
     "dedupe.already_completed": "a redelivery of a run that already ended; nothing was done (log line + metric)",

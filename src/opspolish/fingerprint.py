@@ -16,7 +16,7 @@ import math
 import re
 import uuid
 from collections.abc import Mapping
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 from pydantic import BaseModel, SecretBytes, SecretStr
@@ -214,14 +214,3 @@ def secret_values(inputs: Any) -> tuple[str, ...]:
 
     walk(inputs, False)
     return tuple(dict.fromkeys(found))
-
-
-def parse_number_text(text: str, path: str) -> Decimal:
-    """Parse a CLI ``KEY=VALUE`` number, refusing NaN and infinities."""
-    try:
-        value = Decimal(text)
-    except InvalidOperation:
-        raise InputInvalid(f"{path}: not a number", field=path) from None
-    if not value.is_finite():
-        raise InputInvalid(f"{path}: non-finite number is not allowed", field=path)
-    return value
