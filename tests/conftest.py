@@ -7,12 +7,13 @@ A migrated template database is made once per session; every test gets its own c
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +185,19 @@ class WorkerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+
+def log_events(procs: Iterable[WorkerProcess]) -> list[dict[str, Any]]:
+    """The structured (JSON) log events of worker processes."""
+    events = []
+    for p in procs:
+        for line in p.log().splitlines():
+            if line.startswith("{"):
+                try:
+                    events.append(json.loads(line))
+                except ValueError:
+                    continue
+    return events
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 from pathlib import Path
 from typing import Any
@@ -15,22 +14,10 @@ from redis.asyncio import Redis
 from opspolish.dispatch import dispatch
 from opspolish.runtime import Runtime
 from opspolish.settings import Settings
-from tests.conftest import WorkerProcess, wait_until
+from tests.conftest import WorkerProcess, log_events, wait_until
 from tests.support.jobs import EFFECT_TYPE
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def log_events(procs: list[WorkerProcess]) -> list[dict[str, Any]]:
-    events = []
-    for p in procs:
-        for line in p.log().splitlines():
-            if line.startswith("{"):
-                try:
-                    events.append(json.loads(line))
-                except ValueError:
-                    continue
-    return events
 
 
 async def test_duplicate_storm_runs_the_body_once_across_three_worker_processes(

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from opspolish.settings import Settings
-from tests.conftest import ROOT, WorkerProcess, wait_until, worker_env
+from tests.conftest import ROOT, wait_until, worker_env
 
 
 def free_port() -> int:
@@ -151,19 +150,6 @@ async def run_cli(settings: Settings, *args: str | bytes, timeout_s: float = 60.
         raise
     assert proc.returncode is not None
     return CliResult(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
-
-
-def log_events(procs: Iterable[WorkerProcess]) -> list[dict[str, Any]]:
-    """The structured (JSON) log events of worker processes."""
-    events = []
-    for p in procs:
-        for line in p.log().splitlines():
-            if line.startswith("{"):
-                try:
-                    events.append(json.loads(line))
-                except ValueError:
-                    continue
-    return events
 
 
 async def run_rows(conn: asyncpg.Connection) -> list[dict[str, Any]]:

@@ -13,12 +13,11 @@ import pytest
 import opspolish
 from opspolish.jobs.assignments import FETCH_TYPE
 from opspolish.settings import Settings
-from tests.conftest import WorkerProcess, wait_until
+from tests.conftest import WorkerProcess, log_events, wait_until
 from tests.reliability.faults import (
     assert_ledger_settled,
     assert_never_concurrent,
     effects,
-    log_events,
     terminate_backends,
 )
 from tests.support.jobs import EFFECT_TYPE

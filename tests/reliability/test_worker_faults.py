@@ -16,13 +16,12 @@ from redis.asyncio import Redis
 import opspolish
 from opspolish.jobs.reconcile import reconcile_all
 from opspolish.settings import Settings
-from tests.conftest import WorkerProcess, wait_until
+from tests.conftest import WorkerProcess, log_events, wait_until
 from tests.reliability.faults import (
     RedisServer,
     assert_ledger_settled,
     assert_never_concurrent,
     effects,
-    log_events,
     queued_job_ids,
 )
 from tests.support.jobs import EFFECT_TYPE
