@@ -93,11 +93,25 @@ BEGIN
             v_tenant := r.tenant_id;  -- dispatch names the tenant by id: no look-up needed
             v_ws := r.workspace_id;
         ELSE
-            SELECT rt.tenant_id, rt.workspace_id INTO v_tenant, v_ws FROM opspolish_resolve_tenant(p_tenant) rt;
+            -- opspolish_resolve_tenant inlined: one statement on the hot path instead of a nested call.
+            IF p_tenant ~* '^[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}$' THEN
+                SELECT t.id, t.workspace_id INTO v_tenant, v_ws FROM tenants t WHERE t.id = p_tenant::uuid;
+                IF v_tenant IS NULL THEN
+                    SELECT t.id, t.workspace_id INTO v_tenant, v_ws
+                    FROM tenants t WHERE t.external_id = lower(p_tenant::uuid::text);
+                END IF;
+            END IF;
         END IF;
         IF v_tenant IS NULL THEN
-            RETURN QUERY SELECT 'tenant_not_found', NULL::bigint, 0, NULL::bigint, 'tenant.not_found', 0::float8,
-                                NULL::uuid, NULL::uuid;
+            decision := 'tenant_not_found';
+            run_id := NULL::bigint;
+            attempts := 0;
+            dedupe_of := NULL::bigint;
+            reason_code := 'tenant.not_found';
+            wait_s := 0::float8;
+            workspace_id := NULL::uuid;
+            tenant_id := NULL::uuid;
+            RETURN NEXT;
             RETURN;
         END IF;
     END IF;
@@ -106,8 +120,15 @@ BEGIN
         IF r.id IS NULL OR r.type <> p_type
            OR (p_tenant IS NOT NULL AND r.tenant_id IS DISTINCT FROM v_tenant)
            OR (p_tenant IS NULL AND v_ws IS NOT NULL AND (r.workspace_id <> v_ws OR r.tenant_id IS NOT NULL)) THEN
-            RETURN QUERY SELECT 'run_not_found', p_run_id, 0, NULL::bigint, 'run.not_found', 0::float8,
-                                NULL::uuid, NULL::uuid;
+            decision := 'run_not_found';
+            run_id := p_run_id;
+            attempts := 0;
+            dedupe_of := NULL::bigint;
+            reason_code := 'run.not_found';
+            wait_s := 0::float8;
+            workspace_id := NULL::uuid;
+            tenant_id := NULL::uuid;
+            RETURN NEXT;
             RETURN;
         END IF;
         v_identity := r.run_identity_hash;
@@ -135,18 +156,39 @@ BEGIN
 
     IF r.id IS NOT NULL THEN
         IF r.status = 'completed' THEN  -- final: true with or without the lock
-            RETURN QUERY SELECT 'already_completed', r.id, r.attempts, r.dedupe_of, 'dedupe.already_completed',
-                                0::float8, r.workspace_id, r.tenant_id;
+            decision := 'already_completed';
+            run_id := r.id;
+            attempts := r.attempts;
+            dedupe_of := r.dedupe_of;
+            reason_code := 'dedupe.already_completed';
+            wait_s := 0::float8;
+            workspace_id := r.workspace_id;
+            tenant_id := r.tenant_id;
+            RETURN NEXT;
             RETURN;
         END IF;
         IF NOT v_locked THEN
-            RETURN QUERY SELECT 'busy', r.id, 0, NULL::bigint, NULL::text, 0::float8, v_ws, v_tenant;
+            decision := 'busy';
+            run_id := r.id;
+            attempts := 0;
+            dedupe_of := NULL::bigint;
+            reason_code := NULL::text;
+            wait_s := 0::float8;
+            workspace_id := v_ws;
+            tenant_id := v_tenant;
+            RETURN NEXT;
             RETURN;
         END IF;
         IF r.status = 'running' AND r.heartbeat_at > now() - make_interval(secs => p_lease_ttl_s) THEN
-            RETURN QUERY SELECT 'overlap', r.id, r.attempts, NULL::bigint, 'dedupe.overlap',
-                                GREATEST(extract(epoch FROM r.heartbeat_at - now())::float8 + p_lease_ttl_s, 0.1),
-                                r.workspace_id, r.tenant_id;
+            decision := 'overlap';
+            run_id := r.id;
+            attempts := r.attempts;
+            dedupe_of := NULL::bigint;
+            reason_code := 'dedupe.overlap';
+            wait_s := GREATEST(extract(epoch FROM r.heartbeat_at - now())::float8 + p_lease_ttl_s, 0.1);
+            workspace_id := r.workspace_id;
+            tenant_id := r.tenant_id;
+            RETURN NEXT;
             RETURN;
         END IF;
         IF r.status = 'queued' AND r.attempts = 0 THEN
@@ -161,8 +203,15 @@ BEGIN
                        reason_message = 'identity completed run ' || v_other || ' within its cooldown',
                        completed_at = now(), job_id = coalesce(o.job_id, p_job_id)
                 WHERE o.id = r.id;
-                RETURN QUERY SELECT 'skipped', r.id, 0, v_other, 'dedupe.cooldown', 0::float8,
-                                    r.workspace_id, r.tenant_id;
+                decision := 'skipped';
+                run_id := r.id;
+                attempts := 0;
+                dedupe_of := v_other;
+                reason_code := 'dedupe.cooldown';
+                wait_s := 0::float8;
+                workspace_id := r.workspace_id;
+                tenant_id := r.tenant_id;
+                RETURN NEXT;
                 RETURN;
             END IF;
         END IF;
@@ -172,8 +221,15 @@ BEGIN
                job_id = coalesce(o.job_id, p_job_id), queue_name = coalesce(o.queue_name, p_queue_name)
         WHERE o.id = r.id
         RETURNING o.attempts INTO r.attempts;
-        RETURN QUERY SELECT CASE WHEN r.status = 'running' THEN 'taken_over' ELSE 'claimed' END,
-                            r.id, r.attempts, NULL::bigint, NULL::text, 0::float8, r.workspace_id, r.tenant_id;
+        decision := CASE WHEN r.status = 'running' THEN 'taken_over' ELSE 'claimed' END;
+        run_id := r.id;
+        attempts := r.attempts;
+        dedupe_of := NULL::bigint;
+        reason_code := NULL::text;
+        wait_s := 0::float8;
+        workspace_id := r.workspace_id;
+        tenant_id := r.tenant_id;
+        RETURN NEXT;
         RETURN;
     END IF;
 
@@ -208,12 +264,28 @@ BEGIN
                                  ELSE 'run ' || v_other || ' of the same identity is active' END,
                     v_other, p_job_id, p_queue_name, now())
             RETURNING o.id INTO r.id;
-            RETURN QUERY SELECT 'skipped', r.id, 0, v_other, v_code, 0::float8, v_ws, v_tenant;
+            decision := 'skipped';
+            run_id := r.id;
+            attempts := 0;
+            dedupe_of := v_other;
+            reason_code := v_code;
+            wait_s := 0::float8;
+            workspace_id := v_ws;
+            tenant_id := v_tenant;
+            RETURN NEXT;
             RETURN;
         END IF;
 
         IF NOT v_locked THEN  -- nothing decided: only the lock holder may create and claim the run
-            RETURN QUERY SELECT 'busy', NULL::bigint, 0, NULL::bigint, NULL::text, 0::float8, v_ws, v_tenant;
+            decision := 'busy';
+            run_id := NULL::bigint;
+            attempts := 0;
+            dedupe_of := NULL::bigint;
+            reason_code := NULL::text;
+            wait_s := 0::float8;
+            workspace_id := v_ws;
+            tenant_id := v_tenant;
+            RETURN NEXT;
             RETURN;
         END IF;
         INSERT INTO operation_runs AS o (workspace_id, tenant_id, type, status, run_identity_hash, fingerprint,
@@ -223,7 +295,15 @@ BEGIN
         ON CONFLICT (run_identity_hash) WHERE status IN ('queued', 'running') DO NOTHING
         RETURNING o.id INTO r.id;
         IF r.id IS NOT NULL THEN
-            RETURN QUERY SELECT 'claimed', r.id, 1, NULL::bigint, NULL::text, 0::float8, v_ws, v_tenant;
+            decision := 'claimed';
+            run_id := r.id;
+            attempts := 1;
+            dedupe_of := NULL::bigint;
+            reason_code := NULL::text;
+            wait_s := 0::float8;
+            workspace_id := v_ws;
+            tenant_id := v_tenant;
+            RETURN NEXT;
             RETURN;
         END IF;
         -- A dispatch made an active run of this identity after our check: go round and skip against it.
@@ -266,13 +346,25 @@ BEGIN
         ON CONFLICT (run_identity_hash) WHERE status IN ('queued', 'running') DO NOTHING
         RETURNING o.id, o.job_id INTO v_id, v_job;
         IF v_id IS NOT NULL THEN
-            RETURN QUERY SELECT v_id, v_job, true, 'queued'::text, v_ws, v_tenant;
+            run_id := v_id;
+            job_id := v_job;
+            created := true;
+            status := 'queued'::text;
+            workspace_id := v_ws;
+            tenant_id := v_tenant;
+            RETURN NEXT;
             RETURN;
         END IF;
         SELECT o.id, o.job_id, o.status INTO v_id, v_job, v_status FROM operation_runs o
         WHERE o.run_identity_hash = v_identity AND o.status IN ('queued', 'running');
         IF v_id IS NOT NULL THEN
-            RETURN QUERY SELECT v_id, v_job, false, v_status, v_ws, v_tenant;
+            run_id := v_id;
+            job_id := v_job;
+            created := false;
+            status := v_status;
+            workspace_id := v_ws;
+            tenant_id := v_tenant;
+            RETURN NEXT;
             RETURN;
         END IF;
     END LOOP;
