@@ -84,6 +84,10 @@ DECLARE
     r operation_runs%ROWTYPE;
     v_zero constant jsonb := '{"total": 0, "processed": 0, "failed": 0}';
 BEGIN
+    -- Each exit sets the OUT columns that differ from these defaults (the others start NULL), then RETURN NEXT.
+    attempts := 0;
+    wait_s := 0;
+
     -- 1. Resolve the run (by id) or the identity (raw enqueue), within the delivery's scope.
     IF p_run_id IS NOT NULL THEN
         SELECT * INTO r FROM operation_runs o WHERE o.id = p_run_id;
@@ -104,13 +108,7 @@ BEGIN
         END IF;
         IF v_tenant IS NULL THEN
             decision := 'tenant_not_found';
-            run_id := NULL::bigint;
-            attempts := 0;
-            dedupe_of := NULL::bigint;
             reason_code := 'tenant.not_found';
-            wait_s := 0::float8;
-            workspace_id := NULL::uuid;
-            tenant_id := NULL::uuid;
             RETURN NEXT;
             RETURN;
         END IF;
@@ -122,12 +120,7 @@ BEGIN
            OR (p_tenant IS NULL AND v_ws IS NOT NULL AND (r.workspace_id <> v_ws OR r.tenant_id IS NOT NULL)) THEN
             decision := 'run_not_found';
             run_id := p_run_id;
-            attempts := 0;
-            dedupe_of := NULL::bigint;
             reason_code := 'run.not_found';
-            wait_s := 0::float8;
-            workspace_id := NULL::uuid;
-            tenant_id := NULL::uuid;
             RETURN NEXT;
             RETURN;
         END IF;
@@ -161,7 +154,6 @@ BEGIN
             attempts := r.attempts;
             dedupe_of := r.dedupe_of;
             reason_code := 'dedupe.already_completed';
-            wait_s := 0::float8;
             workspace_id := r.workspace_id;
             tenant_id := r.tenant_id;
             RETURN NEXT;
@@ -170,10 +162,6 @@ BEGIN
         IF NOT v_locked THEN
             decision := 'busy';
             run_id := r.id;
-            attempts := 0;
-            dedupe_of := NULL::bigint;
-            reason_code := NULL::text;
-            wait_s := 0::float8;
             workspace_id := v_ws;
             tenant_id := v_tenant;
             RETURN NEXT;
@@ -183,7 +171,6 @@ BEGIN
             decision := 'overlap';
             run_id := r.id;
             attempts := r.attempts;
-            dedupe_of := NULL::bigint;
             reason_code := 'dedupe.overlap';
             wait_s := GREATEST(extract(epoch FROM r.heartbeat_at - now())::float8 + p_lease_ttl_s, 0.1);
             workspace_id := r.workspace_id;
@@ -205,10 +192,8 @@ BEGIN
                 WHERE o.id = r.id;
                 decision := 'skipped';
                 run_id := r.id;
-                attempts := 0;
                 dedupe_of := v_other;
                 reason_code := 'dedupe.cooldown';
-                wait_s := 0::float8;
                 workspace_id := r.workspace_id;
                 tenant_id := r.tenant_id;
                 RETURN NEXT;
@@ -224,9 +209,6 @@ BEGIN
         decision := CASE WHEN r.status = 'running' THEN 'taken_over' ELSE 'claimed' END;
         run_id := r.id;
         attempts := r.attempts;
-        dedupe_of := NULL::bigint;
-        reason_code := NULL::text;
-        wait_s := 0::float8;
         workspace_id := r.workspace_id;
         tenant_id := r.tenant_id;
         RETURN NEXT;
@@ -266,10 +248,8 @@ BEGIN
             RETURNING o.id INTO r.id;
             decision := 'skipped';
             run_id := r.id;
-            attempts := 0;
             dedupe_of := v_other;
             reason_code := v_code;
-            wait_s := 0::float8;
             workspace_id := v_ws;
             tenant_id := v_tenant;
             RETURN NEXT;
@@ -278,11 +258,6 @@ BEGIN
 
         IF NOT v_locked THEN  -- nothing decided: only the lock holder may create and claim the run
             decision := 'busy';
-            run_id := NULL::bigint;
-            attempts := 0;
-            dedupe_of := NULL::bigint;
-            reason_code := NULL::text;
-            wait_s := 0::float8;
             workspace_id := v_ws;
             tenant_id := v_tenant;
             RETURN NEXT;
@@ -298,9 +273,6 @@ BEGIN
             decision := 'claimed';
             run_id := r.id;
             attempts := 1;
-            dedupe_of := NULL::bigint;
-            reason_code := NULL::text;
-            wait_s := 0::float8;
             workspace_id := v_ws;
             tenant_id := v_tenant;
             RETURN NEXT;
