@@ -1,4 +1,4 @@
-"""Coalesced completion writes: concurrent completions share a statement, each is still fenced on its lease."""
+"""Coalesced gate traffic: concurrent claims and completions share statements, each decided as if alone."""
 
 from __future__ import annotations
 
@@ -7,9 +7,13 @@ import uuid
 from typing import Any
 
 import asyncpg
+import pytest
 
-from opspolish.batching import CompletionWriter
+from opspolish import db
+from opspolish.batching import GateBatcher
 from opspolish.dispatch import dispatch
+from opspolish.errors import DbUnavailable
+from opspolish.fingerprint import fingerprint
 from opspolish.runtime import Runtime
 from tests.support.jobs import EFFECT_TYPE
 
@@ -27,7 +31,7 @@ async def test_concurrent_completions_share_flushes_and_each_is_fenced_on_its_le
                                       cooldown_s=0, lease_ttl_s=60)
         assert claim.decision == "claimed"
         leases.append((run.run_id, owner))
-    writer = CompletionWriter(rt.pool)
+    writer = GateBatcher(lambda: db.connect_gate(rt.settings), rt.ledger)
     # Every fourth delivery lost its lease: a stranger's owner id must not write.
     owners = [uuid.uuid4() if i % 4 == 0 else owner for i, (_, owner) in enumerate(leases)]
     results = await asyncio.gather(*[
@@ -37,7 +41,7 @@ async def test_concurrent_completions_share_flushes_and_each_is_fenced_on_its_le
     ])
     await writer.close()
     assert results == [i % 4 != 0 for i in range(20)]
-    assert writer.writes == 20 and writer.flushes < 20  # coalesced
+    assert writer.completions == 20 and writer.flushes < 20  # coalesced
     rows = {r["id"]: r for r in await conn.fetch("SELECT id, status, summary_counts FROM operation_runs")}
     for i, (run_id, _) in enumerate(leases):
         if i % 4 == 0:
@@ -47,10 +51,89 @@ async def test_concurrent_completions_share_flushes_and_each_is_fenced_on_its_le
 
 
 async def test_a_failed_flush_reaches_every_waiter(rt: Runtime) -> None:
-    writer = CompletionWriter(rt.pool)
-    await rt.pool.close()
+    async def refused() -> asyncpg.Connection:
+        raise DbUnavailable("cannot connect to PostgreSQL: refused")
+
+    writer = GateBatcher(refused, rt.ledger)
     results = await asyncio.gather(
         *[writer.complete(i, uuid.uuid4(), outcome="succeeded", counts={"total": 0, "processed": 0, "failed": 0},
                           reason_code=None, reason_message=None) for i in range(3)],
         return_exceptions=True)
     assert len(results) == 3 and all(isinstance(r, Exception) for r in results)
+
+
+def _claim_args(run_id: int | None, tenant: str | None, *, fp: str | None = None, job_id: str = "j",
+                context: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"run_id": run_id, "tenant": tenant, "workspace_id": None, "run_type": EFFECT_TYPE, "fingerprint": fp,
+            "context": context, "job_id": job_id, "queue_name": "q", "lease_owner": uuid.uuid4(),
+            "cooldown_s": 900.0, "lease_ttl_s": 60.0}
+
+
+async def test_two_deliveries_of_one_identity_in_one_batch_run_once(
+    rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any]
+) -> None:
+    tenant = seeded["tenants"][0]["external_id"]
+    run = await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "same"})
+    fp = fingerprint({"tag": "raw"})
+    batcher = GateBatcher(lambda: db.connect_gate(rt.settings), rt.ledger)
+    try:
+        decided = await asyncio.gather(
+            batcher.claim(**_claim_args(run.run_id, tenant, job_id=run.job_id)),
+            batcher.claim(**_claim_args(run.run_id, tenant, job_id=run.job_id)),
+            batcher.claim(**_claim_args(None, tenant, fp=fp, job_id="raw-1", context={"tag": "raw"})),
+            batcher.claim(**_claim_args(None, tenant, fp=fp, job_id="raw-2", context={"tag": "raw"})),
+        )
+    finally:
+        await batcher.close()
+    assert batcher.flushes == 1 and batcher.claims == 4  # one statement decided all four
+    assert [c.decision for c in decided] == ["claimed", "overlap", "claimed", "skipped"]
+    assert decided[3].reason_code == "dedupe.non_canonical" and decided[3].dedupe_of == decided[2].run_id
+    rows = await conn.fetch("SELECT status, count(*) FROM operation_runs GROUP BY status ORDER BY status")
+    assert [tuple(r) for r in rows] == [("completed", 1), ("running", 2)]
+
+
+async def test_a_claim_the_database_refuses_fails_alone_and_its_batch_is_replayed(
+    rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any]
+) -> None:
+    tenant = seeded["tenants"][0]["external_id"]
+    runs = [await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": f"r{i}"}) for i in range(3)]
+    batcher = GateBatcher(lambda: db.connect_gate(rt.settings), rt.ledger)
+    try:
+        # A raw delivery with neither tenant nor workspace: opspolish_claim raises, failing the whole statement.
+        decided = await asyncio.gather(
+            batcher.claim(**_claim_args(runs[0].run_id, tenant, job_id=runs[0].job_id)),
+            batcher.claim(**_claim_args(None, None, fp=fingerprint({"x": 1}), context={"x": 1})),
+            batcher.claim(**_claim_args(runs[1].run_id, tenant, job_id=runs[1].job_id)),
+            batcher.complete(runs[2].run_id, uuid.uuid4(), outcome="succeeded",
+                             counts={"total": 0, "processed": 0, "failed": 0}, reason_code=None,
+                             reason_message=None),
+            return_exceptions=True,
+        )
+    finally:
+        await batcher.close()
+    assert batcher.replays == 1
+    assert isinstance(decided[1], asyncpg.PostgresError) and "needs a tenant or a workspace" in str(decided[1])
+    assert [getattr(d, "decision", None) for d in (decided[0], decided[2])] == ["claimed", "claimed"]
+    assert decided[3] is False  # a stranger's completion: fenced, not written
+    statuses = {r["id"]: r["status"] for r in await conn.fetch("SELECT id, status FROM operation_runs")}
+    assert statuses == {runs[0].run_id: "running", runs[1].run_id: "running", runs[2].run_id: "queued"}
+
+
+async def test_a_claim_whose_delivery_was_cancelled_in_flight_is_handed_back(
+    rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any]
+) -> None:
+    tenant = seeded["tenants"][0]["external_id"]
+    run = await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "cancelled"})
+    batcher = GateBatcher(lambda: db.connect_gate(rt.settings), rt.ledger)
+    try:
+        waiter = asyncio.create_task(batcher.claim(**_claim_args(run.run_id, tenant, job_id=run.job_id)))
+        await asyncio.sleep(0)  # queued; the flush starts on the next turn of the loop
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+    finally:
+        await batcher.close()  # waits for the flush and the hand-back
+    row = await conn.fetchrow("SELECT status, attempts, lease_owner, reason_code FROM operation_runs WHERE id = $1",
+                              run.run_id)
+    assert row is not None
+    assert dict(row) == {"status": "queued", "attempts": 1, "lease_owner": None, "reason_code": "job.cancelled"}

@@ -16,6 +16,7 @@ import asyncpg
 import pytest
 
 from opspolish import db
+from opspolish.batching import _FLUSH
 from opspolish.settings import Settings
 from tests.support.jobs import EFFECT_TYPE
 
@@ -27,6 +28,18 @@ async def _claim(conn: asyncpg.Connection, tenant: str, tag: str) -> Any:
     return await conn.fetchrow(
         "SELECT * FROM opspolish_claim(NULL, $1, NULL, $2, $3, '{}'::jsonb, $4, 'q', $5, 900, 60)",
         tenant, EFFECT_TYPE, tag * 64, f"job-{uuid.uuid4()}", uuid.uuid4())
+
+
+async def _flush(stmt: Any, tenant: str, tag: str, done: tuple[int, uuid.UUID] | None = None) -> list[Any]:
+    """The gate batcher's statement with one raw claim (and one completion when ``done`` is given)."""
+    completions: list[list[Any]] = (
+        [[done[0]], [done[1]], ["succeeded"], ['{"total": 0, "processed": 0, "failed": 0}'], [None], [None]]
+        if done else [[], [], [], [], [], []])
+    owner = uuid.uuid4()
+    rows: list[Any] = await stmt.fetch(
+        *completions, [None], [tenant], [None], [EFFECT_TYPE], [(tag * 64)[:64]], ["{}"],
+        [f"job-{uuid.uuid4()}"], ["q"], [owner], [900.0], [60.0])
+    return [*rows, owner]
 
 
 async def _grow_ledger(settings: Settings, tenant_id: uuid.UUID, workspace_id: uuid.UUID) -> None:
@@ -50,13 +63,19 @@ async def test_gate_statements_use_indexes_at_a_million_runs_even_after_warming_
 ) -> None:
     tenant = seeded["tenants"][0]
     gate = await db.connect(settings)  # the gate's server settings (force_custom_plan), like the worker pool
+    batch = await db.connect_gate(settings)  # the batcher's own connection: one generic plan, no seq scans
     plans: list[str] = []
+    batch_plans: list[str] = []
     try:
         # Autovacuum off (DDL first: it invalidates plans), so only the gate's own plan choice is under test.
         await gate.execute("ALTER TABLE operation_runs SET (autovacuum_enabled = false)")
         await gate.execute("ANALYZE operation_runs")  # freshly analyzed while (nearly) empty
         for i in range(12):  # past the 5 custom plans after which a generic plan may be cached
             await _claim(gate, tenant["external_id"], "0123456789abcdef"[i % 16])
+        stmt = await batch.prepare(_FLUSH)
+        for i in range(6):  # its generic plan is made now, on the (nearly) empty ledger
+            claimed_row, owner = await _flush(stmt, tenant["external_id"], f"c{i}")
+            await _flush(stmt, tenant["external_id"], f"d{i}", done=(claimed_row["run_id"], owner))
         started = time.monotonic()
         await _grow_ledger(settings, tenant["id"], tenant["workspace_id"])
         grow_s = time.monotonic() - started
@@ -68,8 +87,16 @@ async def test_gate_statements_use_indexes_at_a_million_runs_even_after_warming_
         gate.add_log_listener(lambda _c, msg: plans.append(str(msg)))
         claimed = await _claim(gate, tenant["external_id"], "e")  # cooldown look-up + insert path
         await gate.execute("RESET client_min_messages")
+
+        for statement in ("LOAD 'auto_explain'", "SET auto_explain.log_min_duration = 0",
+                          "SET auto_explain.log_nested_statements = on", "SET client_min_messages = log"):
+            await batch.execute(statement)
+        batch.add_log_listener(lambda _c, msg: batch_plans.append(str(msg)))
+        batch_claim, batch_owner = await _flush(stmt, tenant["external_id"], "fa")
+        completed = await _flush(stmt, tenant["external_id"], "fb", done=(batch_claim["run_id"], batch_owner))
     finally:
         await gate.close()
+        await batch.close()
     assert claimed["decision"] == "claimed"
     text = "\n".join(plans)
     assert "operation_runs" in text, "auto_explain captured no plan of the gate's statements"
@@ -77,6 +104,12 @@ async def test_gate_statements_use_indexes_at_a_million_runs_even_after_warming_
     assert "ix_operation_runs_cooldown" in text or "uq_operation_runs_active_identity" in text, text
     assert "ix_operation_runs_job_id" in text, text
     assert grow_s < 240
+    # The batcher's statement: its completion join and its claims, at a million runs, on the plan made empty.
+    assert batch_claim["decision"] == "claimed" and any(r["decision"] is None for r in completed[:-1])
+    batch_text = "\n".join(batch_plans)
+    [update_plan] = [p for p in batch_plans if "CTE done" in p and "ix_operation_runs_job_id" not in p][-1:]
+    assert "Index Scan using pk_operation_runs on operation_runs o" in update_plan, update_plan
+    assert "Seq Scan on operation_runs" not in batch_text, batch_text
 
 
 @pytest.mark.parametrize(("label", "sql", "indexes"), [

@@ -1,31 +1,68 @@
-"""Coalesced completion writes: the completions of concurrent jobs become one statement per flush.
+"""Coalesced gate traffic: the claims and completions of concurrent jobs share one statement per flush.
 
-Each job still awaits its own write, so its completion is committed before arq acknowledges the job; but
-ten jobs finishing together cost one round trip and one commit (one WAL flush) instead of ten. There is no
-timer: a flush starts on the next turn of the event loop after the first pending write, and whatever
-arrives while a flush is in flight goes into the next one, so batches grow with load and a lone job waits
-for nothing.
+Each job still awaits its own outcome, so a claim is committed before its body runs and a completion is
+committed before arq acknowledges the job; but jobs that reach the gate together cost one round trip and
+one commit (one WAL flush) instead of one each. There is no fixed timer: a flush starts on the next turn of
+the event loop after the first pending operation, and whatever arrives while a flush is in flight goes into
+the next one, so batches grow with load and a lone job waits for nothing.
+
+Semantics are those of the single statements, in order: completions first, then each claim through
+``opspolish_claim`` in arrival order. Every function statement takes a fresh snapshot and sees the writes
+made before it in the same transaction, so two deliveries of one identity in a batch are decided as if one
+came after the other (the second sees the first's run: overlap or a recorded skip). The advisory locks the
+claims take are held until the batch commits, a few hundred microseconds longer than alone.
+
+A batch that fails as a whole for a reason other than the connection (a claim the database refuses, a
+deadlock) is replayed one operation per statement, so each error reaches the delivery that caused it and no
+other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
+import structlog
 
-from opspolish.ledger import translate_errors
+from opspolish.errors import DbUnavailable
+from opspolish.ledger import Claim, Ledger, translate_errors
 
-# Fenced on lease_owner per row: a delivery that lost its lease is simply not among the returned ids.
-_COMPLETE_MANY = """
-UPDATE operation_runs o SET status = 'completed', outcome = c.outcome, summary_counts = c.counts::jsonb,
-       reason_code = c.reason_code, reason_message = c.reason_message, completed_at = now(), heartbeat_at = now()
-FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[])
-     AS c(id, owner, outcome, counts, reason_code, reason_message)
-WHERE o.id = c.id AND o.lease_owner = c.owner AND o.status = 'running'
-RETURNING o.id
+log = structlog.get_logger("opspolish")
+
+# Completions first (fenced on lease_owner per row: a delivery that lost its lease is not among the returned
+# ids), then the claims, one opspolish_claim call per element in order.
+_FLUSH = """
+WITH done AS (
+    UPDATE operation_runs o SET status = 'completed', outcome = c.outcome, summary_counts = c.counts::jsonb,
+           reason_code = c.reason_code, reason_message = c.reason_message, completed_at = now(),
+           heartbeat_at = now()
+    FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[])
+         AS c(id, owner, outcome, counts, reason_code, reason_message)
+    -- NOT IN ('queued', 'completed') is status = 'running' (CHECK constraint) in a form no partial index on
+    -- active runs matches: the plan, generic, has only the primary key to reach a row by (tests/test_plans.py).
+    WHERE o.id = c.id AND o.lease_owner = c.owner AND o.status NOT IN ('queued', 'completed')
+    RETURNING o.id
+), claims AS (
+    SELECT a.n, g.*
+    FROM unnest($7::bigint[], $8::text[], $9::uuid[], $10::text[], $11::text[], $12::text[], $13::text[],
+                $14::text[], $15::uuid[], $16::float8[], $17::float8[])
+         WITH ORDINALITY AS a(run_id, tenant, workspace_id, type, fingerprint, context, job_id, queue_name,
+                              lease_owner, cooldown_s, lease_ttl_s, n)
+    CROSS JOIN LATERAL opspolish_claim(a.run_id, a.tenant, a.workspace_id, a.type, a.fingerprint,
+                                       a.context::jsonb, a.job_id, a.queue_name, a.lease_owner, a.cooldown_s,
+                                       a.lease_ttl_s) AS g
+)
+SELECT 0::bigint AS n, NULL::text AS decision, id AS run_id, NULL::integer AS attempts, NULL::bigint AS dedupe_of,
+       NULL::text AS reason_code, NULL::float8 AS wait_s, NULL::uuid AS workspace_id, NULL::uuid AS tenant_id
+FROM done
+UNION ALL
+SELECT n, decision, run_id, attempts, dedupe_of, reason_code, wait_s, workspace_id, tenant_id FROM claims
 """
 
 
@@ -34,66 +71,244 @@ class _Completion:
     run_id: int
     owner: uuid.UUID
     outcome: str
-    counts: str
+    counts: dict[str, int]
     reason_code: str | None
     reason_message: str | None
     done: asyncio.Future[bool]
 
 
-def _consume(future: asyncio.Future[bool]) -> None:
+@dataclass(slots=True)
+class _Claim:
+    run_id: int | None
+    tenant: str | None
+    workspace_id: uuid.UUID | None
+    run_type: str
+    fingerprint: str | None
+    context: dict[str, Any] | None
+    job_id: str
+    queue_name: str
+    lease_owner: uuid.UUID
+    cooldown_s: float
+    lease_ttl_s: float
+    done: asyncio.Future[Claim]
+    abandoned: bool = False  # its delivery was cancelled before the decision arrived
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "tenant": self.tenant, "workspace_id": self.workspace_id,
+                "run_type": self.run_type, "fingerprint": self.fingerprint, "context": self.context,
+                "job_id": self.job_id, "queue_name": self.queue_name, "lease_owner": self.lease_owner,
+                "cooldown_s": self.cooldown_s, "lease_ttl_s": self.lease_ttl_s}
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
     # A waiter cancelled mid-flush never reads its future; reading it here keeps asyncio from warning.
     if not future.cancelled():
         future.exception()
 
 
-class CompletionWriter:
-    """Queue a fenced completion write and await whether it was written (False: the lease was lost)."""
+Connect = Callable[[], Awaitable[asyncpg.Connection]]
 
-    def __init__(self, pool: asyncpg.Pool, *, max_batch: int = 200) -> None:
-        self.pool = pool
+
+class _Lane:
+    """One flush at a time on one dedicated connection, kept with its prepared statement between flushes."""
+
+    def __init__(self) -> None:
+        self.conn: asyncpg.Connection | None = None
+        self.stmt: asyncpg.prepared_stmt.PreparedStatement | None = None
+
+    async def statement(self, connect: Connect) -> asyncpg.prepared_stmt.PreparedStatement:
+        if self.stmt is None or self.conn is None or self.conn.is_closed():
+            await self.drop()
+            self.conn = await connect()
+            self.stmt = await self.conn.prepare(_FLUSH)
+        return self.stmt
+
+    async def drop(self) -> None:
+        conn, self.conn, self.stmt = self.conn, None, None
+        if conn is not None:
+            with contextlib.suppress(Exception):  # a broken connection is simply abandoned
+                await asyncio.wait_for(conn.close(), timeout=2)
+            conn.terminate()
+
+
+class GateBatcher:
+    """Queue a claim or a fenced completion and await its outcome; concurrent ones share a flush.
+
+    Flushes run on their own connections (``connect``, see :func:`opspolish.db.connect_gate`), up to ``lanes``
+    at once: an operation only waits for a flush in flight when every lane is busy, and then joins the next
+    batch. The pool (``ledger``) serves the rare one-by-one replays and hand-backs.
+    """
+
+    def __init__(self, connect: Connect, ledger: Ledger, *, lanes: int = 1, max_batch: int = 200) -> None:
+        self._connect = connect
+        self.ledger = ledger
         self.max_batch = max_batch
-        self._pending: list[_Completion] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self.lanes = lanes
+        self._claims: list[_Claim] = []
+        self._completions: list[_Completion] = []
+        self._idle: list[_Lane] = []
+        self._running: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
         self.flushes = 0
-        self.writes = 0
+        self.claims = 0
+        self.completions = 0
+        self.replays = 0
+
+    # --- public -------------------------------------------------------------------------------------------
+
+    async def claim(
+        self, *, run_id: int | None, tenant: str | None, workspace_id: uuid.UUID | None, run_type: str,
+        fingerprint: str | None, context: dict[str, Any] | None, job_id: str, queue_name: str,
+        lease_owner: uuid.UUID, cooldown_s: float, lease_ttl_s: float,
+    ) -> Claim:
+        """The gate's decision for one delivery (see ``opspolish_claim``)."""
+        done: asyncio.Future[Claim] = self._future()
+        self._claims.append(_Claim(run_id, tenant, workspace_id, run_type, fingerprint, context, job_id,
+                                   queue_name, lease_owner, cooldown_s, lease_ttl_s, done))
+        op = self._claims[-1]
+        self._kick()
+        # The claim goes ahead even if this delivery is cancelled meanwhile; a lease it won is handed back.
+        try:
+            return await asyncio.shield(done)
+        except asyncio.CancelledError:
+            if done.done() and not done.cancelled() and done.exception() is None:
+                self._hand_back_if_won(op, done.result())
+            else:
+                op.abandoned = True
+            raise
 
     async def complete(
         self, run_id: int, lease_owner: uuid.UUID, *, outcome: str, counts: dict[str, int],
         reason_code: str | None, reason_message: str | None,
     ) -> bool:
-        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        done.add_done_callback(_consume)
-        self._pending.append(_Completion(run_id, lease_owner, outcome, json.dumps(counts), reason_code,
-                                         reason_message, done))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_all(), name="opspolish-completion-writer")
+        """Write a run's outcome if ``lease_owner`` still holds it; False when the lease was lost."""
+        done: asyncio.Future[bool] = self._future()
+        self._completions.append(_Completion(run_id, lease_owner, outcome, counts, reason_code, reason_message,
+                                             done))
+        self._kick()
         # The write goes ahead even if this job is cancelled meanwhile; it is fenced, so that is safe.
         return await asyncio.shield(done)
 
-    async def _flush_all(self) -> None:
-        await asyncio.sleep(0)  # let the jobs finishing in this turn of the loop join the batch
-        while self._pending:
-            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
-            try:
-                async with translate_errors():
-                    rows = await self.pool.fetch(
-                        _COMPLETE_MANY, [c.run_id for c in batch], [c.owner for c in batch],
-                        [c.outcome for c in batch], [c.counts for c in batch], [c.reason_code for c in batch],
-                        [c.reason_message for c in batch],
-                    )
-            except Exception as exc:  # every waiter learns it was not written
-                for c in batch:
-                    if not c.done.done():
-                        c.done.set_exception(exc)
-                continue
-            written = {row[0] for row in rows}
-            self.flushes += 1
-            self.writes += len(batch)
-            for c in batch:
-                if not c.done.done():
-                    c.done.set_result(c.run_id in written)
-
     async def close(self) -> None:
-        """Wait for the writes already queued."""
-        if self._flusher is not None:
-            await asyncio.gather(self._flusher, return_exceptions=True)
+        """Wait for the operations already queued (and any hand-back they caused); give the connections back."""
+        while self._running or self._background:
+            await asyncio.gather(*self._running, *self._background, return_exceptions=True)
+        lanes, self._idle = self._idle, []
+        for lane in lanes:
+            await lane.drop()
+
+    # --- flushing -----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _future() -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_consume)
+        return future
+
+    def _kick(self) -> None:
+        if len(self._running) < self.lanes:
+            lane = self._idle.pop() if self._idle else _Lane()
+            task = asyncio.create_task(self._flush_all(lane), name="opspolish-gate-flush")
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _flush_all(self, lane: _Lane) -> None:
+        try:
+            await asyncio.sleep(0)  # let the jobs reaching the gate in this turn of the loop join the batch
+            while self._claims or self._completions:
+                completions = self._completions[: self.max_batch]
+                del self._completions[: len(completions)]
+                claims = self._claims[: self.max_batch - len(completions)]
+                del self._claims[: len(claims)]
+                await self._flush(lane, claims, completions)
+        finally:
+            self._idle.append(lane)
+
+    async def _flush(self, lane: _Lane, claims: list[_Claim], completions: list[_Completion]) -> None:
+        try:
+            async with translate_errors():
+                stmt = await lane.statement(self._connect)
+                rows = await stmt.fetch(*_completion_args(completions), *_claim_args(claims))
+        except DbUnavailable as exc:  # every waiter learns its operation was not done
+            await lane.drop()
+            _fail(exc, claims, completions)
+            return
+        except Exception as exc:
+            if len(claims) + len(completions) == 1:
+                _fail(exc, claims, completions)
+            else:
+                await self._replay_one_by_one(claims, completions)
+            return
+        self.flushes += 1
+        self.claims += len(claims)
+        self.completions += len(completions)
+        written = {row[2] for row in rows if row[0] == 0}
+        decided = {row[0]: row for row in rows if row[0] != 0}
+        for c in completions:
+            if not c.done.done():
+                c.done.set_result(c.run_id in written)
+        for n, op in enumerate(claims, start=1):
+            self._settle_claim(op, Claim(*decided[n][1:]))
+
+    async def _replay_one_by_one(self, claims: list[_Claim], completions: list[_Completion]) -> None:
+        self.replays += 1
+        for c in completions:
+            try:
+                written = await self.ledger.complete(c.run_id, c.owner, outcome=c.outcome, counts=c.counts,
+                                                     reason_code=c.reason_code, reason_message=c.reason_message)
+            except Exception as exc:
+                if not c.done.done():
+                    c.done.set_exception(exc)
+                continue
+            if not c.done.done():
+                c.done.set_result(written)
+        for op in claims:
+            try:
+                claim = await self.ledger.claim(**op.kwargs())
+            except Exception as exc:
+                if not op.done.done():
+                    op.done.set_exception(exc)
+                continue
+            self._settle_claim(op, claim)
+
+    def _settle_claim(self, op: _Claim, claim: Claim) -> None:
+        if not op.done.done():
+            op.done.set_result(claim)
+        if op.abandoned:
+            self._hand_back_if_won(op, claim)
+
+    def _hand_back_if_won(self, op: _Claim, claim: Claim) -> None:
+        """The delivery was cancelled (worker shutdown) while its claim was in flight: a run it won goes back to
+        the queue now rather than waiting for its lease to go stale."""
+        if claim.decision in ("claimed", "taken_over") and claim.run_id is not None:
+            task = asyncio.create_task(self._hand_back(claim.run_id, op.lease_owner))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _hand_back(self, run_id: int, owner: uuid.UUID) -> None:
+        try:
+            await self.ledger.release(run_id, owner, reason_code="job.cancelled",
+                                      reason_message="delivery cancelled while its claim was in flight")
+        except DbUnavailable as exc:  # the lease goes stale and a redelivery takes the run over
+            log.warning("hand_back_failed", run_id=run_id, reason_code=exc.reason_code, message=exc.message)
+
+
+def _fail(exc: BaseException, claims: Sequence[_Claim], completions: Sequence[_Completion]) -> None:
+    futures: list[asyncio.Future[Any]] = [op.done for op in claims] + [op.done for op in completions]
+    for future in futures:
+        if not future.done():
+            future.set_exception(exc)
+
+
+def _completion_args(batch: Sequence[_Completion]) -> tuple[list[Any], ...]:
+    return ([c.run_id for c in batch], [c.owner for c in batch], [c.outcome for c in batch],
+            [json.dumps(c.counts) for c in batch], [c.reason_code for c in batch],
+            [c.reason_message for c in batch])
+
+
+def _claim_args(batch: Sequence[_Claim]) -> tuple[list[Any], ...]:
+    return ([c.run_id for c in batch], [c.tenant for c in batch], [c.workspace_id for c in batch],
+            [c.run_type for c in batch], [c.fingerprint for c in batch],
+            [None if c.context is None else json.dumps(c.context) for c in batch], [c.job_id for c in batch],
+            [c.queue_name for c in batch], [c.lease_owner for c in batch], [c.cooldown_s for c in batch],
+            [c.lease_ttl_s for c in batch])

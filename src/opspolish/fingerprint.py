@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import functools
 import hashlib
 import json
 import math
@@ -33,6 +34,7 @@ _SECRET_KEY = re.compile(
 )
 
 
+@functools.lru_cache(maxsize=4096)
 def is_secret_key(key: str) -> bool:
     """True when a mapping key names a secret (``password``, ``client_secret``, ``X-Api-Key``...)."""
     return bool(_SECRET_KEY.search(key.lower().replace("-", "_")))

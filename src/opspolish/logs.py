@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from collections.abc import Mapping
@@ -12,13 +13,23 @@ import structlog
 from opspolish.fingerprint import is_secret_key
 from opspolish.sanitize import REDACTED, redact_secrets, sanitize_message
 
+_PLAIN = (int, float, bool, type(None))
+
+
+@functools.lru_cache(maxsize=4096)
+def _sanitized(text: str) -> str:
+    return sanitize_message(text)
+
 
 def _scrub_value(value: Any, secret: bool) -> Any:
-    if secret and value is not None and not isinstance(value, bool):
+    if type(value) in _PLAIN:  # numbers, flags and None carry no secret text (only a secret key redacts them)
+        return REDACTED if secret and value is not None and type(value) is not bool else value
+    if secret:
         return REDACTED
     if isinstance(value, str):
-        return sanitize_message(value)
-    if isinstance(value, Mapping):  # nested values too: a body logging its inputs logs their secrets
+        # The same short values (job types, outcomes, tenant ids) recur on every line: sanitize each once.
+        return _sanitized(value) if len(value) <= 200 else sanitize_message(value)
+    if isinstance(value, dict | Mapping):  # nested values too: a body logging its inputs logs their secrets
         return {k: _scrub_value(v, isinstance(k, str) and is_secret_key(k)) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_scrub_value(v, False) for v in value]

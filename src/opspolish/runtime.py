@@ -15,7 +15,7 @@ import structlog
 from arq.connections import ArqRedis, RedisSettings, create_pool
 
 from opspolish import db
-from opspolish.batching import CompletionWriter
+from opspolish.batching import GateBatcher
 from opspolish.errors import DbUnavailable, RedisUnavailable
 from opspolish.ledger import Ledger
 from opspolish.settings import Settings
@@ -120,7 +120,8 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.ledger = Ledger(self.pool)
-        self.completions = CompletionWriter(self.pool)
+        # Claims and completions of concurrent jobs share statements, on the gate's own connection.
+        self.gate = GateBatcher(lambda: db.connect_gate(self.settings), self.ledger)
         self.leases = LeaseKeeper(self.ledger, self.settings.heartbeat_interval_s)
         self.secrets = db.secrets_of(self.settings)
 
@@ -146,7 +147,7 @@ class Runtime:
 
     async def close(self) -> None:
         await self.leases.stop()
-        await self.completions.close()
+        await self.gate.close()
         if self._owns_redis and self.redis is not None:
             await self.redis.aclose()
         await self.pool.close()

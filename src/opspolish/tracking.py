@@ -223,7 +223,7 @@ async def _ask_gate(
     """The gate's decision. A busy identity lock is held for one short transaction, so it is asked again
     in a few ms here before the delivery is deferred through arq (what a duplicate storm would otherwise do)."""
     for spin in range(BUSY_SPINS + 1):
-        claim = await rt.ledger.claim(
+        claim = await rt.gate.claim(
             run_id=run_id, tenant=tenant, workspace_id=workspace_id, run_type=job.type, fingerprint=fingerprint,
             context=context, job_id=job_id, queue_name=rt.settings.queue_name, lease_owner=owner,
             cooldown_s=job.cooldown(rt), lease_ttl_s=rt.settings.lease_ttl_s,
@@ -350,8 +350,8 @@ async def _run_body(
 
     outcome, code, message = _outcome(counts, error, secrets)
     try:
-        written = await rt.completions.complete(run_id, lease.owner, outcome=outcome, counts=counts.as_dict(),
-                                           reason_code=code, reason_message=message)
+        written = await rt.gate.complete(run_id, lease.owner, outcome=outcome, counts=counts.as_dict(),
+                                         reason_code=code, reason_message=message)
     except DbUnavailable as exc:
         # Not written: the run stays ours until the lease goes stale; a redelivery then takes it over.
         bound.warning("run_completion_failed", reason_code=exc.reason_code, message=exc.message)

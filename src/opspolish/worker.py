@@ -28,7 +28,10 @@ async def startup(ctx: dict[str, Any]) -> None:
 async def shutdown(ctx: dict[str, Any]) -> None:
     rt: Runtime | None = ctx.get("opspolish")
     if rt is not None:
-        log.info("worker_stopped", metrics=dict(rt.metrics))
+        gate = rt.gate
+        log.info("worker_stopped", metrics=dict(rt.metrics),
+                 gate={"flushes": gate.flushes, "claims": gate.claims, "completions": gate.completions,
+                       "replays": gate.replays})
         await rt.close()
 
 
