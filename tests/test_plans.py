@@ -30,6 +30,16 @@ async def _claim(conn: asyncpg.Connection, tenant: str, tag: str) -> Any:
         tenant, EFFECT_TYPE, tag * 64, f"job-{uuid.uuid4()}", uuid.uuid4())
 
 
+async def _dispatch_and_claim(conn: asyncpg.Connection, tenant: str, tag: str) -> Any:
+    """The dispatched path: opspolish_dispatch, then a claim by run id (with a cooldown to look up)."""
+    run = await conn.fetchrow("SELECT * FROM opspolish_dispatch($1, NULL, $2, $3, '{}'::jsonb, 'q')",
+                              tenant, EFFECT_TYPE, (tag * 64)[:64])
+    assert run is not None
+    return await conn.fetchrow(
+        "SELECT * FROM opspolish_claim($1, $2, NULL, $3, NULL, NULL, $4, 'q', $5, 900, 60)",
+        run["run_id"], tenant, EFFECT_TYPE, run["job_id"], uuid.uuid4())
+
+
 async def _flush(stmt: Any, tenant: str, tag: str, done: tuple[int, uuid.UUID] | None = None) -> list[Any]:
     """The gate batcher's statement with one raw claim (and one completion when ``done`` is given)."""
     completions: list[list[Any]] = (
@@ -72,6 +82,7 @@ async def test_gate_statements_use_indexes_at_a_million_runs_even_after_warming_
         await gate.execute("ANALYZE operation_runs")  # freshly analyzed while (nearly) empty
         for i in range(12):  # past the 5 custom plans after which a generic plan may be cached
             await _claim(gate, tenant["external_id"], "0123456789abcdef"[i % 16])
+            await _dispatch_and_claim(gate, tenant["external_id"], f"b{i:x}")
         stmt = await batch.prepare(_FLUSH)
         for i in range(6):  # its generic plan is made now, on the (nearly) empty ledger
             claimed_row, owner = await _flush(stmt, tenant["external_id"], f"c{i}")
@@ -86,6 +97,7 @@ async def test_gate_statements_use_indexes_at_a_million_runs_even_after_warming_
         await gate.execute("SET client_min_messages = log")
         gate.add_log_listener(lambda _c, msg: plans.append(str(msg)))
         claimed = await _claim(gate, tenant["external_id"], "e")  # cooldown look-up + insert path
+        dispatched = await _dispatch_and_claim(gate, tenant["external_id"], "ea")  # by id + cooldown look-up
         await gate.execute("RESET client_min_messages")
 
         for statement in ("LOAD 'auto_explain'", "SET auto_explain.log_min_duration = 0",
@@ -97,12 +109,18 @@ async def test_gate_statements_use_indexes_at_a_million_runs_even_after_warming_
     finally:
         await gate.close()
         await batch.close()
-    assert claimed["decision"] == "claimed"
+    assert claimed["decision"] == "claimed" and dispatched["decision"] == "claimed"
     text = "\n".join(plans)
     assert "operation_runs" in text, "auto_explain captured no plan of the gate's statements"
     assert "Seq Scan on operation_runs" not in text, text
-    assert "ix_operation_runs_cooldown" in text or "uq_operation_runs_active_identity" in text, text
-    assert "ix_operation_runs_job_id" in text, text
+    # Each look-up on its own index: the job id, the active identity, the cooldown, the primary key; never a
+    # walk over an index that does not narrow it (what a generic plan made on an empty table could pick).
+    for index in ("ix_operation_runs_job_id", "uq_operation_runs_active_identity", "ix_operation_runs_cooldown",
+                  "pk_operation_runs"):
+        assert index in text, f"{index} not used:\n{text}"
+    for index in ("ix_operation_runs_tenant_listing", "ix_operation_runs_workspace_listing",
+                  "ix_operation_runs_reconcile"):
+        assert index not in text, f"{index} used by the gate:\n{text}"
     assert grow_s < 240
     # The batcher's statement: its completion join and its claims, at a million runs, on the plan made empty.
     assert batch_claim["decision"] == "claimed" and any(r["decision"] is None for r in completed[:-1])

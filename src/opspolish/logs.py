@@ -51,9 +51,9 @@ class _RedactRecords(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             message = record.getMessage()
-            redacted = redact_secrets(message)
-            if redacted != message:
-                record.msg, record.args = redacted, None
+            # Formatted once here: the handler's formatter then reuses the (redacted) text instead of
+            # interpolating the arguments a second time.
+            record.msg, record.args = redact_secrets(message), None
             if record.exc_info and not record.exc_text:
                 record.exc_text = redact_secrets(logging.Formatter().formatException(record.exc_info))
         except Exception:  # a malformed record is the logging module's to report, not ours to raise
@@ -78,7 +78,7 @@ def configure_logging(log_format: str, *, verbose: bool = False) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),  # PrintLogger's output, without print()
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")

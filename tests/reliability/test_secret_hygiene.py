@@ -16,7 +16,14 @@ from sqlalchemy.engine import make_url
 
 import opspolish
 from opspolish.jobs.assignments import FETCH_TYPE
-from opspolish.sanitize import MAX_MESSAGE_CHARS, REDACTED, sanitize_message
+from opspolish.sanitize import (
+    _PATTERNS,
+    MAX_MESSAGE_CHARS,
+    REDACTED,
+    might_hold_secrets,
+    redact_secrets,
+    sanitize_message,
+)
 from opspolish.settings import Settings
 from tests.conftest import WorkerProcess
 from tests.reliability.faults import RedisServer, assert_ledger_settled, run_cli
@@ -178,3 +185,23 @@ def test_sanitized_messages_are_one_bounded_printable_line(text: str) -> None:
     out = sanitize_message(f"Error: {text}\nTraceback (most recent call last):\n  File 'x', line 1\n")
     assert len(out) <= MAX_MESSAGE_CHARS and "\n" not in out and "Traceback" not in out
     assert all(ch.isprintable() for ch in out)
+
+
+# Text built from the secret words' letters in any case (and the Unicode letters that case-insensitive matching
+# takes for ASCII ones), so the redaction patterns match often: their cheap pre-check must never say no then.
+_pattern_alphabet = st.sampled_from([*"pPaAsSwWoOrRdDtTkKeEnNiIyYcCuUhHlLvVbBgGjJxX_-:=/@. ", "\u0131", "\u017f",
+                                     "\u212a", "\u0130", "eyJ", "://", "AKIA", "sk_", "gh"])
+
+
+@settings(max_examples=500)
+@given(text=st.lists(_pattern_alphabet, max_size=40).map("".join))
+def test_the_redaction_pre_check_never_skips_text_a_pattern_would_change(text: str) -> None:
+    if any(pattern.search(text) for pattern, _ in _PATTERNS):
+        assert might_hold_secrets(text), text
+    assert redact_secrets(text) == _redact_without_pre_check(text)
+
+
+def _redact_without_pre_check(text: str) -> str:
+    for pattern, replacement in _PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
