@@ -137,3 +137,25 @@ async def test_a_claim_whose_delivery_was_cancelled_in_flight_is_handed_back(
                               run.run_id)
     assert row is not None
     assert dict(row) == {"status": "queued", "attempts": 1, "lease_owner": None, "reason_code": "job.cancelled"}
+
+
+async def test_back_to_back_operations_of_one_task_never_wait_on_a_finished_flush(
+    rt: Runtime, seeded: dict[str, Any]
+) -> None:
+    # Each operation is queued the moment the previous one's flush resolved it, before that flush's task has
+    # quite finished: it must start a flush of its own, not wait for one that is already over.
+    tenant = seeded["tenants"][0]["external_id"]
+    batcher = GateBatcher(lambda: db.connect_gate(rt.settings), rt.ledger)
+    try:
+        async with asyncio.timeout(30):
+            for i in range(40):
+                fp = fingerprint({"seq": i})
+                claim = await batcher.claim(**_claim_args(None, tenant, fp=fp, job_id=f"seq-{i}",
+                                                          context={"seq": i}))
+                assert claim.decision == "claimed" and claim.run_id is not None
+                assert await batcher.complete(claim.run_id, uuid.uuid4(), outcome="succeeded",
+                                              counts={"total": 0, "processed": 0, "failed": 0},
+                                              reason_code=None, reason_message=None) is False  # not its lease
+    finally:
+        await batcher.close()
+    assert batcher.flushes == 80

@@ -91,19 +91,12 @@ class _Claim:
     cooldown_s: float
     lease_ttl_s: float
     done: asyncio.Future[Claim]
-    abandoned: bool = False  # its delivery was cancelled before the decision arrived
 
     def kwargs(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "tenant": self.tenant, "workspace_id": self.workspace_id,
                 "run_type": self.run_type, "fingerprint": self.fingerprint, "context": self.context,
                 "job_id": self.job_id, "queue_name": self.queue_name, "lease_owner": self.lease_owner,
                 "cooldown_s": self.cooldown_s, "lease_ttl_s": self.lease_ttl_s}
-
-
-def _consume(future: asyncio.Future[Any]) -> None:
-    # A waiter cancelled mid-flush never reads its future; reading it here keeps asyncio from warning.
-    if not future.cancelled():
-        future.exception()
 
 
 Connect = Callable[[], Awaitable[asyncpg.Connection]]
@@ -162,19 +155,18 @@ class GateBatcher:
         lease_owner: uuid.UUID, cooldown_s: float, lease_ttl_s: float,
     ) -> Claim:
         """The gate's decision for one delivery (see ``opspolish_claim``)."""
-        done: asyncio.Future[Claim] = self._future()
-        self._claims.append(_Claim(run_id, tenant, workspace_id, run_type, fingerprint, context, job_id,
-                                   queue_name, lease_owner, cooldown_s, lease_ttl_s, done))
-        op = self._claims[-1]
+        done: asyncio.Future[Claim] = asyncio.get_running_loop().create_future()
+        op = _Claim(run_id, tenant, workspace_id, run_type, fingerprint, context, job_id, queue_name, lease_owner,
+                    cooldown_s, lease_ttl_s, done)
+        self._claims.append(op)
         self._kick()
-        # The claim goes ahead even if this delivery is cancelled meanwhile; a lease it won is handed back.
+        # The claim goes ahead even if this delivery is cancelled meanwhile (cancelling it cancels ``done``); a
+        # lease it won is then handed back, here or by the flush.
         try:
-            return await asyncio.shield(done)
+            return await done
         except asyncio.CancelledError:
             if done.done() and not done.cancelled() and done.exception() is None:
                 self._hand_back_if_won(op, done.result())
-            else:
-                op.abandoned = True
             raise
 
     async def complete(
@@ -182,12 +174,12 @@ class GateBatcher:
         reason_code: str | None, reason_message: str | None,
     ) -> bool:
         """Write a run's outcome if ``lease_owner`` still holds it; False when the lease was lost."""
-        done: asyncio.Future[bool] = self._future()
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._completions.append(_Completion(run_id, lease_owner, outcome, counts, reason_code, reason_message,
                                              done))
         self._kick()
         # The write goes ahead even if this job is cancelled meanwhile; it is fenced, so that is safe.
-        return await asyncio.shield(done)
+        return await done
 
     async def close(self) -> None:
         """Wait for the operations already queued (and any hand-back they caused); give the connections back."""
@@ -198,12 +190,6 @@ class GateBatcher:
             await lane.drop()
 
     # --- flushing -----------------------------------------------------------------------------------------
-
-    @staticmethod
-    def _future() -> asyncio.Future[Any]:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        future.add_done_callback(_consume)
-        return future
 
     def _kick(self) -> None:
         if len(self._running) < self.lanes:
@@ -223,6 +209,11 @@ class GateBatcher:
                 await self._flush(lane, claims, completions)
         finally:
             self._idle.append(lane)
+            # Leave the running set now, not in a done-callback a turn later: an operation queued in between
+            # would otherwise find every lane "busy" and wait for a flush that never comes.
+            task = asyncio.current_task()
+            if task is not None:
+                self._running.discard(task)
 
     async def _flush(self, lane: _Lane, claims: list[_Claim], completions: list[_Completion]) -> None:
         try:
@@ -272,10 +263,10 @@ class GateBatcher:
             self._settle_claim(op, claim)
 
     def _settle_claim(self, op: _Claim, claim: Claim) -> None:
-        if not op.done.done():
-            op.done.set_result(claim)
-        if op.abandoned:
+        if op.done.cancelled():  # its delivery was cancelled before the decision arrived
             self._hand_back_if_won(op, claim)
+        elif not op.done.done():
+            op.done.set_result(claim)
 
     def _hand_back_if_won(self, op: _Claim, claim: Claim) -> None:
         """The delivery was cancelled (worker shutdown) while its claim was in flight: a run it won goes back to

@@ -239,7 +239,7 @@ async def execute(
     inputs: Mapping[str, Any] | None, job_id: str, job_try: int = 1,
 ) -> dict[str, Any]:
     """Run one delivery of a tracked job through the gate. Returns a small summary for arq's result."""
-    bound = log.bind(type=job.type, job_id=job_id, job_try=job_try, run_id=run_id, tenant_id=tenant)
+    where = {"type": job.type, "job_id": job_id, "job_try": job_try, "tenant_id": tenant}
     fp: str | None = None
     context: dict[str, Any] | None = None
     data: dict[str, Any] = dict(inputs or {})
@@ -257,7 +257,8 @@ async def execute(
     except (InputInvalid, TenantNotFound, ValueError) as exc:
         code = exc.reason_code if isinstance(exc, OpsPolishError) else "input.invalid"
         rt.metrics[f"rejected:{code}"] += 1
-        bound.warning("run_rejected", reason_code=code, message=sanitize_message(str(exc), extra_secrets=rt.secrets))
+        log.warning("run_rejected", **where, run_id=run_id, reason_code=code,
+                    message=sanitize_message(str(exc), extra_secrets=rt.secrets))
         return _skip_result("rejected", run_id, code, None)
 
     owner = uuid.uuid4()
@@ -265,10 +266,10 @@ async def execute(
         claim = await _ask_gate(rt, job, run_id=run_id, tenant=tenant if job.scope == "tenant" else None,
                                 workspace_id=ws, fingerprint=fp, context=context, job_id=job_id, owner=owner)
     except DbUnavailable as exc:
-        bound.warning("gate_unavailable", reason_code=exc.reason_code, message=exc.message)
+        log.warning("gate_unavailable", **where, run_id=run_id, reason_code=exc.reason_code, message=exc.message)
         raise Retry(defer=_backoff_s(min(job_try, 5))) from exc
 
-    bound = bound.bind(run_id=claim.run_id)
+    bound = log.bind(**where, run_id=claim.run_id)
     decision = claim.decision
     if decision == "busy":
         rt.metrics["deferred:busy"] += 1
@@ -288,19 +289,21 @@ async def execute(
     bound.debug("run_claimed", attempt=claim.attempts, decision=decision)
     rt.metrics[decision] += 1
     lease = rt.leases.hold(claim.run_id, owner)
-    # Error texts may echo the inputs' secrets verbatim (an upstream quoting the token it refused): redact them too.
-    secrets = (*rt.secrets, *secret_values(data))
     try:
         return await _run_body(rt, job, claim.run_id, claim.attempts, claim.workspace_id, claim.tenant_id,
-                               data, job_id, lease, bound, secrets)
+                               data, job_id, lease, bound)
     finally:
         rt.leases.drop(lease)
 
 
 async def _run_body(
     rt: Runtime, job: TrackedJob, run_id: int, attempt: int, workspace_id: uuid.UUID, tenant_id: uuid.UUID | None,
-    data: dict[str, Any], job_id: str, lease: Lease, bound: Any, secrets: tuple[str, ...],
+    data: dict[str, Any], job_id: str, lease: Lease, bound: Any,
 ) -> dict[str, Any]:
+    # Error texts may echo the inputs' secrets verbatim (an upstream quoting the token it refused): redact them
+    # too. Collected before the body runs, which may change its inputs.
+    secrets = (*rt.secrets, *secret_values(data))
+
     counts = Counts()
     run = RunContext(run_id, job.type, workspace_id, tenant_id, attempt, data, counts, rt, job_id, bound)
     error: OpsPolishError | None = None
@@ -349,8 +352,9 @@ async def _run_body(
         return _skip_result("lease_lost", run_id, "dedupe.overlap", None)
 
     outcome, code, message = _outcome(counts, error, secrets)
+    summary = counts.as_dict()
     try:
-        written = await rt.gate.complete(run_id, lease.owner, outcome=outcome, counts=counts.as_dict(),
+        written = await rt.gate.complete(run_id, lease.owner, outcome=outcome, counts=summary,
                                          reason_code=code, reason_message=message)
     except DbUnavailable as exc:
         # Not written: the run stays ours until the lease goes stale; a redelivery then takes it over.
@@ -360,7 +364,7 @@ async def _run_body(
         bound.warning("run_abandoned", reason_code="dedupe.overlap", message="lease lost before completion")
         return _skip_result("lease_lost", run_id, "dedupe.overlap", None)
     rt.metrics[f"completed:{outcome}"] += 1
-    bound.info("run_completed", outcome=outcome, reason_code=code, counts=counts.as_dict(), attempt=attempt)
+    bound.info("run_completed", outcome=outcome, reason_code=code, counts=summary, attempt=attempt)
     return {"decision": "completed", "run_id": run_id, "outcome": outcome, "reason_code": code}
 
 
