@@ -159,3 +159,28 @@ async def test_back_to_back_operations_of_one_task_never_wait_on_a_finished_flus
     finally:
         await batcher.close()
     assert batcher.flushes == 80
+
+
+async def test_a_row_locked_by_someone_else_holds_up_only_its_own_delivery(
+    rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any]
+) -> None:
+    tenant = seeded["tenants"][0]["external_id"]
+    blocked, free = [await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": t}) for t in ("blocked", "free")]
+    batcher = GateBatcher(lambda: db.connect_gate(rt.settings), rt.ledger)
+    operator = await db.connect(rt.settings)
+    try:
+        await operator.execute("BEGIN")
+        await operator.execute("SELECT 1 FROM operation_runs WHERE id = $1 FOR UPDATE", blocked.run_id)
+        held = asyncio.create_task(batcher.claim(**_claim_args(blocked.run_id, tenant, job_id=blocked.job_id)))
+        other = asyncio.create_task(batcher.claim(**_claim_args(free.run_id, tenant, job_id=free.job_id)))
+        # The shared flush gives up on the lock (lock_timeout) and is replayed one operation per statement.
+        async with asyncio.timeout(15):
+            assert (await other).decision == "claimed"
+        assert not held.done()
+        await operator.execute("ROLLBACK")
+        async with asyncio.timeout(15):
+            assert (await held).decision == "claimed"
+    finally:
+        await operator.close()
+        await batcher.close()
+    assert batcher.replays == 1

@@ -13,8 +13,9 @@ came after the other (the second sees the first's run: overlap or a recorded ski
 claims take are held until the batch commits, a few hundred microseconds longer than alone.
 
 A batch that fails as a whole for a reason other than the connection (a claim the database refuses, a
-deadlock) is replayed one operation per statement, so each error reaches the delivery that caused it and no
-other.
+deadlock, a row locked by someone else for longer than the gate's ``lock_timeout``) is replayed one operation per
+statement on the pool, all at once and beside the lane, so each error reaches the delivery that caused it and a
+blocked operation holds up no other.
 """
 
 from __future__ import annotations
@@ -224,11 +225,10 @@ class GateBatcher:
             await lane.drop()
             _fail(exc, claims, completions)
             return
-        except Exception as exc:
-            if len(claims) + len(completions) == 1:
-                _fail(exc, claims, completions)
-            else:
-                await self._replay_one_by_one(claims, completions)
+        except Exception:
+            # Refused (a claim the function rejects, a deadlock) or held up past the gate's lock_timeout: each
+            # operation is replayed alone on the pool, where its own error reaches it and a lock is waited for.
+            self._spawn(self._replay_one_by_one(claims, completions))
             return
         self.flushes += 1
         self.claims += len(claims)
@@ -242,25 +242,36 @@ class GateBatcher:
             self._settle_claim(op, Claim(*decided[n][1:]))
 
     async def _replay_one_by_one(self, claims: list[_Claim], completions: list[_Completion]) -> None:
+        """Each operation in a statement of its own on the pool, all at once: one blocked on a lock (or refused)
+        holds up or fails only itself. Runs beside the lane, which goes on flushing meanwhile."""
         self.replays += 1
-        for c in completions:
-            try:
-                written = await self.ledger.complete(c.run_id, c.owner, outcome=c.outcome, counts=c.counts,
-                                                     reason_code=c.reason_code, reason_message=c.reason_message)
-            except Exception as exc:
-                if not c.done.done():
-                    c.done.set_exception(exc)
-                continue
+        await asyncio.gather(*(self._replay_completion(c) for c in completions),
+                             *(self._replay_claim(op) for op in claims))
+
+    async def _replay_completion(self, c: _Completion) -> None:
+        try:
+            written = await self.ledger.complete(c.run_id, c.owner, outcome=c.outcome, counts=c.counts,
+                                                 reason_code=c.reason_code, reason_message=c.reason_message)
+        except Exception as exc:
             if not c.done.done():
-                c.done.set_result(written)
-        for op in claims:
-            try:
-                claim = await self.ledger.claim(**op.kwargs())
-            except Exception as exc:
-                if not op.done.done():
-                    op.done.set_exception(exc)
-                continue
-            self._settle_claim(op, claim)
+                c.done.set_exception(exc)
+            return
+        if not c.done.done():
+            c.done.set_result(written)
+
+    async def _replay_claim(self, op: _Claim) -> None:
+        try:
+            claim = await self.ledger.claim(**op.kwargs())
+        except Exception as exc:
+            if not op.done.done():
+                op.done.set_exception(exc)
+            return
+        self._settle_claim(op, claim)
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _settle_claim(self, op: _Claim, claim: Claim) -> None:
         if op.done.cancelled():  # its delivery was cancelled before the decision arrived
@@ -272,9 +283,7 @@ class GateBatcher:
         """The delivery was cancelled (worker shutdown) while its claim was in flight: a run it won goes back to
         the queue now rather than waiting for its lease to go stale."""
         if claim.decision in ("claimed", "taken_over") and claim.run_id is not None:
-            task = asyncio.create_task(self._hand_back(claim.run_id, op.lease_owner))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._spawn(self._hand_back(claim.run_id, op.lease_owner))
 
     async def _hand_back(self, run_id: int, owner: uuid.UUID) -> None:
         try:

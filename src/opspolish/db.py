@@ -18,10 +18,13 @@ from opspolish.settings import Settings
 SERVER_SETTINGS = {"plan_cache_mode": "force_custom_plan", "application_name": "opspolish"}
 #: The gate's own connections (opspolish.batching) run one prepared statement, over and over: planning it
 #: once (a generic plan) saves ~0.15 ms of server CPU per flush, and with sequential scans priced out of reach
-#: that plan stays on the indexes however small the ledger was when it was made (tests/test_plans.py). The
-#: claim function keeps its own force_custom_plan for the statements inside it.
+#: that plan stays on the indexes however small the ledger was when it was made (tests/test_plans.py).
+#: A flush carries many deliveries, so it must not wait long on one row someone else holds locked (an operator's
+#: open transaction): past GATE_LOCK_TIMEOUT it fails, and the batcher replays its operations one per statement
+#: on the pool, where only the blocked one waits.
+GATE_LOCK_TIMEOUT = "2s"
 GATE_SERVER_SETTINGS = {"plan_cache_mode": "force_generic_plan", "enable_seqscan": "off",
-                        "application_name": "opspolish"}
+                        "lock_timeout": GATE_LOCK_TIMEOUT, "application_name": "opspolish"}
 # In a wheel the migrations ship inside the package; in a checkout they live at the repository root.
 _PACKAGED_MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 MIGRATIONS_DIR = (
