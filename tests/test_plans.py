@@ -1,9 +1,10 @@
 """The gate's look-ups stay on their indexes as the ledger grows (DESIGN §4: none may scan the ledger).
 
-The trap: PL/pgSQL caches plans per connection. A plan cached while the ledger was empty and freshly analyzed
-could be a sequential scan that never goes away. The gate forces custom plans; this test warms a connection
-on an empty ledger, grows the ledger to 1,000,000 runs, and reads the plans the gate's statements really use
-(auto_explain, nested statements) on that same connection.
+The trap: PL/pgSQL and prepared statements cache plans per connection. A plan cached while the ledger was empty
+and freshly analyzed could be a scan that never goes away. The gate keeps generic plans with sequential scans
+priced out (gate_sql v2, db.GATE_SERVER_SETTINGS); this test warms its connections on an empty ledger, grows the
+ledger to 1,000,000 runs, and reads the plans the gate's statements really use (auto_explain, nested statements)
+on those same connections: each look-up on its own index.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ async def test_gate_statements_use_indexes_at_a_million_runs_even_after_warming_
     settings: Settings, seeded: dict[str, Any]
 ) -> None:
     tenant = seeded["tenants"][0]
-    gate = await db.connect(settings)  # the gate's server settings (force_custom_plan), like the worker pool
+    gate = await db.connect(settings)  # a pool-like connection: the gate functions bring their own plan settings
     batch = await db.connect_gate(settings)  # the batcher's own connection: one generic plan, no seq scans
     plans: list[str] = []
     batch_plans: list[str] = []

@@ -14,7 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from opspolish.errors import DbUnavailable
 from opspolish.settings import Settings
 
-#: Connection-level settings for the hot path (see gate_sql: keep index plans for prepared statements).
+#: Connection-level settings for the pool (cold paths, replays, heartbeats): custom plans, so a statement
+#: prepared while the ledger was empty is re-planned with real values. The gate functions carry their own settings.
 SERVER_SETTINGS = {"plan_cache_mode": "force_custom_plan", "application_name": "opspolish"}
 #: The gate's own connections (opspolish.batching) run one prepared statement, over and over: planning it
 #: once (a generic plan) saves ~0.15 ms of server CPU per flush, and with sequential scans priced out of reach
