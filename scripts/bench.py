@@ -126,7 +126,7 @@ class GateSamples:
     claim_dispatched: list[float] = field(default_factory=list)
     claim_raw: list[float] = field(default_factory=list)
     complete: list[float] = field(default_factory=list)
-    floor: list[float] = field(default_factory=list)  # SELECT 1 through the same pool: round trip + pool
+    floor: list[float] = field(default_factory=list)  # SELECT 1 through the worker's pool: round trip + pool
 
     def extend(self, other: GateSamples) -> None:
         self.claim_dispatched += other.claim_dispatched
@@ -886,7 +886,7 @@ def table_rows(r: dict[str, Any], plan: Plan) -> list[tuple[str, str, str, str]]
          f"{r['gate_raw_p50_ms']:.3f} / {r['gate_raw_p99_ms']:.3f} ms", "", ""),
         ("   completion write p50 / p99", f"{r['complete_p50_ms']:.3f} / {r['complete_p99_ms']:.3f} ms",
          "", ""),
-        ("   floor: SELECT 1 through the same pool p50 / p99",
+        ("   floor: SELECT 1 through the worker pool p50 / p99",
          f"{r['pool_round_trip_p50_ms']:.3f} / {r['pool_round_trip_p99_ms']:.3f} ms", "", ""),
         (f"3. duplicate storm, {plan.storm:,} deliveries of one identity, 2 workers", "", "", ""),
         ("   executions", f"{r['storm_executions']}", "= 1", _verdict(r["storm_executions"] == 1)),

@@ -205,9 +205,9 @@ async def test_a_delivery_whose_lease_was_taken_over_writes_nothing(
     await conn.execute("UPDATE operation_runs SET heartbeat_at = now() - interval '2 minutes'")
     assert await _hold_lease(rt, result.run_id, tenant, new, 60) == "taken_over"
     assert await rt.ledger.heartbeat([(result.run_id, old)]) == set()
-    assert not await rt.ledger.complete(result.run_id, old, outcome="succeeded",
-                                        counts={"total": 9, "processed": 9, "failed": 0},
-                                        reason_code=None, reason_message=None)
+    assert not await rt.gate.complete(result.run_id, old, outcome="succeeded",
+                                      counts={"total": 9, "processed": 9, "failed": 0},
+                                      reason_code=None, reason_message=None)
     assert not await rt.ledger.release(result.run_id, old, reason_code="x", reason_message="y")
     [run] = await runs(conn)
     assert (run["status"], run["lease_owner"], run["attempts"], run["summary_counts"]) == ("running", new, 2, None)

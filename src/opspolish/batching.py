@@ -93,11 +93,6 @@ class _Claim:
     lease_ttl_s: float
     done: asyncio.Future[Claim]
 
-    def kwargs(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "tenant": self.tenant, "workspace_id": self.workspace_id,
-                "run_type": self.run_type, "fingerprint": self.fingerprint, "context": self.context,
-                "job_id": self.job_id, "queue_name": self.queue_name, "lease_owner": self.lease_owner,
-                "cooldown_s": self.cooldown_s, "lease_ttl_s": self.lease_ttl_s}
 
 
 Connect = Callable[[], Awaitable[asyncpg.Connection]]
@@ -233,6 +228,9 @@ class GateBatcher:
         self.flushes += 1
         self.claims += len(claims)
         self.completions += len(completions)
+        self._settle(rows, claims, completions)
+
+    def _settle(self, rows: Sequence[Any], claims: Sequence[_Claim], completions: Sequence[_Completion]) -> None:
         written = {row[2] for row in rows if row[0] == 0}
         decided = {row[0]: row for row in rows if row[0] != 0}
         for c in completions:
@@ -242,31 +240,20 @@ class GateBatcher:
             self._settle_claim(op, Claim(*decided[n][1:]))
 
     async def _replay_one_by_one(self, claims: list[_Claim], completions: list[_Completion]) -> None:
-        """Each operation in a statement of its own on the pool, all at once: one blocked on a lock (or refused)
-        holds up or fails only itself. Runs beside the lane, which goes on flushing meanwhile."""
+        """Each operation in a statement of its own (the same statement, on the pool), all at once: one blocked
+        on a lock (or refused) holds up or fails only itself. Runs beside the lane, which goes on flushing."""
         self.replays += 1
-        await asyncio.gather(*(self._replay_completion(c) for c in completions),
-                             *(self._replay_claim(op) for op in claims))
+        await asyncio.gather(*(self._run_alone([], [c]) for c in completions),
+                             *(self._run_alone([op], []) for op in claims))
 
-    async def _replay_completion(self, c: _Completion) -> None:
+    async def _run_alone(self, claims: list[_Claim], completions: list[_Completion]) -> None:
         try:
-            written = await self.ledger.complete(c.run_id, c.owner, outcome=c.outcome, counts=c.counts,
-                                                 reason_code=c.reason_code, reason_message=c.reason_message)
+            async with translate_errors():
+                rows = await self.ledger.pool.fetch(_FLUSH, *_completion_args(completions), *_claim_args(claims))
         except Exception as exc:
-            if not c.done.done():
-                c.done.set_exception(exc)
+            _fail(exc, claims, completions)
             return
-        if not c.done.done():
-            c.done.set_result(written)
-
-    async def _replay_claim(self, op: _Claim) -> None:
-        try:
-            claim = await self.ledger.claim(**op.kwargs())
-        except Exception as exc:
-            if not op.done.done():
-                op.done.set_exception(exc)
-            return
-        self._settle_claim(op, claim)
+        self._settle(rows, claims, completions)
 
     def _spawn(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)

@@ -1,7 +1,8 @@
-"""The ledger repository: it owns every statement on ``operation_runs``.
+"""The ledger repository: the statements on ``operation_runs``.
 
-Hot-path statements (claim, heartbeat, completion) go straight to asyncpg, which prepares each
-constant statement once per connection. Cold paths (listing, reconcile) are scoped: a
+Hot-path statements (claim, heartbeat, hand-back) go straight to asyncpg, which prepares each constant statement
+once per connection; the workers' claims and completions travel coalesced, in the one statement of
+:mod:`opspolish.batching`. Cold paths (listing, reconcile) are scoped: a
 :class:`ScopedLedger` only ever sees the runs of its workspace (and tenant).
 """
 
@@ -111,13 +112,6 @@ RUN_COLUMNS = ", ".join(Run.__slots__)
 
 _CLAIM = "SELECT * FROM opspolish_claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
 
-# Fenced on lease_owner: a delivery that lost its lease (taken over) writes nothing.
-_COMPLETE = """
-UPDATE operation_runs SET status = 'completed', outcome = $3, summary_counts = $4, reason_code = $5,
-       reason_message = $6, completed_at = now(), heartbeat_at = now()
-WHERE id = $1 AND lease_owner = $2 AND status = 'running'
-"""
-
 # A transient failure or a worker shutdown hands the run back to the queue (running -> queued).
 _RELEASE = """
 UPDATE operation_runs SET status = 'queued', lease_owner = NULL, reason_code = $3, reason_message = $4
@@ -163,15 +157,6 @@ class Ledger:
             )
         assert row is not None
         return Claim(*row)
-
-    async def complete(
-        self, run_id: int, lease_owner: uuid.UUID, *, outcome: str, counts: dict[str, int],
-        reason_code: str | None, reason_message: str | None,
-    ) -> bool:
-        async with translate_errors():
-            status = await self.pool.execute(_COMPLETE, run_id, lease_owner, outcome, counts, reason_code,
-                                             reason_message)
-        return status.endswith(" 1")
 
     async def release(self, run_id: int, lease_owner: uuid.UUID, *, reason_code: str, reason_message: str) -> bool:
         async with translate_errors():
