@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 
 from opspolish import db
-from opspolish.batching import _FLUSH
+from opspolish.batching import _CLAIM_ONE, _COMPLETE_ONE, _FLUSH
 from opspolish.settings import Settings
 from tests.support.jobs import EFFECT_TYPE
 
@@ -53,6 +53,16 @@ async def _flush(stmt: Any, tenant: str, tag: str, done: tuple[int, uuid.UUID] |
     return [*rows, owner]
 
 
+async def _one_by_one(claim_one: Any, complete_one: Any, tenant: str, tag: str) -> Any:
+    """The batcher's statements for a lone claim and a lone completion: one raw claim, then its completion."""
+    owner = uuid.uuid4()
+    claimed = await claim_one.fetchrow(None, tenant, None, EFFECT_TYPE, (tag * 64)[:64], "{}",
+                                       f"job-{uuid.uuid4()}", "q", owner, 900.0, 60.0)
+    assert claimed["decision"] == "claimed", claimed
+    return await complete_one.fetchrow(claimed["run_id"], owner, "succeeded",
+                                       '{"total": 0, "processed": 0, "failed": 0}', None, None)
+
+
 async def _grow_ledger(settings: Settings, tenant_id: uuid.UUID, workspace_id: uuid.UUID) -> None:
     conn = await db.connect(settings)
     try:
@@ -85,9 +95,11 @@ async def test_gate_statements_use_indexes_at_a_million_runs_even_after_warming_
             await _claim(gate, tenant["external_id"], "0123456789abcdef"[i % 16])
             await _dispatch_and_claim(gate, tenant["external_id"], f"b{i:x}")
         stmt = await batch.prepare(_FLUSH)
-        for i in range(6):  # its generic plan is made now, on the (nearly) empty ledger
+        claim_one, complete_one = await batch.prepare(_CLAIM_ONE), await batch.prepare(_COMPLETE_ONE)
+        for i in range(6):  # their generic plans are made now, on the (nearly) empty ledger
             claimed_row, owner = await _flush(stmt, tenant["external_id"], f"c{i}")
             await _flush(stmt, tenant["external_id"], f"d{i}", done=(claimed_row["run_id"], owner))
+            await _one_by_one(claim_one, complete_one, tenant["external_id"], f"a{i}")
         started = time.monotonic()
         await _grow_ledger(settings, tenant["id"], tenant["workspace_id"])
         grow_s = time.monotonic() - started
@@ -107,6 +119,8 @@ async def test_gate_statements_use_indexes_at_a_million_runs_even_after_warming_
         batch.add_log_listener(lambda _c, msg: batch_plans.append(str(msg)))
         batch_claim, batch_owner = await _flush(stmt, tenant["external_id"], "fa")
         completed = await _flush(stmt, tenant["external_id"], "fb", done=(batch_claim["run_id"], batch_owner))
+        lone_plans_from = len(batch_plans)
+        lone_completed = await _one_by_one(claim_one, complete_one, tenant["external_id"], "fc")
     finally:
         await gate.close()
         await batch.close()
@@ -129,6 +143,10 @@ async def test_gate_statements_use_indexes_at_a_million_runs_even_after_warming_
     [update_plan] = [p for p in batch_plans if "CTE done" in p and "ix_operation_runs_job_id" not in p][-1:]
     assert "Index Scan using pk_operation_runs on operation_runs o" in update_plan, update_plan
     assert "Seq Scan on operation_runs" not in batch_text, batch_text
+    # The statements for a lone claim (opspolish_claim's own plans, checked above) and a lone completion.
+    assert lone_completed is not None and lone_completed["run_id"] is not None
+    [lone_update] = [p for p in batch_plans[lone_plans_from:] if "Update on operation_runs" in p][-1:]
+    assert "Index Scan using pk_operation_runs on operation_runs o" in lone_update, lone_update
 
 
 @pytest.mark.parametrize(("label", "sql", "indexes"), [
