@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import random
 import re
 import uuid
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -47,7 +51,7 @@ async def test_downgrade_to_base_then_upgrade_round_trips(settings: Settings, co
     await db.upgrade(settings)
     assert await db.current_revision(settings) == db.head_revision()
     await test_upgrade_head_matches_the_models_exactly(settings)
-    assert await conn.fetchval("SELECT count(*) FROM pg_proc WHERE proname LIKE 'opspolish_%'") == 5
+    assert await conn.fetchval("SELECT count(*) FROM pg_proc WHERE proname LIKE 'opspolish_%'") == 6
 
 
 async def test_seeded_tenants_have_v4_external_ids_and_a_workspace(conn: asyncpg.Connection) -> None:
@@ -118,6 +122,64 @@ async def test_database_refuses_invalid_summary_counts_and_two_active_runs(conn:
     await conn.execute(insert, ws, "d", "queued", "pending", None, None)
     with pytest.raises(asyncpg.UniqueViolationError):  # one active run per identity
         await conn.execute(insert, ws, "d", "running", "pending", None, None)
+
+
+def _migration(name: str) -> Any:
+    path = Path(db.MIGRATIONS_DIR) / "versions" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"migration_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _hex_corpus(rng: random.Random) -> list[str]:
+    alphabet = "0123456789abcdef" * 4 + "ABCDEFgxz -\n\u00e9"
+    out = ["a" * 64, "0" * 64, "f" * 63, "f" * 65, "", "A" * 64, "a" * 63 + "\n", "\u00e9" + "a" * 63]
+    for _ in range(3000):
+        n = rng.choice([63, 64, 64, 64, 65, rng.randrange(0, 80)])
+        out.append("".join(rng.choice(alphabet) for _ in range(n)))
+    return out
+
+
+def _counts_corpus(rng: random.Random) -> list[Any]:
+    numbers = [0, 1, 2, 7, -1, 10**17, 10**18, 10**19, 1.5, 2.0, "1", None, True, [1], {"n": 1}, 1e3]
+    out: list[Any] = [[], "x", 3, None, {}, {"total": 1, "processed": 1, "failed": 0, "extra": 9}]
+    for _ in range(3000):
+        counts = {key: rng.choice(numbers) for key in ("total", "processed", "failed") if rng.random() < 0.95}
+        out.append(counts)
+    return out
+
+
+async def test_cheaper_checks_accept_and_refuse_exactly_what_the_original_rules_did(conn: asyncpg.Connection) -> None:
+    """Migration 0003 respelled three CHECK rules for speed: on thousands of generated values (and the edge cases
+    a regex rewrite can get wrong: length, case, a trailing newline, non-ASCII), old and new rules agree."""
+    m = _migration("0003_cheaper_checks")
+    rng = random.Random(20261129)
+    hexes, counts = _hex_corpus(rng), _counts_corpus(rng)
+    as_json = [json.dumps(c) for c in counts]
+    # A CHECK passes when its expression is true or NULL.
+    for name, column, values, cast in (("identity_hash_hex64", "run_identity_hash", hexes, "text"),
+                                       ("fingerprint_hex64", "fingerprint", hexes, "text"),
+                                       ("summary_counts_valid", "summary_counts", as_json, "text::jsonb")):
+        old, new = (rules[name].replace(column, "v") for rules in (m._OLD, m._NEW))
+        rows = await conn.fetch(
+            f"SELECT v, coalesce(({old}), true) AS old, coalesce(({new}), true) AS new "
+            f"FROM unnest($1::text[]) AS u(raw), LATERAL (SELECT raw::{cast} AS v) AS c", values)
+        differ = [(r["v"], r["old"], r["new"]) for r in rows if r["old"] != r["new"]]
+        assert not differ, f"{name}: {differ[:5]}"
+        accepted = sum(r["new"] for r in rows)
+        assert 0 < accepted < len(rows), f"{name}: the corpus must hold both kinds ({accepted} of {len(rows)})"
+
+
+@pytest.mark.parametrize("identity", ["A" * 64, "a" * 63, "a" * 65, "a" * 63 + "g", "a" * 63 + "\n"])
+async def test_database_refuses_a_run_identity_that_is_not_64_lowercase_hex(
+    conn: asyncpg.Connection, identity: str
+) -> None:
+    ws = await _workspace(conn, "w")
+    with pytest.raises(asyncpg.CheckViolationError, match="identity_hash_hex64"):
+        await conn.execute("INSERT INTO operation_runs (workspace_id, type, run_identity_hash, fingerprint) "
+                           "VALUES ($1, 'x', $2, repeat('b', 64))", ws, identity)
 
 
 def db_now() -> Any:
