@@ -15,6 +15,7 @@ import asyncio
 import builtins
 import contextlib
 import random
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -308,6 +309,7 @@ async def _run_body(
     run = RunContext(run_id, job.type, workspace_id, tenant_id, attempt, data, counts, rt, job_id, bound)
     error: OpsPolishError | None = None
     lease.in_body = True
+    started = time.monotonic()
     try:
         async with asyncio.timeout(job.timeout(rt)):
             await job.body(run)
@@ -364,7 +366,9 @@ async def _run_body(
         bound.warning("run_abandoned", reason_code="dedupe.overlap", message="lease lost before completion")
         return _skip_result("lease_lost", run_id, "dedupe.overlap", None)
     rt.metrics[f"completed:{outcome}"] += 1
-    bound.info("run_completed", outcome=outcome, reason_code=code, counts=summary, attempt=attempt)
+    # The run's one end-of-run line: the worker drops arq's own "← job" line for tracked types (logs.log_runs_once).
+    bound.info("run_completed", outcome=outcome, reason_code=code, counts=summary, attempt=attempt,
+               duration_s=round(time.monotonic() - started, 3))
     return {"decision": "completed", "run_id": run_id, "outcome": outcome, "reason_code": code}
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import structlog
 from arq.cron import cron
 
-from opspolish.logs import configure_logging
+from opspolish.logs import configure_logging, log_runs_once
 from opspolish.runtime import Runtime
 from opspolish.settings import Settings
 from opspolish.tracking import TrackedJob, load_jobs
@@ -37,6 +37,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 
 async def _startup_with_logging(ctx: dict[str, Any]) -> None:
     configure_logging(ctx["opspolish_settings"].log_format)
+    log_runs_once(ctx["opspolish_job_types"])
     await startup(ctx)
 
 
@@ -66,7 +67,8 @@ def worker_settings(
         "redis_settings": redis_settings(settings),
         "max_jobs": settings.max_jobs,
         "keep_result": 0,  # the ledger is the record of results
-        "ctx": {"opspolish_settings": settings},
+        "ctx": {"opspolish_settings": settings,
+                "opspolish_job_types": tuple(job.type for job in chosen if job.type != RECONCILE_TYPE)},
         "on_startup": _startup_with_logging if configure_logs else startup,
         "on_shutdown": shutdown,
     })

@@ -1,0 +1,55 @@
+"""What a worker process prints per tracked run: arq's start line, then one structured end-of-run event."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+import opspolish
+from opspolish.logs import ARQ_DONE_FORMAT, _OneLinePerRun
+from opspolish.settings import Settings
+from tests.conftest import WorkerProcess, log_events
+from tests.support.jobs import EFFECT_TYPE
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def _record(msg: str, args: tuple[Any, ...]) -> logging.LogRecord:
+    return logging.LogRecord("arq.worker", logging.INFO, __file__, 1, msg, args, None)
+
+
+def test_only_arqs_completion_line_of_a_tracked_type_is_dropped() -> None:
+    one_line = _OneLinePerRun(["assignments.fetch", "test.effect"])
+    assert not one_line.filter(_record(ARQ_DONE_FORMAT, (0.01, "q:run:7:assignments.fetch", "{}")))
+    assert one_line.filter(_record(ARQ_DONE_FORMAT, (0.01, "q:run:7:someone.elses_job", "{}")))  # not ours
+    assert one_line.filter(_record(ARQ_DONE_FORMAT, (0.01, "assignments.fetch.cron", "")))
+    assert one_line.filter(_record("%6.2fs → %s(%s)%s", (0.01, "q:run:7:assignments.fetch", "", "")))
+    assert one_line.filter(_record("%6.2fs ! %s failed, %s: %s", (0.01, "q:run:7:assignments.fetch", "X", "y")))
+    assert _OneLinePerRun([]).filter(_record(ARQ_DONE_FORMAT, (0.01, "q:run:7:assignments.fetch", "{}")))
+
+
+async def test_a_tracked_run_prints_arqs_start_line_and_one_run_completed_event_not_arqs_end_line(
+    settings: Settings, seeded: dict[str, Any], conn: asyncpg.Connection, tmp_path: Path,
+    worker_processes: list[WorkerProcess],
+) -> None:
+    tenant = seeded["tenants"][0]["external_id"]
+    async with opspolish.connect(settings) as rt:
+        runs = [await opspolish.dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": f"log{i}", "items": 2})
+                for i in range(3)]
+    worker = WorkerProcess(settings, burst=True, log_path=tmp_path / "w.log")
+    worker_processes.append(worker)
+    assert await worker.wait() == 0
+    text = worker.log()
+    completed = [e for e in log_events([worker]) if e["event"] == "run_completed"]
+    for run in runs:
+        ref = f"{run.job_id}:{EFFECT_TYPE}"
+        assert f"→ {ref}(" in text, text  # arq's start line stays
+        assert f"← {ref}" not in text, text  # its end line gives way to the structured event
+        [event] = [e for e in completed if e["run_id"] == run.run_id]
+        assert event["outcome"] == "succeeded" and event["counts"]["processed"] == 2
+        assert event["job_id"] == run.job_id and isinstance(event["duration_s"], float)
+    assert await conn.fetchval("SELECT count(*) FROM operation_runs WHERE outcome = 'succeeded'") == 3
