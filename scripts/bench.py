@@ -437,6 +437,17 @@ class Bench:
             raise BenchError(f"bare arq left jobs in {queue}")
         return drained
 
+    async def run_stub_gate(self, workers: int) -> Drain:
+        """Diagnostic: dispatched runs drained by the tracked worker whose gate statements are ``SELECT 1``."""
+        n, label = self.plan.jobs, self._label(f"stub{workers}")
+        queue = self.queue(label)
+        settings = self.settings_for(self.main_db, queue)
+        await self.dispatch_many(settings, n, label)
+        drained = await self.drain(label, [self.arq_worker("StubGate", settings)] * workers, jobs=n,
+                                   databases=(self.main_db,))
+        self._expect(f"stub gate ({label}) body executions", drained.executions(bw.NOOP_TYPE), n)
+        return drained
+
     async def run_tracked(self, workers: int, *, raw: bool = False) -> Drain:
         n, label = self.plan.jobs, self._label(f"{'raw' if raw else 'tracked'}{workers}")
         queue = self.queue(label)
@@ -479,6 +490,8 @@ class Bench:
             return await self.run_tracked(workers)
         if name == "raw":
             return await self.run_tracked(workers, raw=True)
+        if name == "stub":
+            return await self.run_stub_gate(workers)
         return await self.run_procrastinate(workers)
 
     async def throughput(self) -> None:
@@ -489,7 +502,7 @@ class Bench:
         schedule = [(name, 1) for rep in range(self.plan.repeats)
                     for name in (contenders if rep % 2 == 0 else contenders[::-1])]
         if not self.plan.quick:
-            schedule += [(name, 2) for name in contenders] + [("raw", 1)]
+            schedule += [(name, 2) for name in contenders] + [("raw", 1), ("stub", 1)]
         for name, workers in schedule:
             drained = await self.run_contender(name, workers)
             runs.setdefault(f"{name}{workers}", []).append(drained)
@@ -520,6 +533,9 @@ class Bench:
         r["worker_rss_mb"] = max(d.rss_mb() for d in runs["tracked1"])
         r["worker_rss_bare_mb"] = max(d.rss_mb() for d in runs["bare1"])
         r["worker_rss_procrastinate_mb"] = max(d.rss_mb() for d in runs["procrastinate1"])
+        if "stub1" in runs:
+            r["throughput_stub_gate_jobs_s"] = n / best("stub1").seconds
+            r["throughput_stub_gate_ratio"] = r["throughput_stub_gate_jobs_s"] / r["throughput_bare_jobs_s"]
         if "raw1" in runs:
             r["throughput_tracked_raw_jobs_s"] = n / best("raw1").seconds
             r["throughput_raw_ratio"] = r["throughput_tracked_raw_jobs_s"] / r["throughput_bare_jobs_s"]
@@ -874,6 +890,10 @@ def table_rows(r: dict[str, Any], plan: Plan) -> list[tuple[str, str, str, str]]
         rows.append(("   opspolish tracked (raw enqueue_job, the gate creates the run), 1 worker",
                      f"{r['throughput_tracked_raw_jobs_s']:,.0f} jobs/s", ">= 0.60 x bare",
                      _verdict(r["throughput_raw_ratio"] >= 0.6) + f" ({r['throughput_raw_ratio']:.2f})"))
+    if "throughput_stub_gate_jobs_s" in r:
+        rows.append(("   diagnostic: tracked, every gate statement a SELECT 1 (no ledger work), 1 worker",
+                     f"{r['throughput_stub_gate_jobs_s']:,.0f} jobs/s", "", f"({r['throughput_stub_gate_ratio']:.2f}"
+                     " x bare)"))
     samples = r["gate_samples_per_path"]
     rows += [
         (f"2. gate latency, empty ledger, one caller, via the gate batcher like a worker ({samples:,} per path)",

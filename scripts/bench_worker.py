@@ -10,6 +10,10 @@ executed, its peak RSS (VmHWM) and, for the tracked worker, the gate's metrics.
   same arq settings (queue, Redis, ``max_jobs``, ``poll_delay``, ``queue_read_limit``, ``keep_result``):
   the bare one is the tracked one with the opspolish function, context and hooks swapped out.
 - procrastinate: ``python scripts/bench_worker.py procrastinate`` with ``BENCH_PROCRASTINATE_DSN``.
+- diagnostic, not a contender: ``StubGateWorkerSettings`` is the tracked worker whose gate sends ``SELECT 1`` for
+  each flush and answers "claimed" / "written" itself. Same arq work, same tracking code, same round trips to
+  Postgres; no ledger work on the server. It tells the tracking code's own cost from Postgres's CPU sharing the
+  machine's cores with the worker and Redis.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 import resource
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,6 +33,9 @@ from typing import Any
 
 from arq.worker import func
 
+from opspolish.batching import GateBatcher, _Claim, _Completion, _Lane
+from opspolish.ledger import Claim
+from opspolish.runtime import Runtime
 from opspolish.settings import Settings
 from opspolish.tracking import RunContext, TrackedJob, tracked_job
 from opspolish.worker import worker_settings
@@ -149,6 +157,34 @@ def _tracked_settings() -> type:
     return type("TrackedWorkerSettings", (), attrs)
 
 
+class StubGate(GateBatcher):
+    """The gate batcher with the ledger work taken out: each flush is one ``SELECT 1`` round trip (diagnostic)."""
+
+    _WORKSPACE = uuid.UUID(int=1)
+
+    async def _flush(self, lane: _Lane, claims: list[_Claim], completions: list[_Completion]) -> None:
+        stmt = await lane.statement(self._connect, "SELECT 1")
+        await stmt.fetch()
+        self.flushes += 1
+        for c in completions:
+            c.done.set_result(True)
+        for op in claims:
+            op.done.set_result(Claim("claimed", op.run_id, 1, None, None, 0.0, self._WORKSPACE, None))
+
+
+def _stub_gate_settings() -> type:
+    attrs = _class_attrs(_tracked_settings())
+    startup: Hook = attrs["on_startup"]
+
+    async def on_startup(ctx: dict[str, Any]) -> None:
+        await startup(ctx)
+        rt: Runtime = ctx["opspolish"]
+        rt.gate = StubGate(rt.gate._connect, rt.ledger)
+
+    attrs["on_startup"] = on_startup
+    return type("StubGateWorkerSettings", (), attrs)
+
+
 def _bare_settings() -> type:
     async def on_startup(ctx: dict[str, Any]) -> None:
         ctx["bench_t_go"] = await wait_for_go()
@@ -170,7 +206,8 @@ def arq_settings_summary() -> dict[str, Any]:
 
 def __getattr__(name: str) -> Any:
     # Built on first access from OPSPOLISH_* (as opspolish.worker does): importing reads no settings.
-    builders = {"TrackedWorkerSettings": _tracked_settings, "BareWorkerSettings": _bare_settings}
+    builders = {"TrackedWorkerSettings": _tracked_settings, "BareWorkerSettings": _bare_settings,
+                "StubGateWorkerSettings": _stub_gate_settings}
     if name in builders:
         value = builders[name]()
         globals()[name] = value
