@@ -27,7 +27,6 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 UUID_V4_PATTERN = "^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
 
-
 RUN_STATUSES = ("queued", "running", "completed")
 RUN_OUTCOMES = ("pending", "succeeded", "partially_succeeded", "failed", "skipped", "cancelled")
 ACTIVE_STATUSES = ("queued", "running")
