@@ -111,6 +111,10 @@ class Drain:
             total.update(r.get("metrics", {}))
         return total
 
+    def gate_flushes(self) -> int:
+        """Statements the tracked workers' gate batchers sent (claims and completions coalesced); 0 for others."""
+        return sum(int(r.get("gate", {}).get("flushes", 0)) for r in self.reports)
+
     def rss_mb(self) -> float:
         return max(int(r["vm_hwm_kb"]) for r in self.reports) / 1024
 
@@ -506,9 +510,11 @@ class Bench:
         for name, workers in schedule:
             drained = await self.run_contender(name, workers)
             runs.setdefault(f"{name}{workers}", []).append(drained)
+            flushes = drained.gate_flushes()
             print(f"  {name}, {workers} worker(s): {n / drained.seconds:,.0f} jobs/s; CPU per job: worker "
                   f"{drained.worker_cpu_s() / n * 1000:.2f} ms, postgres {drained.postgres_cpu_s / n * 1000:.2f} ms;"
-                  f" machine {drained.machine_busy:.0%} busy", flush=True)
+                  f" machine {drained.machine_busy:.0%} busy"
+                  + (f"; gate statements per job {flushes / n:.2f}" if flushes else ""), flush=True)
 
         def best(key: str) -> Drain:
             return min(runs[key], key=lambda d: d.seconds)
@@ -519,6 +525,8 @@ class Bench:
                                       for k, v in runs.items()}
         r["postgres_cpu_ms_per_job"] = {k: [round(d.postgres_cpu_s / n * 1000, 3) for d in v]
                                         for k, v in runs.items()}
+        r["gate_statements_per_job"] = {k: [round(d.gate_flushes() / n, 3) for d in v]
+                                        for k, v in runs.items() if any(d.gate_flushes() for d in v)}
         r["machine_busy_while_draining"] = {k: [round(d.machine_busy, 2) for d in v] for k, v in runs.items()}
         for workers, suffix in ((1, ""), (2, "_2w")):
             if f"bare{workers}" not in runs:

@@ -3,7 +3,8 @@
 Every contender runs the same way, so only the work itself is timed: the process starts (imports, pools),
 writes ``ready.<tag>`` in ``$BENCH_SYNC_DIR``, waits for the ``go`` file, drains its queue (arq ``--burst``,
 procrastinate ``wait=False``) and writes ``result.<tag>.json``: when it finished, how many job bodies it
-executed, its peak RSS (VmHWM) and, for the tracked worker, the gate's metrics.
+executed, its peak RSS (VmHWM) and, for the tracked worker, the gate's metrics and how many statements its
+batcher sent (claims and completions of concurrent jobs share one).
 
 - arq, bare and tracked: ``python -m arq scripts.bench_worker.BareWorkerSettings --burst`` (or
   ``TrackedWorkerSettings``), from the repository root, with ``OPSPOLISH_*`` set. Both classes carry the
@@ -150,7 +151,9 @@ def _tracked_settings() -> type:
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
         rt = ctx.get("opspolish")
-        write_report(ctx.get("bench_t_go"), metrics=dict(rt.metrics) if rt is not None else {})
+        gate = {"flushes": rt.gate.flushes, "claims": rt.gate.claims, "completions": rt.gate.completions,
+                "replays": rt.gate.replays} if rt is not None else {}
+        write_report(ctx.get("bench_t_go"), metrics=dict(rt.metrics) if rt is not None else {}, gate=gate)
         await shutdown(ctx)
 
     attrs.update(on_startup=on_startup, on_shutdown=on_shutdown)
