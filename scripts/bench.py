@@ -465,6 +465,39 @@ class Bench:
         self._expect(f"stub gate ({label}) body executions", drained.executions(bw.NOOP_TYPE), n)
         return drained
 
+    async def run_barebones(self, workers: int) -> Drain:
+        """Diagnostic: bare arq plus two prepared UPDATEs per job on a minimal table (see bench_worker)."""
+        n, label = self.plan.jobs, self._label(f"barebones{workers}")
+        queue = self.queue(label)
+        conn = await db.connect(self.base, self.main_db)
+        try:
+            await conn.execute(bw.BAREBONES_DDL)
+            await conn.execute("TRUNCATE bench_barebones")
+            await conn.execute("INSERT INTO bench_barebones (id) SELECT g FROM generate_series(1, $1::bigint) g", n)
+        finally:
+            await conn.close()
+        await self.analyze(self.main_db, "bench_barebones")
+        redis = self.require_redis()
+
+        async def one(i: int) -> None:
+            t = self.tenants[i % len(self.tenants)]
+            await redis.enqueue_job(bw.NOOP_TYPE, run_id=i, tenant_id=t.id, inputs={"n": i},
+                                    _job_id=f"{queue}:j{i}", _queue_name=queue)
+
+        for start in range(1, n + 1, 200):
+            await asyncio.gather(*(one(i) for i in range(start, min(n + 1, start + 200))))
+        settings = self.settings_for(self.main_db, queue)
+        drained = await self.drain(label, [self.arq_worker("BareBones", settings)] * workers, jobs=n,
+                                   databases=(self.main_db,))
+        self._expect(f"bare-bones ({label}) executions", drained.executions(bw.NOOP_TYPE), n)
+        conn = await db.connect(self.base, self.main_db)
+        try:
+            done = await conn.fetchval("SELECT count(*) FROM bench_barebones WHERE status = 'completed'")
+        finally:
+            await conn.close()
+        self._expect(f"bare-bones ({label}) completed rows", int(done), n)
+        return drained
+
     async def run_tracked(self, workers: int, *, raw: bool = False) -> Drain:
         n, label = self.plan.jobs, self._label(f"{'raw' if raw else 'tracked'}{workers}")
         queue = self.queue(label)
@@ -509,6 +542,8 @@ class Bench:
             return await self.run_tracked(workers, raw=True)
         if name == "stub":
             return await self.run_stub_gate(workers)
+        if name == "barebones":
+            return await self.run_barebones(workers)
         return await self.run_procrastinate(workers)
 
     async def throughput(self) -> None:
@@ -519,7 +554,7 @@ class Bench:
         schedule = [(name, 1) for rep in range(self.plan.repeats)
                     for name in (contenders if rep % 2 == 0 else contenders[::-1])]
         if not self.plan.quick:
-            schedule += [(name, 2) for name in contenders] + [("raw", 1), ("stub", 1)]
+            schedule += [(name, 2) for name in contenders] + [("raw", 1), ("stub", 1), ("barebones", 1)]
         for name, workers in schedule:
             drained = await self.run_contender(name, workers)
             runs.setdefault(f"{name}{workers}", []).append(drained)
@@ -557,6 +592,9 @@ class Bench:
         if "stub1" in runs:
             r["throughput_stub_gate_jobs_s"] = n / best("stub1").seconds
             r["throughput_stub_gate_ratio"] = r["throughput_stub_gate_jobs_s"] / r["throughput_bare_jobs_s"]
+        if "barebones1" in runs:
+            r["throughput_barebones_jobs_s"] = n / best("barebones1").seconds
+            r["throughput_barebones_ratio"] = r["throughput_barebones_jobs_s"] / r["throughput_bare_jobs_s"]
         if "raw1" in runs:
             r["throughput_tracked_raw_jobs_s"] = n / best("raw1").seconds
             r["throughput_raw_ratio"] = r["throughput_tracked_raw_jobs_s"] / r["throughput_bare_jobs_s"]
@@ -915,6 +953,10 @@ def table_rows(r: dict[str, Any], plan: Plan) -> list[tuple[str, str, str, str]]
         rows.append(("   diagnostic: tracked, every gate statement a SELECT 1 (no ledger work), 1 worker",
                      f"{r['throughput_stub_gate_jobs_s']:,.0f} jobs/s", "", f"({r['throughput_stub_gate_ratio']:.2f}"
                      " x bare)"))
+    if "throughput_barebones_jobs_s" in r:
+        rows.append(("   diagnostic: bare arq + 2 prepared UPDATEs per job, minimal table, no gate, 1 worker",
+                     f"{r['throughput_barebones_jobs_s']:,.0f} jobs/s", "ref 0.59 x bare",
+                     f"({r['throughput_barebones_ratio']:.2f} x bare)"))
     samples = r["gate_samples_per_path"]
     rows += [
         (f"2. gate latency, empty ledger, one caller, via the gate batcher like a worker ({samples:,} per path)",

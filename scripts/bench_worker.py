@@ -15,6 +15,10 @@ batcher sent (claims and completions of concurrent jobs share one).
   each flush and answers "claimed" / "written" itself. Same arq work, same tracking code, same round trips to
   Postgres; no ledger work on the server. It tells the tracking code's own cost from Postgres's CPU sharing the
   machine's cores with the worker and Redis.
+- diagnostic, not a contender: ``BareBonesWorkerSettings`` is bare arq plus the smallest claim and completion there
+  is, the kind of figure the project's reference measured: two prepared UPDATEs per job (autocommit, one round trip
+  each, nothing coalesced) on a minimal table, with no identity lock, cooldown, scope check, lease keeper, counts
+  validation or log line: about the least two durable writes per job can cost on this machine.
 """
 
 from __future__ import annotations
@@ -32,8 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from arq.worker import func
 
+from opspolish import db
 from opspolish.batching import GateBatcher, _Claim, _Completion, _Lane
 from opspolish.ledger import Claim
 from opspolish.runtime import Runtime
@@ -67,6 +73,32 @@ async def noop(run: RunContext) -> None:
 async def storm(run: RunContext) -> None:
     """The duplicate-storm job: counts its executions, which must be one per identity."""
     EXECUTIONS[STORM_TYPE] += 1
+
+
+BAREBONES_DDL = """
+CREATE TABLE IF NOT EXISTS bench_barebones (
+    id bigint PRIMARY KEY, status text NOT NULL DEFAULT 'queued', attempts integer NOT NULL DEFAULT 0,
+    lease_owner uuid, heartbeat_at timestamptz, summary_counts jsonb, completed_at timestamptz
+)"""
+_BAREBONES_CLAIM = (
+    "UPDATE bench_barebones SET status = 'running', attempts = attempts + 1, lease_owner = $2, heartbeat_at = now()"
+    " WHERE id = $1 AND status = 'queued' RETURNING attempts"
+)
+_BAREBONES_COMPLETE = (
+    "UPDATE bench_barebones SET status = 'completed', summary_counts = $3::jsonb, completed_at = now()"
+    " WHERE id = $1 AND lease_owner = $2 AND status = 'running'"
+)
+_ZERO_COUNTS = {"total": 0, "processed": 0, "failed": 0}  # the pool's jsonb codec encodes it
+
+
+async def barebones_noop(ctx: dict[str, Any], *, run_id: int, **kwargs: Any) -> None:
+    """The bare-bones diagnostic: claim, body, completion; each write its own prepared statement and commit."""
+    pool: asyncpg.Pool = ctx["bench_pool"]
+    owner = uuid.uuid4()
+    if await pool.fetchval(_BAREBONES_CLAIM, run_id, owner) is None:
+        return  # not queued (a redelivery): nothing to run
+    EXECUTIONS[NOOP_TYPE] += 1
+    await pool.execute(_BAREBONES_COMPLETE, run_id, owner, _ZERO_COUNTS)
 
 
 async def bare_noop(ctx: dict[str, Any], **kwargs: Any) -> None:
@@ -201,6 +233,23 @@ def _bare_settings() -> type:
     return type("BareWorkerSettings", (), attrs)
 
 
+def _barebones_settings() -> type:
+    async def on_startup(ctx: dict[str, Any]) -> None:
+        # The same pool opspolish's runtime builds: size max_jobs + 2, no reset query on release.
+        settings = Settings()
+        ctx["bench_pool"] = await db.create_pool(settings, min_size=1, max_size=settings.max_jobs + 2)
+        ctx["bench_t_go"] = await wait_for_go()
+
+    async def on_shutdown(ctx: dict[str, Any]) -> None:
+        write_report(ctx.get("bench_t_go"))
+        await ctx["bench_pool"].close()
+
+    attrs = _tracked_attrs()
+    attrs.update(functions=[func(barebones_noop, name=NOOP_TYPE)], ctx={}, cron_jobs=[], on_startup=on_startup,
+                 on_shutdown=on_shutdown)
+    return type("BareBonesWorkerSettings", (), attrs)
+
+
 def arq_settings_summary() -> dict[str, Any]:
     """The arq settings every arq contender shares (for the report)."""
     attrs = _tracked_attrs()
@@ -210,7 +259,7 @@ def arq_settings_summary() -> dict[str, Any]:
 def __getattr__(name: str) -> Any:
     # Built on first access from OPSPOLISH_* (as opspolish.worker does): importing reads no settings.
     builders = {"TrackedWorkerSettings": _tracked_settings, "BareWorkerSettings": _bare_settings,
-                "StubGateWorkerSettings": _stub_gate_settings}
+                "StubGateWorkerSettings": _stub_gate_settings, "BareBonesWorkerSettings": _barebones_settings}
     if name in builders:
         value = builders[name]()
         globals()[name] = value
