@@ -1022,7 +1022,7 @@ def _rounded(value: Any) -> Any:
     return value
 
 
-async def _main(plan: Plan) -> int:
+async def _main(plan: Plan, out: Path = RESULTS_PATH) -> int:
     load_start = os.getloadavg()
     cpus = os.cpu_count() or 1
     configure_bench_logging()
@@ -1074,9 +1074,9 @@ async def _main(plan: Plan) -> int:
     print_table(table_rows(r, plan))
     print("\nphases: " + ", ".join(f"{k} {v:.1f} s" for k, v in bench.phase_s.items()))
     print(f"total {total_s:.1f} s; load average at start {load_start[0]:.2f}, at end {os.getloadavg()[0]:.2f}")
-    RESULTS_PATH.parent.mkdir(exist_ok=True)
-    RESULTS_PATH.write_text(json.dumps(_rounded(r), indent=2, sort_keys=True) + "\n")
-    print(f"wrote {RESULTS_PATH.relative_to(ROOT)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(_rounded(r), indent=2, sort_keys=True) + "\n")
+    print(f"wrote {out}")
     if r["storm_executions"] != 1:
         print(f"bench: FAILED: the duplicate storm executed {r['storm_executions']} times (must be 1)",
               file=sys.stderr)
@@ -1087,6 +1087,8 @@ async def _main(plan: Plan) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="a smaller run, under a minute")
+    parser.add_argument("--out", type=Path, default=RESULTS_PATH,
+                        help=f"where to write the figures (default: {RESULTS_PATH.relative_to(ROOT)})")
     args = parser.parse_args()
     plan = Plan.make(args.quick)
 
@@ -1094,7 +1096,7 @@ def main() -> int:
         task = asyncio.current_task()
         if task is not None:  # SIGTERM cleans up like Ctrl-C does
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        return await _main(plan)
+        return await _main(plan, args.out)
 
     try:
         return asyncio.run(runner())

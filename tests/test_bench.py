@@ -1,0 +1,59 @@
+"""`make bench QUICK=1` runs end to end and writes every figure issue 6 names (nothing here is timed).
+
+The benchmark is a deliverable: this keeps it from rotting between the occasions someone runs it. It runs the
+quick plan in a subprocess against this test run's Postgres and Redis, writes the figures to a temporary file
+(never over the committed bench/results.json) and must leave none of its databases behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from opspolish import db
+from tests.conftest import ROOT, base_settings
+
+#: The keys the issue requires in bench/results.json.
+REQUIRED = (
+    "throughput_bare_jobs_s", "throughput_tracked_jobs_s", "throughput_ratio", "throughput_procrastinate_jobs_s",
+    "gate_p50_ms", "gate_p99_ms", "storm_executions", "scale_gate_p50_ratio", "dispatch_ratio", "worker_rss_mb",
+)
+
+
+@pytest.mark.timeout(240)
+async def test_quick_bench_writes_every_required_figure_and_cleans_up(tmp_path: Path) -> None:
+    settings = base_settings()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPSPOLISH_")}
+    env.update(OPSPOLISH_DATABASE_URL=settings.database_url.get_secret_value(),
+               OPSPOLISH_REDIS_URL=settings.redis_url.get_secret_value())
+    out = tmp_path / "results.json"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "scripts/bench.py", "--quick", "--out", str(out), cwd=ROOT, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    output, _ = await asyncio.wait_for(proc.communicate(), timeout=200)
+    text = output.decode(errors="replace")
+    assert proc.returncode == 0, text[-4000:]
+
+    results = json.loads(out.read_text())
+    for key in REQUIRED:
+        value = results[key]
+        assert isinstance(value, int | float) and math.isfinite(value) and value > 0, (key, value)
+    assert results["quick"] is True
+    assert results["storm_executions"] == 1
+    assert results["storm_ledger_rows"] == results["storm_deliveries"]
+    assert set(results["targets_met"]) >= {"throughput_ratio", "gate_p50_ms", "storm_executions"}
+    assert "ratio tracked / bare, 1 worker(s)" in text and f"wrote {out}" in text
+
+    conn = await db.connect(settings, "postgres")
+    try:
+        left = await conn.fetch("SELECT datname FROM pg_database WHERE datname LIKE $1",
+                                f"opspolish_bench_{proc.pid}_%")
+    finally:
+        await conn.close()
+    assert left == []
