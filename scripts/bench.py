@@ -411,9 +411,13 @@ class Bench:
         them procrastinate drained freshly deferred jobs at 160-340 jobs/s on this 2-core VM instead of ~420 (its
         planner statistics still described the table before the load), which flattered the tracked/procrastinate
         ratio. The ledger gets the same treatment before each tracked drain, for symmetry."""
+        await self.fetchval(database, f"ANALYZE {table}")
+
+    async def fetchval(self, database: str, sql: str, *args: Any) -> Any:
+        """One statement on a short-lived connection to ``database``."""
         conn = await db.connect(self.base, database)
         try:
-            await conn.execute(f"ANALYZE {table}")
+            return await conn.fetchval(sql, *args)
         finally:
             await conn.close()
 
@@ -490,11 +494,7 @@ class Bench:
         drained = await self.drain(label, [self.arq_worker("BareBones", settings)] * workers, jobs=n,
                                    databases=(self.main_db,))
         self._expect(f"bare-bones ({label}) executions", drained.executions(bw.NOOP_TYPE), n)
-        conn = await db.connect(self.base, self.main_db)
-        try:
-            done = await conn.fetchval("SELECT count(*) FROM bench_barebones WHERE status = 'completed'")
-        finally:
-            await conn.close()
+        done = await self.fetchval(self.main_db, "SELECT count(*) FROM bench_barebones WHERE status = 'completed'")
         self._expect(f"bare-bones ({label}) completed rows", int(done), n)
         return drained
 
@@ -520,11 +520,8 @@ class Bench:
         drained = await self.drain(label, [self.procrastinate_worker(self.procrastinate_dsn)] * workers, jobs=n,
                                    databases=(self.procrastinate_db,))
         self._expect(f"procrastinate ({label}) executions", drained.executions(bw.PROCRASTINATE_TASK), n)
-        conn = await db.connect(self.base, self.procrastinate_db)
-        try:
-            left = await conn.fetchval("SELECT count(*) FROM procrastinate_jobs WHERE status <> 'succeeded'")
-        finally:
-            await conn.close()
+        left = await self.fetchval(self.procrastinate_db,
+                                   "SELECT count(*) FROM procrastinate_jobs WHERE status <> 'succeeded'")
         self._expect("procrastinate jobs not succeeded", int(left), 0)
         return drained
 
