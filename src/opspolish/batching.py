@@ -310,27 +310,25 @@ def _fail(exc: BaseException, claims: Sequence[_Claim], completions: Sequence[_C
 
 
 def _statement(claims: Sequence[_Claim], completions: Sequence[_Completion]) -> tuple[str, list[Any]]:
-    """The statement for this batch and its parameters."""
+    """The statement for this batch and its parameters: scalars for a lone operation, one array per column else."""
     if not completions and len(claims) == 1:
-        c = claims[0]
-        return _CLAIM_ONE, [c.run_id, c.tenant, c.workspace_id, c.run_type, c.fingerprint,
-                            None if c.context is None else json.dumps(c.context), c.job_id, c.queue_name,
-                            c.lease_owner, c.cooldown_s, c.lease_ttl_s]
+        return _CLAIM_ONE, _claim_row(claims[0])
     if not claims and len(completions) == 1:
-        d = completions[0]
-        return _COMPLETE_ONE, [d.run_id, d.owner, d.outcome, json.dumps(d.counts), d.reason_code, d.reason_message]
-    return _FLUSH, [*_completion_args(completions), *_claim_args(claims)]
+        return _COMPLETE_ONE, _completion_row(completions[0])
+    return _FLUSH, [*_columns([_completion_row(c) for c in completions], 6),
+                    *_columns([_claim_row(c) for c in claims], 11)]
 
 
-def _completion_args(batch: Sequence[_Completion]) -> tuple[list[Any], ...]:
-    return ([c.run_id for c in batch], [c.owner for c in batch], [c.outcome for c in batch],
-            [json.dumps(c.counts) for c in batch], [c.reason_code for c in batch],
-            [c.reason_message for c in batch])
+def _completion_row(c: _Completion) -> list[Any]:
+    return [c.run_id, c.owner, c.outcome, json.dumps(c.counts), c.reason_code, c.reason_message]
 
 
-def _claim_args(batch: Sequence[_Claim]) -> tuple[list[Any], ...]:
-    return ([c.run_id for c in batch], [c.tenant for c in batch], [c.workspace_id for c in batch],
-            [c.run_type for c in batch], [c.fingerprint for c in batch],
-            [None if c.context is None else json.dumps(c.context) for c in batch], [c.job_id for c in batch],
-            [c.queue_name for c in batch], [c.lease_owner for c in batch], [c.cooldown_s for c in batch],
-            [c.lease_ttl_s for c in batch])
+def _claim_row(c: _Claim) -> list[Any]:
+    return [c.run_id, c.tenant, c.workspace_id, c.run_type, c.fingerprint,
+            None if c.context is None else json.dumps(c.context), c.job_id, c.queue_name, c.lease_owner,
+            c.cooldown_s, c.lease_ttl_s]
+
+
+def _columns(rows: list[list[Any]], width: int) -> list[list[Any]]:
+    """Rows to columns (the arrays _FLUSH unnests); ``width`` columns even when there are no rows."""
+    return [[row[i] for row in rows] for i in range(width)]
