@@ -51,8 +51,8 @@ def worker_settings(
     settings = settings or Settings()
     registry = load_jobs(settings.job_modules)
     chosen = list(jobs) if jobs is not None else list(registry.values())
-    functions = [job.arq_function(job.timeout_s or settings.job_timeout_s)
-                 for job in chosen if job.type != RECONCILE_TYPE]
+    tracked = [job for job in chosen if job.type != RECONCILE_TYPE]  # reconcile runs as a cron job instead
+    functions = [job.arq_function(job.timeout_s or settings.job_timeout_s) for job in tracked]
     minutes = set(range(0, 60, settings.reconcile_interval_min))
     cron_jobs = [
         cron(reconcile_cron, name=RECONCILE_TYPE, minute=minutes, second=0, unique=True, max_tries=1,
@@ -68,7 +68,7 @@ def worker_settings(
         "max_jobs": settings.max_jobs,
         "keep_result": 0,  # the ledger is the record of results
         "ctx": {"opspolish_settings": settings,
-                "opspolish_job_types": tuple(job.type for job in chosen if job.type != RECONCILE_TYPE)},
+                "opspolish_job_types": tuple(job.type for job in tracked)},
         "on_startup": _startup_with_logging if configure_logs else startup,
         "on_shutdown": shutdown,
     })
