@@ -373,13 +373,15 @@ class Bench:
 
     # --- enqueueing -------------------------------------------------------------------------------------------
 
-    async def enqueue_raw(self, queue: str, job_type: str, inputs: Callable[[int], dict[str, Any]], n: int) -> None:
-        """``n`` raw arq jobs (no run id), the way a plain arq user enqueues them."""
+    async def enqueue_raw(self, queue: str, job_type: str, inputs: Callable[[int], dict[str, Any]], n: int,
+                          *, with_run_id: bool = False) -> None:
+        """``n`` raw arq jobs, the way a plain arq user enqueues them (``with_run_id``: job ``i`` names run ``i``)."""
         redis = self.require_redis()
 
         async def one(i: int) -> None:
+            run: dict[str, Any] = {"run_id": i} if with_run_id else {}
             job = await redis.enqueue_job(job_type, tenant_id=self.tenants[i % len(self.tenants)].id,
-                                          inputs=inputs(i), _job_id=f"{queue}:j{i}", _queue_name=queue)
+                                          inputs=inputs(i), _job_id=f"{queue}:j{i}", _queue_name=queue, **run)
             if job is None:
                 raise BenchError(f"enqueue of job {i} on {queue} was refused (job id exists)")
 
@@ -477,19 +479,12 @@ class Bench:
         try:
             await conn.execute(bw.BAREBONES_DDL)
             await conn.execute("TRUNCATE bench_barebones")
-            await conn.execute("INSERT INTO bench_barebones (id) SELECT g FROM generate_series(1, $1::bigint) g", n)
+            await conn.execute("INSERT INTO bench_barebones (id) SELECT g FROM generate_series(0, $1::bigint - 1) g",
+                               n)
         finally:
             await conn.close()
         await self.analyze(self.main_db, "bench_barebones")
-        redis = self.require_redis()
-
-        async def one(i: int) -> None:
-            t = self.tenants[i % len(self.tenants)]
-            await redis.enqueue_job(bw.NOOP_TYPE, run_id=i, tenant_id=t.id, inputs={"n": i},
-                                    _job_id=f"{queue}:j{i}", _queue_name=queue)
-
-        for start in range(1, n + 1, 200):
-            await asyncio.gather(*(one(i) for i in range(start, min(n + 1, start + 200))))
+        await self.enqueue_raw(queue, bw.NOOP_TYPE, lambda i: {"n": i}, n, with_run_id=True)
         settings = self.settings_for(self.main_db, queue)
         drained = await self.drain(label, [self.arq_worker("BareBones", settings)] * workers, jobs=n,
                                    databases=(self.main_db,))

@@ -47,6 +47,9 @@ async def test_quick_bench_writes_every_required_figure_and_cleans_up(tmp_path: 
     assert results["quick"] is True
     assert results["storm_executions"] == 1
     assert results["storm_ledger_rows"] == results["storm_deliveries"]
+    # Every tracked job sends one claim and one completion; coalesced, that is at most 2 statements per job.
+    [per_job] = results["gate_statements_per_job"]["tracked1"]
+    assert 0 < per_job <= 2, per_job
     assert set(results["targets_met"]) >= {"throughput_ratio", "gate_p50_ms", "storm_executions"}
     assert "ratio tracked / bare, 1 worker(s)" in text and f"wrote {out}" in text
 
