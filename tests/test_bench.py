@@ -44,6 +44,9 @@ async def test_quick_bench_writes_every_required_figure_and_cleans_up(tmp_path: 
     for key in REQUIRED:
         value = results[key]
         assert isinstance(value, int | float) and math.isfinite(value) and value > 0, (key, value)
+    # The gate latency floors: a round trip, and a durable one-row write (the claim commits, so it cannot beat it).
+    for key in ("pool_round_trip_p50_ms", "durable_write_p50_ms"):
+        assert math.isfinite(results[key]) and results[key] > 0, (key, results[key])
     assert results["quick"] is True
     assert results["storm_executions"] == 1
     assert results["storm_ledger_rows"] == results["storm_deliveries"]
