@@ -184,3 +184,53 @@ async def test_a_row_locked_by_someone_else_holds_up_only_its_own_delivery(
         await operator.close()
         await batcher.close()
     assert batcher.replays == 1
+
+
+async def test_several_lanes_flush_side_by_side_and_still_run_each_identity_once(
+    rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any]
+) -> None:
+    # lanes > 1 is not the worker's default (README: tried and not kept), but GateBatcher offers it: operations that
+    # arrive while a flush is in flight start another flush on another connection, and duplicates split across
+    # those concurrent transactions are decided by the identity's lock and the ledger, like two workers' would be.
+    tenant = seeded["tenants"][0]["external_id"]
+    runs = [await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": f"lane{i}"}) for i in range(24)]
+    fp = fingerprint({"tag": "lanes-raw"})
+    opened = 0
+
+    async def connect() -> asyncpg.Connection:
+        nonlocal opened
+        opened += 1
+        return await db.connect_gate(rt.settings)
+
+    batcher = GateBatcher(connect, rt.ledger, lanes=3)
+
+    async def decide(args: dict[str, Any]) -> Any:
+        while True:  # a busy lock is retried, as the worker's delivery is
+            claim = await batcher.claim(**args)
+            if claim.decision != "busy":
+                return claim
+            await asyncio.sleep(0.01)
+
+    try:
+        async with asyncio.timeout(60):
+            tasks = []
+            for i, run in enumerate(runs):  # one new operation per turn of the loop: flushes overlap
+                tasks.append(asyncio.create_task(decide(_claim_args(run.run_id, tenant, job_id=run.job_id))))
+                if i % 3 == 0:
+                    tasks.append(asyncio.create_task(decide(
+                        _claim_args(None, tenant, fp=fp, job_id=f"lanes-raw-{i}", context={"tag": "lanes-raw"}))))
+                await asyncio.sleep(0)
+            decided = await asyncio.gather(*tasks)
+    finally:
+        await batcher.close()
+    assert 2 <= opened <= 3, opened  # flushes ran side by side, never on more connections than lanes
+    dispatched = [c for c in decided if c.run_id in {r.run_id for r in runs}]
+    assert sorted(c.run_id for c in dispatched if c.decision == "claimed") == sorted(r.run_id for r in runs)
+    raw = [c for c in decided if c not in dispatched]
+    assert len(raw) == 8
+    claimed = [c for c in raw if c.decision == "claimed"]
+    assert len(claimed) == 1, [c.decision for c in raw]  # one identity: one execution
+    assert {(c.decision, c.reason_code, c.dedupe_of) for c in raw if c is not claimed[0]} == {
+        ("skipped", "dedupe.non_canonical", claimed[0].run_id)}
+    rows = await conn.fetch("SELECT status, count(*) FROM operation_runs GROUP BY status ORDER BY status")
+    assert [tuple(r) for r in rows] == [("completed", 7), ("running", 25)]
