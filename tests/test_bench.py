@@ -47,6 +47,8 @@ async def test_quick_bench_writes_every_required_figure_and_cleans_up(tmp_path: 
     # The gate latency floors: a round trip, and a durable one-row write (the claim commits, so it cannot beat it).
     for key in ("pool_round_trip_p50_ms", "durable_write_p50_ms"):
         assert math.isfinite(results[key]) and results[key] > 0, (key, results[key])
+    [pair] = results["throughput_ratio_pairs"]  # one repeat in the quick plan: one back-to-back pair
+    assert math.isfinite(pair) and pair > 0, pair
     assert results["quick"] is True
     assert results["storm_executions"] == 1
     assert results["storm_ledger_rows"] == results["storm_deliveries"]
