@@ -417,6 +417,15 @@ class Bench:
         ratio. The ledger gets the same treatment before each tracked drain, for symmetry."""
         await self.fetchval(database, f"ANALYZE {table}")
 
+    async def execute(self, database: str, *statements: str) -> None:
+        """Statements, in order, on one short-lived connection to ``database``."""
+        conn = await db.connect(self.base, database)
+        try:
+            for sql in statements:
+                await conn.execute(sql)
+        finally:
+            await conn.close()
+
     async def fetchval(self, database: str, sql: str, *args: Any) -> Any:
         """One statement on a short-lived connection to ``database``."""
         conn = await db.connect(self.base, database)
@@ -477,14 +486,8 @@ class Bench:
         """Diagnostic: bare arq plus two prepared UPDATEs per job on a minimal table (see bench_worker)."""
         n, label = self.plan.jobs, self._label(f"barebones{workers}")
         queue = self.queue(label)
-        conn = await db.connect(self.base, self.main_db)
-        try:
-            await conn.execute(bw.BAREBONES_DDL)
-            await conn.execute("TRUNCATE bench_barebones")
-            await conn.execute("INSERT INTO bench_barebones (id) SELECT g FROM generate_series(0, $1::bigint - 1) g",
-                               n)
-        finally:
-            await conn.close()
+        await self.execute(self.main_db, bw.BAREBONES_DDL, "TRUNCATE bench_barebones",
+                           f"INSERT INTO bench_barebones (id) SELECT g FROM generate_series(0, {int(n) - 1}) g")
         await self.analyze(self.main_db, "bench_barebones")
         await self.enqueue_raw(queue, bw.NOOP_TYPE, lambda i: {"n": i}, n, with_run_id=True)
         settings = self.settings_for(self.main_db, queue)
@@ -773,8 +776,7 @@ class Bench:
     async def gate(self) -> None:
         n, rounds = self.plan.gate_iterations, 4
         for database in (self.empty_db, self.scale_db):
-            for sql in DURABLE_FLOOR_DDL:
-                await self.fetchval(database, sql)
+            await self.execute(database, *DURABLE_FLOOR_DDL)
         per = max(1, n // rounds)
         empty_rt = await Runtime.start(self.settings_for(self.empty_db, self.queue("gate")), connect_to_redis=False,
                                        pool_size=2)
