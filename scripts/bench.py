@@ -31,7 +31,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -199,16 +199,21 @@ class Bench:
     def queue(self, name: str) -> str:
         return f"{self.queue_prefix}:{name}"
 
-    async def create_database(self, suffix: str, template: str | None = None) -> str:
+    def _new_database(self, suffix: str) -> str:
+        """The name of a benchmark database (registered for cleanup); never one of the project's own."""
         name = f"{self.db_prefix}_{suffix}"
         if name in ("opspolish", "opspolish_demo") or not name.startswith("opspolish_bench_"):
             raise BenchError(f"refusing to use database {name!r}")
         self.databases.append(name)
+        return name
+
+    async def create_database(self, suffix: str, template: str | None = None) -> str:
+        """A migrated ledger database, or a copy of ``template``."""
+        name = self._new_database(suffix)
         if template is None:
             await db.upgrade(self.settings_for(name))
             return name
-        conn = await db.connect(self.base, "postgres")
-        try:
+        async with self.connection("postgres") as conn:
             for attempt in range(50):  # the template's last connection may still be closing
                 try:
                     await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
@@ -217,9 +222,22 @@ class Bench:
                     if attempt == 49:
                         raise
                     await asyncio.sleep(0.1)
+        return name
+
+    async def create_database_plain(self, suffix: str) -> str:
+        """An empty database (procrastinate installs its own schema)."""
+        name = self._new_database(suffix)
+        await self.execute("postgres", f'CREATE DATABASE "{name}"')
+        return name
+
+    @contextlib.asynccontextmanager
+    async def connection(self, database: str) -> AsyncIterator[asyncpg.Connection]:
+        """A short-lived connection to ``database``, closed on the way out."""
+        conn = await db.connect(self.base, database)
+        try:
+            yield conn
         finally:
             await conn.close()
-        return name
 
     async def cleanup(self) -> None:
         for proc in self.procs:
@@ -347,12 +365,9 @@ class Bench:
     async def setup(self) -> None:
         self.redis = await connect_redis(self.base)
         template = await self.create_database("tmpl")
-        conn = await db.connect(self.settings_for(template))
-        try:
+        async with self.connection(template) as conn:
             await seed(conn, tenants_per_workspace=TENANTS_PER_WORKSPACE, policies_per_tenant=0)
             rows = await conn.fetch("SELECT id, external_id FROM tenants ORDER BY external_id")
-        finally:
-            await conn.close()
         self.tenants = [Tenant(str(r["id"]), str(r["external_id"])) for r in rows]
         self.main_db = await self.create_database("main", template)
         self.empty_db = await self.create_database("empty", template)
@@ -362,16 +377,6 @@ class Bench:
         bench = bw.procrastinate_app(self.procrastinate_dsn, pool_size=4)
         async with bench.app.open_async():
             await bench.app.schema_manager.apply_schema_async()
-
-    async def create_database_plain(self, suffix: str) -> str:
-        name = f"{self.db_prefix}_{suffix}"
-        self.databases.append(name)
-        conn = await db.connect(self.base, "postgres")
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-        return name
 
     # --- enqueueing -------------------------------------------------------------------------------------------
 
@@ -419,27 +424,20 @@ class Bench:
 
     async def execute(self, database: str, *statements: str) -> None:
         """Statements, in order, on one short-lived connection to ``database``."""
-        conn = await db.connect(self.base, database)
-        try:
+        async with self.connection(database) as conn:
             for sql in statements:
                 await conn.execute(sql)
-        finally:
-            await conn.close()
 
     async def fetchval(self, database: str, sql: str, *args: Any) -> Any:
         """One statement on a short-lived connection to ``database``."""
-        conn = await db.connect(self.base, database)
-        try:
+        async with self.connection(database) as conn:
             return await conn.fetchval(sql, *args)
-        finally:
-            await conn.close()
 
     async def queue_length(self, queue: str) -> int:
         return int(await self.require_redis().zcard(queue))
 
     async def ledger_summary(self, database: str, queue: str) -> dict[str, Any]:
-        conn = await db.connect(self.settings_for(database))
-        try:
+        async with self.connection(database) as conn:
             row = await conn.fetchrow(
                 """SELECT count(*) AS total,
                           count(*) FILTER (WHERE outcome = 'succeeded') AS succeeded,
@@ -449,8 +447,6 @@ class Bench:
             reasons = await conn.fetch(
                 """SELECT reason_code, count(*) AS n FROM operation_runs
                    WHERE queue_name = $1 AND outcome = 'skipped' GROUP BY reason_code""", queue)
-        finally:
-            await conn.close()
         assert row is not None
         return {**dict(row), "skipped_by_reason": {str(r["reason_code"]): int(r["n"]) for r in reasons}}
 
@@ -681,8 +677,7 @@ class Bench:
 
         async def loader(mine: list[tuple[int, int]]) -> None:  # one per core: the insert is CPU-bound
             nonlocal done
-            conn = await db.connect(self.settings_for(self.scale_db))
-            try:
+            async with self.connection(self.scale_db) as conn:
                 await conn.execute("SET synchronous_commit = off")  # a bench database: nothing to lose
                 # The rows reference tenants read from the table itself, so the per-row foreign-key triggers
                 # (half the load time) are skipped, as pg_restore does; the references are checked below.
@@ -692,20 +687,15 @@ class Bench:
                     done += hi - lo + 1
                     if done % 250_000 < chunk:
                         print(f"    {done:,} historical runs", flush=True)
-            finally:
-                await conn.close()
 
         await asyncio.gather(*(loader(chunks[k::2]) for k in range(2)))
-        conn = await db.connect(self.settings_for(self.scale_db))
-        try:
+        async with self.connection(self.scale_db) as conn:
             await conn.execute("VACUUM (ANALYZE) operation_runs", timeout=600)
             count = await conn.fetchval("SELECT count(*) FROM operation_runs")
             dangling = await conn.fetchval(
                 """SELECT count(*) FROM operation_runs o
                    WHERE NOT EXISTS (SELECT 1 FROM tenants t WHERE t.id = o.tenant_id
                                      AND t.workspace_id = o.workspace_id)""", timeout=600)
-        finally:
-            await conn.close()
         self._expect("historical runs", int(count), total)
         self._expect("historical runs without their tenant", int(dangling), 0)
         return time.perf_counter() - t0
@@ -765,12 +755,8 @@ class Bench:
         return out
 
     async def seq_scans(self, database: str) -> int:
-        conn = await db.connect(self.settings_for(database))
-        try:
-            value = await conn.fetchval(
-                "SELECT seq_scan FROM pg_stat_user_tables WHERE relname = 'operation_runs'")
-        finally:
-            await conn.close()
+        value = await self.fetchval(database,
+                                    "SELECT seq_scan FROM pg_stat_user_tables WHERE relname = 'operation_runs'")
         return int(value or 0)
 
     async def gate(self) -> None:
