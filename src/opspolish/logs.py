@@ -69,8 +69,9 @@ ARQ_DONE_FORMAT = "%6.2fs \u2190 %s \u25cf %s"
 class _OneLinePerRun(logging.Filter):
     """Drops arq's "← job ●" line for tracked job types: their ``run_completed`` (or ``run_skipped`` ...) event
     already says the same once, as structured data with the run id, outcome, counts and duration. arq's start
-    line and all its retry, failure and warning lines stay. A log line costs ~60 us of a busy worker's loop, a
-    tenth of a tracked no-op job (make bench): printing each run's end twice was the dearest line we had."""
+    line and all its retry, failure and warning lines stay. A log line cost ~60 us of a busy worker's loop on an
+    earlier VM, a tenth of a tracked no-op job there (README, Logs): printing each run's end twice was the dearest
+    line we had."""
 
     def __init__(self, job_types: Iterable[str]) -> None:
         super().__init__()
