@@ -49,6 +49,7 @@ from opspolish.logs import configure_logging
 from opspolish.runtime import Runtime, connect_redis
 from opspolish.seed import seed
 from opspolish.settings import Settings
+from opspolish.tracking import execute
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the worker module is imported as scripts.bench_worker, as arq imports it
@@ -596,6 +597,37 @@ class Bench:
             r["throughput_tracked_raw_jobs_s"] = n / best("raw1").seconds
             r["throughput_raw_ratio"] = r["throughput_tracked_raw_jobs_s"] / r["throughput_bare_jobs_s"]
 
+    async def tracking_cpu(self) -> None:
+        """Diagnostic: CPU per tracked no-op delivery spent in opspolish's own code, the gate answered in-process
+        (``bench_worker.InstantGate``: no round trip at all), ``CONCURRENCY`` deliveries at a time, each in a task of
+        its own as arq runs them. Set beside what tracking adds to a worker's CPU per job in the drains above, it
+        tells the library's Python from the round trips (and the cores they share) that make up the rest."""
+        n, r = self.plan.jobs, self.results
+        rt = await Runtime.start(self.settings_for(self.main_db, self.queue("cpu")), connect_to_redis=False,
+                                 pool_size=2)
+        rt.gate = bw.InstantGate(rt.gate._connect, rt.ledger)
+        tenant = self.tenants[0].id
+        before = bw.EXECUTIONS[bw.NOOP_TYPE]
+
+        async def one(i: int) -> None:
+            await execute(rt, bw.noop, run_id=i + 1, tenant=tenant, workspace_id=None, inputs={"n": i},
+                          job_id=f"{rt.settings.queue_name}:run:{i + 1}")
+
+        try:
+            t0 = time.process_time()
+            for start in range(0, n, CONCURRENCY):
+                await asyncio.gather(*(one(i) for i in range(start, min(n, start + CONCURRENCY))))
+            cpu_s = time.process_time() - t0
+        finally:
+            await rt.close()
+        self._expect("in-process tracked deliveries (body executions)", bw.EXECUTIONS[bw.NOOP_TYPE] - before, n)
+        r["tracking_cpu_us_per_job"] = cpu_s / n * 1e6
+        cpu = r["worker_cpu_ms_per_job"]
+        r["tracked_added_worker_cpu_us_per_job"] = 1000 * (sum(cpu["tracked1"]) / len(cpu["tracked1"])
+                                                          - sum(cpu["bare1"]) / len(cpu["bare1"]))
+        print(f"  opspolish's own code: {r['tracking_cpu_us_per_job']:.0f} us of CPU per delivery; tracking adds "
+              f"{r['tracked_added_worker_cpu_us_per_job']:.0f} us to a worker's CPU per job in the drains", flush=True)
+
     # --- 3. duplicate storm -----------------------------------------------------------------------------------
 
     async def storm(self) -> None:
@@ -821,6 +853,7 @@ class Bench:
     async def run(self) -> None:
         await self.phase("setup (databases, seed, procrastinate schema)", self.setup)
         await self.phase("1. throughput", self.throughput)
+        await self.phase("1. tracking code's own CPU, no I/O (diagnostic)", self.tracking_cpu)
         await self.phase("3. duplicate storm", self.storm)
         await self.phase("5. dispatch", self.dispatch_rate)
 
@@ -963,6 +996,9 @@ def table_rows(r: dict[str, Any], plan: Plan) -> list[tuple[str, str, str, str]]
         rows.append(("   diagnostic: bare arq + 2 prepared UPDATEs per job, minimal table, no gate, 1 worker",
                      f"{r['throughput_barebones_jobs_s']:,.0f} jobs/s", "ref 0.59 x bare",
                      f"({r['throughput_barebones_ratio']:.2f} x bare)"))
+    rows.append(("   diagnostic: opspolish's own code per delivery, gate answered in-process (no I/O)",
+                 f"{r['tracking_cpu_us_per_job']:,.0f} us CPU", "",
+                 f"(tracking adds {r['tracked_added_worker_cpu_us_per_job']:,.0f} us per job to a worker's CPU)"))
     samples = r["gate_samples_per_path"]
     rows += [
         (f"2. gate latency, empty ledger, one caller, via the gate batcher like a worker ({samples:,} per path)",

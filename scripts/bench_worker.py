@@ -15,6 +15,8 @@ batcher sent (claims and completions of concurrent jobs share one).
   each flush and answers "claimed" / "written" itself. Same arq work, same tracking code, same round trips to
   Postgres; no ledger work on the server. It tells the tracking code's own cost from Postgres's CPU sharing the
   machine's cores with the worker and Redis.
+- diagnostic, not a worker: ``InstantGate`` (StubGate's parent) answers every claim and completion in-process, with no
+  I/O at all; ``scripts/bench.py`` drives tracked deliveries through it to time opspolish's own code alone.
 - diagnostic, not a contender: ``BareBonesWorkerSettings`` is bare arq plus the smallest claim and completion there
   is, the kind of figure the project's reference measured: two prepared UPDATEs per job (autocommit, one round trip
   each, nothing coalesced) on a minimal table, with no identity lock, cooldown, scope check, lease keeper, counts
@@ -192,19 +194,31 @@ def _tracked_settings() -> type:
     return type("TrackedWorkerSettings", (), attrs)
 
 
-class StubGate(GateBatcher):
-    """The gate batcher with the ledger work taken out: each flush is one ``SELECT 1`` round trip (diagnostic)."""
+class InstantGate(GateBatcher):
+    """The gate batcher answering "claimed" / "written" itself, with no I/O at all (diagnostic): what a tracked
+    delivery then costs is opspolish's own Python (``execute``, the batcher's futures and flush tasks, the log
+    line), without the round trips."""
 
     _WORKSPACE = uuid.UUID(int=1)
 
     async def _flush(self, lane: _Lane, claims: list[_Claim], completions: list[_Completion]) -> None:
-        stmt = await lane.statement(self._connect, "SELECT 1")
-        await stmt.fetch()
+        self._answer(claims, completions)
+
+    def _answer(self, claims: list[_Claim], completions: list[_Completion]) -> None:
         self.flushes += 1
         for c in completions:
             c.done.set_result(True)
         for op in claims:
             op.done.set_result(Claim("claimed", op.run_id, 1, None, None, 0.0, self._WORKSPACE, None))
+
+
+class StubGate(InstantGate):
+    """The gate batcher with the ledger work taken out: each flush is one ``SELECT 1`` round trip (diagnostic)."""
+
+    async def _flush(self, lane: _Lane, claims: list[_Claim], completions: list[_Completion]) -> None:
+        stmt = await lane.statement(self._connect, "SELECT 1")
+        await stmt.fetch()
+        self._answer(claims, completions)
 
 
 def _stub_gate_settings() -> type:

@@ -55,6 +55,11 @@ async def test_quick_bench_writes_every_required_figure_and_cleans_up(tmp_path: 
     # Every tracked job sends one claim and one completion; coalesced, that is at most 2 statements per job.
     [per_job] = results["gate_statements_per_job"]["tracked1"]
     assert 0 < per_job <= 2, per_job
+    # opspolish's own code, the gate answered in-process, costs less CPU than a tracked worker spends per job (which
+    # adds arq, Redis and the gate's round trips): a figure above it would mean the diagnostic measured I/O too.
+    own_us = results["tracking_cpu_us_per_job"]
+    assert 0 < own_us < 1000 * results["worker_cpu_ms_per_job"]["tracked1"][0], results
+    assert math.isfinite(results["tracked_added_worker_cpu_us_per_job"])
     assert set(results["targets_met"]) >= {"throughput_ratio", "gate_p50_ms", "storm_executions"}
     assert "ratio tracked / bare, 1 worker(s)" in text and f"wrote {out}" in text
 
