@@ -216,7 +216,9 @@ class GateBatcher:
 
     async def _flush_all(self, lane: _Lane) -> None:
         try:
-            await asyncio.sleep(0)  # let the jobs reaching the gate in this turn of the loop join the batch
+            # No sleep(0) first: this task's first step already runs after every callback of the turn that queued
+            # the first operation, so the jobs reaching the gate in that turn are in the batch. One more turn of
+            # waiting cost a lone claim ~50 us (p50, 0.88 -> 0.83 ms here) and joined no more jobs in the drains.
             while self._claims or self._completions:
                 completions = self._completions[: self.max_batch]
                 del self._completions[: len(completions)]
