@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import uuid
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -186,19 +187,28 @@ async def test_the_worker_cron_runs_the_tracked_reconcile(
     ws = worker_settings(settings.model_copy(update={"reconcile_interval_min": 15}))
     [job] = ws.cron_jobs  # type: ignore[attr-defined]
     assert job.name == RECONCILE_TYPE and job.minute == {0, 15, 30, 45}
+    # Only the startup run may happen here: a schedule twelve hours away cannot fire mid-test, where an
+    # every-minute one could start a second run that close() would then cancel in flight.
+    far_hour = (datetime.now().hour + 12) % 24
     worker = make_worker(settings, burst=False,
-                         cron_jobs=[cron(reconcile_cron, name=RECONCILE_TYPE, run_at_startup=True, max_tries=1)])
+                         cron_jobs=[cron(reconcile_cron, name=RECONCILE_TYPE, hour=far_hour, minute=0,
+                                         run_at_startup=True, max_tries=1)])
     task = asyncio.create_task(worker.main())
     try:
         async def recorded() -> bool:
-            return len(await reconcile_runs(conn)) == len(seeded["workspaces"])
+            # The ledger rows are written inside the job, before arq finishes it: wait for the task too,
+            # or close() cancels it mid-finish and its CancelledError skips the worker's shutdown hook.
+            finished = worker.jobs_complete == 1 and all(t.done() for t in worker.tasks.values())
+            return finished and len(await reconcile_runs(conn)) == len(seeded["workspaces"])
 
         await wait_until(recorded, timeout_s=20)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await worker.close()
-    assert all(r["outcome"] == "succeeded" for r in await reconcile_runs(conn))
+    runs = await reconcile_runs(conn)
+    assert len(runs) == len(seeded["workspaces"]) and worker.jobs_complete == 1
+    assert all(r["outcome"] == "succeeded" for r in runs)
 
 
 async def test_reconcile_cli_reports_each_workspace(settings: Settings, seeded: dict[str, Any]) -> None:
