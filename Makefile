@@ -39,7 +39,7 @@ worker: install services
 	$(BIN)/arq opspolish.worker.WorkerSettings
 
 bench: install services
-	$(BIN)/python scripts/bench.py $(if $(QUICK),--quick,)
+	$(BIN)/python scripts/bench.py $(if $(QUICK),--quick,) $(if $(REPEATS),--repeats $(REPEATS),)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
