@@ -189,9 +189,10 @@ async def test_a_row_locked_by_someone_else_holds_up_only_its_own_delivery(
 async def test_several_lanes_flush_side_by_side_and_still_run_each_identity_once(
     rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any]
 ) -> None:
-    # lanes > 1 is not the worker's default (README: tried and not kept), but GateBatcher offers it: operations that
-    # arrive while a flush is in flight start another flush on another connection, and duplicates split across
-    # those concurrent transactions are decided by the identity's lock and the ledger, like two workers' would be.
+    # lanes > 1 is not the worker's default (docs/performance.md: tried, not kept), but GateBatcher offers it:
+    # operations that arrive while a flush is in flight start another flush on another connection, and duplicates
+    # split across those concurrent transactions are decided by the identity's lock and the ledger, like two
+    # workers' would be.
     tenant = seeded["tenants"][0]["external_id"]
     runs = [await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": f"lane{i}"}) for i in range(24)]
     fp = fingerprint({"tag": "lanes-raw"})
