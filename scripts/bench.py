@@ -71,6 +71,7 @@ CONCURRENCY = 10  # arq max_jobs and procrastinate concurrency, for every conten
 #: hypervisor they differed by 29% and 85%.
 STEADY_SPREAD = 0.15
 GATE_PHASE = "2+4. gate latency, empty ledger vs large"
+STORM_PHASE = "3. duplicate storm"
 
 
 class BenchError(Exception):
@@ -874,7 +875,7 @@ class Bench:
         await self.phase("setup (databases, seed, procrastinate schema)", self.setup)
         await self.phase("1. throughput", self.throughput)
         await self.phase("1. tracking code's own CPU, no I/O (diagnostic)", self.tracking_cpu)
-        await self.phase("3. duplicate storm", self.storm)
+        await self.phase(STORM_PHASE, self.storm)
         await self.phase("5. dispatch", self.dispatch_rate)
 
         async def history() -> None:
@@ -1012,6 +1013,12 @@ def _throughput_verdict(r: dict[str, Any]) -> str:
     return _verdict(r["throughput_ratio"] >= 0.6)
 
 
+def _phase_steal_row(r: dict[str, Any], phase: str, what: str) -> list[tuple[str, str, str, str]]:
+    """The row with the CPU the hypervisor stole during one phase of the run, if it was measured."""
+    steal = r.get("phase_cpu_steal", {})
+    return [(f"   CPU stolen by the hypervisor during {what}", f"{steal[phase]:.0%}", "", "")] if phase in steal else []
+
+
 def _steal(r: dict[str, Any], workers: int) -> str:
     """The steal share of each drain of bare arq, then of tracked, with ``workers`` workers ("" if unknown)."""
     steal = r.get("cpu_steal_while_draining", {})
@@ -1082,8 +1089,7 @@ def table_rows(r: dict[str, Any], plan: Plan) -> list[tuple[str, str, str, str]]
          f"{r['pool_round_trip_p50_ms']:.3f} / {r['pool_round_trip_p99_ms']:.3f} ms", "", ""),
         ("   floor: a one-row UPDATE, committed (round trip + WAL flush) p50 / p99",
          f"{r['durable_write_p50_ms']:.3f} / {r['durable_write_p99_ms']:.3f} ms", "", ""),
-        *([("   CPU stolen by the hypervisor during the gate runs (this section and 4.)",
-            f"{r['phase_cpu_steal'][GATE_PHASE]:.0%}", "", "")] if GATE_PHASE in r.get("phase_cpu_steal", {}) else []),
+        *_phase_steal_row(r, GATE_PHASE, "the gate runs (this section and 4.)"),
         (f"3. duplicate storm, {plan.storm:,} deliveries of one identity, 2 workers", "", "", ""),
         ("   executions", f"{r['storm_executions']}", "= 1", _verdict(r["storm_executions"] == 1)),
         ("   ledger rows (executed + skipped)", f"{r['storm_ledger_executed_runs']} + "
@@ -1093,6 +1099,7 @@ def table_rows(r: dict[str, Any], plan: Plan) -> list[tuple[str, str, str, str]]
          f"{r['storm_drain_s']:.2f} s vs {r['storm_distinct_drain_s']:.2f} s", "storm <= distinct",
          _verdict(r["storm_drain_s"] <= r["storm_distinct_drain_s"]) + f" ({r['storm_drain_ratio']:.2f}x)"),
         ("   busy-lock deferrals during the storm", f"{r['storm_gate_metrics'].get('deferred:busy', 0):,}", "", ""),
+        *_phase_steal_row(r, STORM_PHASE, "the storm and the distinct jobs"),
         (f"4. ledger at scale: {plan.history_rows:,} historical runs vs empty", "", "", ""),
         ("   claim p50 / p99 at scale (worse path)",
          f"{r['scale_gate_p50_ms']:.3f} / {r['scale_gate_p99_ms']:.3f} ms", "", ""),
