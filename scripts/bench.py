@@ -67,8 +67,8 @@ READY_TIMEOUT_S = 90.0
 TENANTS_PER_WORKSPACE = 5  # two workspaces: ten tenants
 CONCURRENCY = 10  # arq max_jobs and procrastinate concurrency, for every contender
 #: The one-worker ratio's back-to-back pairs may differ by this much (max / min - 1) for the run to be steady.
-#: On the steadiest VM measured they agreed to the hundredth; on one that lost 10-15% of its cores to the
-#: hypervisor they differed by 29% and 85%.
+#: On the steadiest VM measured they agreed to the hundredth; on one that lost up to a quarter of its cores to
+#: the hypervisor, three runs of four differed by 29%, 71% and 85% (docs/performance.md).
 STEADY_SPREAD = 0.15
 GATE_PHASE = "2+4. gate latency, empty ledger vs large"
 STORM_PHASE = "3. duplicate storm"
