@@ -3,7 +3,8 @@
 
 1. throughput of no-op jobs (one worker process, then two): bare arq, opspolish-tracked, procrastinate;
 2. gate latency: the claim transaction and the completion write, p50 / p99;
-3. a duplicate storm: 1,000 deliveries of one identity across two worker processes;
+3. duplicate storms: 1,000 deliveries of one identity across two worker processes, twice, each storm timed
+   against as many distinct jobs (in the order storm, distinct, distinct, storm);
 4. the gate with a large historical ledger against an empty one;
 5. dispatch against a bare ``enqueue_job``;
 6. the peak RSS of a tracked worker process.
@@ -651,37 +652,59 @@ class Bench:
     # --- 3. duplicate storm -----------------------------------------------------------------------------------
 
     async def storm(self) -> None:
+        """Two storms of one identity each and two sets of distinct jobs, drained in the order storm, distinct,
+        distinct, storm: a machine that slows down or speeds up during the phase moves both sides alike."""
         n = self.plan.storm
-        storm_q, distinct_q = self.queue("storm"), self.queue("distinct")
-        identity = {"storm": self.tag}
+        storms: list[Drain] = []
+        distincts: list[Drain] = []
+        for kind in ("storm", "distinct", "distinct", "storm"):
+            if kind == "storm":
+                storms.append(await self._storm_drain(len(storms) + 1))
+            else:
+                distincts.append(await self._distinct_drain(len(distincts) + 1))
+
+        first_storm_q = self.queue("storm1")
+        ledger = await self.ledger_summary(self.main_db, first_storm_q)
+        r = self.results
+        each = [s.executions(bw.STORM_TYPE) for s in storms]
+        r["storm_executions_each"] = each
+        r["storm_executions"] = max(each, key=lambda e: (abs(e - 1), e))  # the storm furthest from one execution
+        r["storm_ledger_executed_runs"] = int(ledger["executed"])  # the ledger keys describe the first storm
+        r["storm_ledger_rows"] = int(ledger["total"])
+        r["storm_ledger_active_rows"] = int(ledger["active"])
+        r["storm_skipped_by_reason"] = ledger["skipped_by_reason"]
+        r["storm_gate_metrics"] = dict(storms[0].metrics())
+        r["storm_drain_s_each"] = [s.seconds for s in storms]
+        r["storm_distinct_drain_s_each"] = [d.seconds for d in distincts]
+        r["storm_drain_s"] = sum(s.seconds for s in storms) / len(storms)
+        r["storm_distinct_drain_s"] = sum(d.seconds for d in distincts) / len(distincts)
+        r["storm_drain_ratio"] = r["storm_drain_s"] / r["storm_distinct_drain_s"]
+        print(f"  storm: {' and '.join(map(str, each))} execution(s), drained in "
+              f"{' and '.join(f'{s.seconds:.2f}' for s in storms)} s ({n:,} distinct: "
+              f"{' and '.join(f'{d.seconds:.2f}' for d in distincts)} s)", flush=True)
+
+    async def _storm_drain(self, no: int) -> Drain:
+        """``plan.storm`` raw deliveries of one identity (its own per storm), drained by two tracked workers."""
+        n, queue = self.plan.storm, self.queue(f"storm{no}")
+        identity = {"storm": self.tag, "no": no}
         redis = self.require_redis()
         for start in range(0, n, 200):
             await asyncio.gather(*(
                 redis.enqueue_job(bw.STORM_TYPE, tenant_id=self.tenants[0].id, inputs=identity,
-                                  _job_id=f"{storm_q}:s{i}", _queue_name=storm_q)
+                                  _job_id=f"{queue}:s{i}", _queue_name=queue)
                 for i in range(start, min(n, start + 200))))
-        self._expect("storm deliveries queued", await self.queue_length(storm_q), n)
-        s_storm = self.settings_for(self.main_db, storm_q)
-        storm = await self.drain("storm", [self.arq_worker("Tracked", s_storm)] * 2, jobs=n)
+        self._expect("storm deliveries queued", await self.queue_length(queue), n)
+        settings = self.settings_for(self.main_db, queue)
+        return await self.drain(f"storm{no}", [self.arq_worker("Tracked", settings)] * 2, jobs=n)
 
-        await self.enqueue_raw(distinct_q, bw.STORM_TYPE, lambda i: {"distinct": i}, n)
-        s_distinct = self.settings_for(self.main_db, distinct_q)
-        distinct = await self.drain("distinct", [self.arq_worker("Tracked", s_distinct)] * 2, jobs=n)
-        self._expect("distinct jobs executed", distinct.executions(bw.STORM_TYPE), n)
-
-        ledger = await self.ledger_summary(self.main_db, storm_q)
-        r = self.results
-        r["storm_executions"] = storm.executions(bw.STORM_TYPE)
-        r["storm_ledger_executed_runs"] = int(ledger["executed"])
-        r["storm_ledger_rows"] = int(ledger["total"])
-        r["storm_ledger_active_rows"] = int(ledger["active"])
-        r["storm_skipped_by_reason"] = ledger["skipped_by_reason"]
-        r["storm_gate_metrics"] = dict(storm.metrics())
-        r["storm_drain_s"] = storm.seconds
-        r["storm_distinct_drain_s"] = distinct.seconds
-        r["storm_drain_ratio"] = storm.seconds / distinct.seconds
-        print(f"  storm: {r['storm_executions']} execution(s), drained in {storm.seconds:.2f} s "
-              f"({n:,} distinct: {distinct.seconds:.2f} s)", flush=True)
+    async def _distinct_drain(self, no: int) -> Drain:
+        """As many raw deliveries as a storm, every one a distinct identity, drained the same way."""
+        n, queue = self.plan.storm, self.queue(f"distinct{no}")
+        await self.enqueue_raw(queue, bw.STORM_TYPE, lambda i: {"distinct": i, "no": no}, n)
+        settings = self.settings_for(self.main_db, queue)
+        drained = await self.drain(f"distinct{no}", [self.arq_worker("Tracked", settings)] * 2, jobs=n)
+        self._expect("distinct jobs executed", drained.executions(bw.STORM_TYPE), n)
+        return drained
 
     # --- 5. dispatch --------------------------------------------------------------------------------------------
 
@@ -1090,16 +1113,18 @@ def table_rows(r: dict[str, Any], plan: Plan) -> list[tuple[str, str, str, str]]
         ("   floor: a one-row UPDATE, committed (round trip + WAL flush) p50 / p99",
          f"{r['durable_write_p50_ms']:.3f} / {r['durable_write_p99_ms']:.3f} ms", "", ""),
         *_phase_steal_row(r, GATE_PHASE, "the gate runs (this section and 4.)"),
-        (f"3. duplicate storm, {plan.storm:,} deliveries of one identity, 2 workers", "", "", ""),
-        ("   executions", f"{r['storm_executions']}", "= 1", _verdict(r["storm_executions"] == 1)),
-        ("   ledger rows (executed + skipped)", f"{r['storm_ledger_executed_runs']} + "
+        (f"3. duplicate storm, {plan.storm:,} deliveries of one identity, 2 workers (two storms)", "", "", ""),
+        ("   executions, each storm", " and ".join(map(str, r["storm_executions_each"])), "= 1",
+         _verdict(r["storm_executions"] == 1)),
+        ("   ledger rows, first storm (executed + skipped)", f"{r['storm_ledger_executed_runs']} + "
          f"{r['storm_ledger_rows'] - r['storm_ledger_executed_runs']}", f"1 + {plan.storm - 1}",
          _verdict(r["storm_ledger_rows"] == plan.storm and r["storm_ledger_executed_runs"] == 1)),
-        (f"   drain time: storm vs {plan.storm:,} distinct jobs",
+        (f"   drain time: storm vs {plan.storm:,} distinct jobs (means; storm, distinct, distinct, storm)",
          f"{r['storm_drain_s']:.2f} s vs {r['storm_distinct_drain_s']:.2f} s", "storm <= distinct",
          _verdict(r["storm_drain_s"] <= r["storm_distinct_drain_s"]) + f" ({r['storm_drain_ratio']:.2f}x)"),
-        ("   busy-lock deferrals during the storm", f"{r['storm_gate_metrics'].get('deferred:busy', 0):,}", "", ""),
-        *_phase_steal_row(r, STORM_PHASE, "the storm and the distinct jobs"),
+        ("   busy-lock deferrals during the first storm", f"{r['storm_gate_metrics'].get('deferred:busy', 0):,}", "",
+         ""),
+        *_phase_steal_row(r, STORM_PHASE, "the storms and the distinct jobs"),
         (f"4. ledger at scale: {plan.history_rows:,} historical runs vs empty", "", "", ""),
         ("   claim p50 / p99 at scale (worse path)",
          f"{r['scale_gate_p50_ms']:.3f} / {r['scale_gate_p99_ms']:.3f} ms", "", ""),
@@ -1201,7 +1226,7 @@ async def _main(plan: Plan, out: Path = RESULTS_PATH) -> int:
     out.write_text(json.dumps(_rounded(r), indent=2, sort_keys=True) + "\n")
     print(f"wrote {out}")
     if r["storm_executions"] != 1:
-        print(f"bench: FAILED: the duplicate storm executed {r['storm_executions']} times (must be 1)",
+        print(f"bench: FAILED: a duplicate storm executed {r['storm_executions']} times (must be 1)",
               file=sys.stderr)
         return 1
     return 0

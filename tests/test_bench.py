@@ -63,7 +63,12 @@ async def test_quick_bench_writes_every_required_figure_and_cleans_up(tmp_path: 
     shares = [x for v in steal.values() for x in v] + list(results["phase_cpu_steal"].values())
     assert all(0 <= x < 1 for x in shares), shares
     assert results["quick"] is True
-    assert results["storm_executions"] == 1
+    assert results["storm_executions"] == 1 and results["storm_executions_each"] == [1, 1]
+    # Two storms and two sets of distinct jobs (storm, distinct, distinct, storm); the verdict compares their means.
+    storms, distincts = results["storm_drain_s_each"], results["storm_distinct_drain_s_each"]
+    assert len(storms) == len(distincts) == 2 and all(x > 0 for x in storms + distincts), (storms, distincts)
+    assert results["storm_drain_s"] == pytest.approx(sum(storms) / 2, rel=1e-3)
+    assert results["storm_distinct_drain_s"] == pytest.approx(sum(distincts) / 2, rel=1e-3)
     assert results["storm_ledger_rows"] == results["storm_deliveries"]
     # Every tracked job sends one claim and one completion; coalesced, that is at most 2 statements per job.
     per_job = results["gate_statements_per_job"]["tracked1"]
