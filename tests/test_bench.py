@@ -12,6 +12,7 @@ import asyncio
 import json
 import math
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -115,3 +116,11 @@ def test_a_run_is_steady_only_when_its_pairs_agree_and_no_drain_lost_its_cores(
     assert verdict.get("throughput_steady") is steady
     assert verdict.get("throughput_unsteady_because") == because
     assert verdict["throughput_max_steal"] == max(steals)
+
+
+@pytest.mark.parametrize("repeats", ["0", "11", "two"])
+def test_bench_refuses_a_bad_repeats_count_with_exit_2_naming_the_option(repeats: str) -> None:
+    proc = subprocess.run([sys.executable, "scripts/bench.py", "--repeats", repeats], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "--repeats" in proc.stderr and "Traceback" not in proc.stderr
