@@ -49,6 +49,7 @@ import structlog
 from arq.connections import ArqRedis
 
 from opspolish import db
+from opspolish.batching import GateBatcher
 from opspolish.dispatch import dispatch
 from opspolish.fingerprint import canonical_inputs, fingerprint
 from opspolish.ledger import ZERO_COUNTS
@@ -76,6 +77,7 @@ STEADY_SPREAD = 0.15
 STEADY_MAX_STEAL = 0.05
 GATE_PHASE = "2+4. gate latency, empty ledger vs large"
 STORM_PHASE = "3. duplicate storm"
+SERVER_CPU_PHASE = "2. server CPU per gate statement, one at a time"
 
 
 class BenchError(Exception):
@@ -878,6 +880,98 @@ class Bench:
         print(f"  claim p50 {r['gate_p50_ms']:.3f} ms empty, {r['scale_gate_p50_ms']:.3f} ms with "
               f"{self.plan.history_rows:,} runs", flush=True)
 
+    async def server_cpu(self) -> None:
+        """Server CPU per gate statement: ``gate_iterations`` (at least 1,000) claims of dispatched runs, then
+        their completions, one at a time through a gate batcher (a lone operation is one prepared statement and
+        one commit, as in a worker whose jobs arrive one by one), and the two floors on a plain connection; each
+        timed as the CPU its backend used, read from /proc. Unlike a drain, this does not move with the machine's
+        other work (two runs on one VM agreed within 4%), so a change to the gate's SQL or to the ledger's schema
+        can be weighed here when drains cannot resolve it. None when PostgreSQL runs on another host.
+        """
+        # /proc counts CPU in clock ticks, sampled: 300 SELECT 1s (the quick plan's gate iterations) read as 0 us.
+        n = max(self.plan.gate_iterations, 1_000)
+        claim_s, complete_s = await self._server_cpu_gate(n)
+        durable_s, select1_s = await self._server_cpu_floors(n)
+        r = self.results
+        r["server_cpu_statements_each"] = n
+        for key, seconds in (("claim", claim_s), ("complete", complete_s), ("durable_floor", durable_s),
+                             ("select1", select1_s)):
+            r[f"server_cpu_{key}_us"] = None if seconds is None else seconds / n * 1e6
+        if r["server_cpu_claim_us"] is None:
+            print("  server CPU: PostgreSQL's backends are not on this host (no /proc), not measured", flush=True)
+        else:
+            print(f"  server CPU per claim {r['server_cpu_claim_us']:.0f} us, per completion "
+                  f"{r['server_cpu_complete_us']:.0f} us", flush=True)
+
+    async def _server_cpu_gate(self, n: int) -> tuple[float | None, float | None]:
+        """The gate backend's CPU seconds for ``n`` claims, then for their ``n`` completions."""
+        settings = self.settings_for(self.empty_db, self.queue("server-cpu"))
+        gate_pids: list[int] = []
+
+        async def connect_gate() -> asyncpg.Connection:
+            conn = await db.connect_gate(settings)
+            gate_pids.append(int(await conn.fetchval("SELECT pg_backend_pid()")))
+            return conn
+
+        rt = await Runtime.start(settings, connect_to_redis=False, pool_size=2)
+        gate = GateBatcher(connect_gate, rt.ledger)
+        try:
+            runs = []
+            for i in range(n + 1):  # the first one opens the gate's connection and prepares its statements
+                tenant = self.tenants[i % len(self.tenants)]
+                data = {"server_cpu": i}
+                queued = await rt.ledger.dispatch(tenant=tenant.id, workspace_id=None, run_type=bw.NOOP_TYPE,
+                                                  fingerprint=fingerprint(data), context=canonical_inputs(data),
+                                                  queue_name=settings.queue_name)
+                if queued is None or not queued.created:
+                    raise BenchError(f"server CPU: could not queue run {i}")
+                runs.append((tenant.id, queued.run_id, queued.job_id, uuid.uuid4()))
+
+            async def claim(tenant: str, run_id: int, job_id: str, owner: uuid.UUID) -> None:
+                got = await gate.claim(run_id=run_id, tenant=tenant, workspace_id=None, run_type=bw.NOOP_TYPE,
+                                       fingerprint=None, context=None, job_id=job_id,
+                                       queue_name=settings.queue_name, lease_owner=owner, cooldown_s=900.0,
+                                       lease_ttl_s=60.0)
+                if got.decision != "claimed":
+                    raise BenchError(f"server CPU: run {run_id} was {got.decision}")
+
+            async def complete(run_id: int, owner: uuid.UUID) -> None:
+                if not await gate.complete(run_id, owner, outcome="succeeded", counts=ZERO_COUNTS,
+                                           reason_code=None, reason_message=None):
+                    raise BenchError(f"server CPU: run {run_id} was not completed")
+
+            await claim(*runs[0])
+            await complete(runs[0][1], runs[0][3])
+            t0 = proc_cpu_s(gate_pids[-1])
+            for run in runs[1:]:
+                await claim(*run)
+            t1 = proc_cpu_s(gate_pids[-1])
+            for run in runs[1:]:
+                await complete(run[1], run[3])
+            t2 = proc_cpu_s(gate_pids[-1])
+            if len(gate_pids) != 1:
+                raise BenchError("server CPU: the gate's connection was replaced while timed")
+        finally:
+            await gate.close()
+            await rt.close()
+        return _span(t0, t1), _span(t1, t2)
+
+    async def _server_cpu_floors(self, n: int) -> tuple[float | None, float | None]:
+        """A backend's CPU seconds for ``n`` committed one-row UPDATEs, then for ``n`` SELECT 1s."""
+        async with self.connection(self.empty_db) as conn:
+            pid = int(await conn.fetchval("SELECT pg_backend_pid()"))
+            select1, durable = await conn.prepare("SELECT 1"), await conn.prepare(DURABLE_FLOOR_SQL)
+            await select1.fetchval()
+            await durable.fetch()
+            t0 = proc_cpu_s(pid)
+            for _ in range(n):
+                await durable.fetch()
+            t1 = proc_cpu_s(pid)
+            for _ in range(n):
+                await select1.fetchval()
+            t2 = proc_cpu_s(pid)
+        return _span(t0, t1), _span(t1, t2)
+
     # --- the whole run ----------------------------------------------------------------------------------------
 
     async def phase(self, name: str, step: Callable[[], Awaitable[Any]]) -> None:
@@ -899,6 +993,7 @@ class Bench:
 
         await self.phase(f"4. loading {self.plan.history_rows:,} historical runs", history)
         await self.phase(GATE_PHASE, self.gate)
+        await self.phase(SERVER_CPU_PHASE, self.server_cpu)
 
 
 #: The gate latency's second floor: the cheapest durable write, one tiny row updated and committed. Every claim
@@ -932,14 +1027,29 @@ FROM t, generate_series($1::bigint, $2::bigint) AS g,
 """
 
 
+_TICK_S = 1 / (os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100)
+
+
+def _span(start: float | None, end: float | None) -> float | None:
+    return None if start is None or end is None else end - start
+
+
+def proc_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) process ``pid`` has used, from /proc; None if it is not readable here. In clock
+    ticks (10 ms on Linux), so a figure resolves what it sums over many statements, not one."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) * _TICK_S
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 class BackendCpu:
     """CPU seconds used by the PostgreSQL backends serving some databases, sampled from /proc.
 
     Backends exit with their worker, so they are sampled while the workers drain; the last sample of each
     is what it used (at most one sampling interval is missed per backend).
     """
-
-    TICK_S = 1 / (os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100)
 
     def __init__(self, databases: tuple[str, ...]) -> None:
         self.databases = tuple(f" {name} " for name in databases)
@@ -961,10 +1071,11 @@ class BackendCpu:
                     if not cmdline.startswith("postgres:") or not any(db in cmdline for db in self.databases):
                         self._ignored.add(pid)
                         continue
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
+            except OSError:
                 continue
-            used = (int(fields[11]) + int(fields[12])) * self.TICK_S  # utime + stime
+            used = proc_cpu_s(pid)
+            if used is None:
+                continue
             self.first.setdefault(pid, used)
             self.last[pid] = used
 
@@ -1066,6 +1177,22 @@ def _steal(r: dict[str, Any], workers: int) -> str:
     return " / ".join(", ".join(f"{x:.0%}" for x in steal[f"{name}{workers}"]) for name in ("bare", "tracked"))
 
 
+def _server_cpu_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    n = r.get("server_cpu_statements_each")
+    if n is None:  # results written before this section existed
+        return []
+    title = f"   server CPU per statement, one at a time, empty ledger ({n:,} each; the backend's, from /proc)"
+    if r["server_cpu_claim_us"] is None:
+        return [(title, "n/a", "", "(PostgreSQL is not on this host)")]
+    return [
+        (title, "", "", ""),
+        ("     claim of a dispatched run / completion write",
+         f"{r['server_cpu_claim_us']:,.0f} / {r['server_cpu_complete_us']:,.0f} us", "", ""),
+        ("     floors: a one-row UPDATE, committed / SELECT 1",
+         f"{r['server_cpu_durable_floor_us']:,.0f} / {r['server_cpu_select1_us']:,.0f} us", "", ""),
+    ]
+
+
 def table_rows(r: dict[str, Any], plan: Plan) -> list[tuple[str, str, str, str]]:
     """(metric, value, target, verdict) rows; a section header has empty value and target."""
     best = f"best of {plan.repeats} runs"
@@ -1132,6 +1259,7 @@ def table_rows(r: dict[str, Any], plan: Plan) -> list[tuple[str, str, str, str]]
         ("   floor: a one-row UPDATE, committed (round trip + WAL flush) p50 / p99",
          f"{r['durable_write_p50_ms']:.3f} / {r['durable_write_p99_ms']:.3f} ms", "", ""),
         *_phase_steal_row(r, GATE_PHASE, "the gate runs (this section and 4.)"),
+        *_server_cpu_rows(r),
         (f"3. duplicate storm, {plan.storm:,} deliveries of one identity, 2 workers (two storms)", "", "", ""),
         ("   executions, each storm", " and ".join(map(str, r["storm_executions_each"])), "= 1",
          _verdict(r["storm_executions"] == 1)),

@@ -50,6 +50,12 @@ async def test_quick_bench_writes_every_required_figure_and_cleans_up(tmp_path: 
     # The gate latency floors: a round trip, and a durable one-row write (the claim commits, so it cannot beat it).
     for key in ("pool_round_trip_p50_ms", "durable_write_p50_ms"):
         assert math.isfinite(results[key]) and results[key] > 0, (key, results[key])
+    # Server CPU per gate statement, from the backends' /proc (Postgres runs on this host in the tests). A claim
+    # and a completion each do ledger work and commit: both cost the server more than a bare SELECT 1.
+    select1 = results["server_cpu_select1_us"]
+    assert results["server_cpu_statements_each"] > 0 and 0 <= select1 < results["server_cpu_durable_floor_us"]
+    assert results["server_cpu_claim_us"] > select1 and results["server_cpu_complete_us"] > select1, results
+    assert "server CPU per statement" in text
     pairs = results["throughput_ratio_pairs"]  # --repeats 2: two back-to-back pairs of bare arq and tracked
     assert len(pairs) == 2 and all(math.isfinite(p) and p > 0 for p in pairs), pairs
     # Their disagreement and the steal of their drains decide whether the run is steady; an unsteady run never
