@@ -884,9 +884,10 @@ class Bench:
         """Server CPU per gate statement: ``gate_iterations`` (at least 1,000) claims of dispatched runs, then
         their completions, one at a time through a gate batcher (a lone operation is one prepared statement and
         one commit, as in a worker whose jobs arrive one by one), and the two floors on a plain connection; each
-        timed as the CPU its backend used, read from /proc. Unlike a drain, this does not move with the machine's
-        other work (two runs on one VM agreed within 4%), so a change to the gate's SQL or to the ledger's schema
-        can be weighed here when drains cannot resolve it. None when PostgreSQL runs on another host.
+        timed as the CPU its backend used, read from /proc. Unlike a drain, this barely moves with the machine's
+        other work (within 10% across runs on one VM, where bare arq's drains moved by 35%), so a change to the
+        gate's SQL or to the ledger's schema can be weighed here when drains cannot resolve it. None when
+        PostgreSQL runs on another host.
         """
         # /proc counts CPU in clock ticks, sampled: 300 SELECT 1s (the quick plan's gate iterations) read as 0 us.
         n = max(self.plan.gate_iterations, 1_000)
