@@ -887,7 +887,7 @@ class Bench:
         timed as the CPU its backend used, read from /proc. Unlike a drain, this barely moves with the machine's
         other work (within 10% across runs on one VM, where bare arq's drains moved by 35%), so a change to the
         gate's SQL or to the ledger's schema can be weighed here when drains cannot resolve it. None when
-        PostgreSQL runs on another host.
+        PostgreSQL's backends are not this host's processes (another host, a container).
         """
         # /proc counts CPU in clock ticks, sampled: 300 SELECT 1s (the quick plan's gate iterations) read as 0 us.
         n = max(self.plan.gate_iterations, 1_000)
@@ -899,7 +899,7 @@ class Bench:
                              ("select1", select1_s)):
             r[f"server_cpu_{key}_us"] = None if seconds is None else seconds / n * 1e6
         if r["server_cpu_claim_us"] is None:
-            print("  server CPU: PostgreSQL's backends are not on this host (no /proc), not measured", flush=True)
+            print("  server CPU: PostgreSQL's backends are not this host's processes, not measured", flush=True)
         else:
             print(f"  server CPU per claim {r['server_cpu_claim_us']:.0f} us, per completion "
                   f"{r['server_cpu_complete_us']:.0f} us", flush=True)
@@ -943,6 +943,8 @@ class Bench:
 
             await claim(*runs[0])
             await complete(runs[0][1], runs[0][3])
+            if not is_local_backend(gate_pids[-1]):
+                return None, None
             t0 = proc_cpu_s(gate_pids[-1])
             for run in runs[1:]:
                 await claim(*run)
@@ -960,7 +962,11 @@ class Bench:
     async def _server_cpu_floors(self, n: int) -> tuple[float | None, float | None]:
         """A backend's CPU seconds for ``n`` committed one-row UPDATEs, then for ``n`` SELECT 1s."""
         async with self.connection(self.empty_db) as conn:
+            for sql in DURABLE_FLOOR_DDL:
+                await conn.execute(sql)
             pid = int(await conn.fetchval("SELECT pg_backend_pid()"))
+            if not is_local_backend(pid):
+                return None, None
             select1, durable = await conn.prepare("SELECT 1"), await conn.prepare(DURABLE_FLOOR_SQL)
             await select1.fetchval()
             await durable.fetch()
@@ -1033,6 +1039,15 @@ _TICK_S = 1 / (os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100)
 
 def _span(start: float | None, end: float | None) -> float | None:
     return None if start is None or end is None else end - start
+
+
+def is_local_backend(pid: int) -> bool:
+    """Whether ``pid`` (a ``pg_backend_pid()``) is a PostgreSQL process on this host: a server on another host, or
+    in a container with its own process ids, names processes this host's /proc does not show, or shows as others."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"postgres")
+    except OSError:
+        return False
 
 
 def proc_cpu_s(pid: int) -> float | None:
@@ -1184,7 +1199,7 @@ def _server_cpu_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         return []
     title = f"   server CPU per statement, one at a time, empty ledger ({n:,} each; the backend's, from /proc)"
     if r["server_cpu_claim_us"] is None:
-        return [(title, "n/a", "", "(PostgreSQL is not on this host)")]
+        return [(title, "n/a", "", "(PostgreSQL's backends are not this host's processes)")]
     return [
         (title, "", "", ""),
         ("     claim of a dispatched run / completion write",

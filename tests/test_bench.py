@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from scripts.bench import Drain, steadiness
+from scripts.bench import Drain, _server_cpu_rows, is_local_backend, steadiness
 
 from opspolish import db
 from tests.conftest import ROOT, base_settings
@@ -130,3 +130,19 @@ def test_bench_refuses_a_bad_repeats_count_with_exit_2_naming_the_option(repeats
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert "--repeats" in proc.stderr and "Traceback" not in proc.stderr
+
+
+async def test_server_cpu_is_read_only_from_a_backend_this_hosts_proc_shows_as_postgres() -> None:
+    """The server-CPU figures read /proc by ``pg_backend_pid()``: a process that is not PostgreSQL (a server in a
+    container or on another host names pids this /proc does not have, or has as something else) gives no figure."""
+    conn = await db.connect(base_settings(), "postgres")
+    try:
+        assert is_local_backend(int(await conn.fetchval("SELECT pg_backend_pid()")))
+    finally:
+        await conn.close()
+    assert not is_local_backend(os.getpid())  # this test's own Python process
+    assert not is_local_backend(2**22 + 1)  # above Linux's largest pid: no such process
+    unmeasured = {"server_cpu_statements_each": 1000, "server_cpu_claim_us": None, "server_cpu_complete_us": None,
+                  "server_cpu_durable_floor_us": None, "server_cpu_select1_us": None}
+    assert [row[1] for row in _server_cpu_rows(unmeasured)] == ["n/a"]
+    assert _server_cpu_rows({}) == []  # results from before the section existed
