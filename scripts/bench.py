@@ -52,7 +52,7 @@ from opspolish import db
 from opspolish.batching import GateBatcher
 from opspolish.dispatch import dispatch
 from opspolish.fingerprint import canonical_inputs, fingerprint
-from opspolish.ledger import ZERO_COUNTS
+from opspolish.ledger import ZERO_COUNTS, Claim, Dispatched
 from opspolish.logs import configure_logging
 from opspolish.runtime import Runtime, connect_redis
 from opspolish.seed import seed
@@ -770,6 +770,30 @@ class Bench:
         self._expect("historical runs without their tenant", int(dangling), 0)
         return time.perf_counter() - t0
 
+    async def queue_run(self, rt: Runtime, i: int, data: dict[str, Any]) -> tuple[Tenant, Dispatched]:
+        """A queued no-op run of tenant ``i`` (round robin) with inputs ``data``, dispatched as a caller would."""
+        tenant = self.tenants[i % len(self.tenants)]
+        queued = await rt.ledger.dispatch(tenant=tenant.id, workspace_id=None, run_type=bw.NOOP_TYPE,
+                                          fingerprint=fingerprint(data), context=canonical_inputs(data),
+                                          queue_name=rt.settings.queue_name)
+        if queued is None or not queued.created:
+            raise BenchError(f"could not queue run {data}")
+        return tenant, queued
+
+    @staticmethod
+    async def claim_run(gate: GateBatcher, tenant: Tenant, queued: Dispatched, owner: uuid.UUID,
+                        queue_name: str) -> Claim:
+        """A worker's claim of a dispatched run, through ``gate``."""
+        return await gate.claim(run_id=queued.run_id, tenant=tenant.id, workspace_id=None, run_type=bw.NOOP_TYPE,
+                                fingerprint=None, context=None, job_id=queued.job_id, queue_name=queue_name,
+                                lease_owner=owner, cooldown_s=900.0, lease_ttl_s=60.0)
+
+    @staticmethod
+    async def complete_run(gate: GateBatcher, run_id: int, owner: uuid.UUID) -> bool:
+        """A worker's completion write of a no-op run, through ``gate``."""
+        return await gate.complete(run_id, owner, outcome="succeeded", counts=ZERO_COUNTS, reason_code=None,
+                                   reason_message=None)
+
     async def measure_gate(self, rt: Runtime, iterations: int, label: str) -> GateSamples:
         """Claims and completions, one at a time, as a worker makes them (through its gate batcher: the gate's
         own connection and prepared statement; a lone caller's operation is flushed on the next loop turn)."""
@@ -777,22 +801,12 @@ class Bench:
         queue = rt.settings.queue_name
         perf = time.perf_counter
         for i in range(iterations):
-            tenant = self.tenants[i % len(self.tenants)]
-            data = {"gate": label, "i": i}
-            queued = await rt.ledger.dispatch(tenant=tenant.id, workspace_id=None, run_type=bw.NOOP_TYPE,
-                                              fingerprint=fingerprint(data), context=canonical_inputs(data),
-                                              queue_name=queue)
-            if queued is None or not queued.created:
-                raise BenchError(f"gate: could not queue run {label}/{i}")
+            tenant, queued = await self.queue_run(rt, i, {"gate": label, "i": i})
             owner = uuid.uuid4()
             t0 = perf()
-            claim = await rt.gate.claim(run_id=queued.run_id, tenant=tenant.id, workspace_id=None,
-                                          run_type=bw.NOOP_TYPE, fingerprint=None, context=None,
-                                          job_id=queued.job_id, queue_name=queue, lease_owner=owner,
-                                          cooldown_s=900.0, lease_ttl_s=60.0)
+            claim = await self.claim_run(rt.gate, tenant, queued, owner, queue)
             t1 = perf()
-            done = await rt.gate.complete(queued.run_id, owner, outcome="succeeded", counts=ZERO_COUNTS,
-                                            reason_code=None, reason_message=None)
+            done = await self.complete_run(rt.gate, queued.run_id, owner)
             t2 = perf()
             if claim.decision != "claimed" or not done:
                 raise BenchError(f"gate: dispatched run {queued.run_id} was {claim.decision}, completed={done}")
@@ -807,8 +821,7 @@ class Bench:
             t4 = perf()
             if claim.decision != "claimed" or claim.run_id is None:
                 raise BenchError(f"gate: raw delivery {label}/{i} was {claim.decision}")
-            done = await rt.gate.complete(claim.run_id, owner, outcome="succeeded", counts=ZERO_COUNTS,
-                                            reason_code=None, reason_message=None)
+            done = await self.complete_run(rt.gate, claim.run_id, owner)
             t5 = perf()
             if not done:
                 raise BenchError(f"gate: raw run {claim.run_id} was not completed")
@@ -884,8 +897,8 @@ class Bench:
         """Server CPU per gate statement: ``gate_iterations`` (at least 1,000) claims of dispatched runs, then
         their completions, one at a time through a gate batcher (a lone operation is one prepared statement and
         one commit, as in a worker whose jobs arrive one by one), and the two floors on a plain connection; each
-        timed as the CPU its backend used, read from /proc. Unlike a drain, this barely moves with the machine's
-        other work (within 10% across runs on one VM, where bare arq's drains moved by 35%), so a change to the
+        timed as the CPU its backend used, read from /proc. Unlike a drain, this moves little with the machine's
+        other work (within 20% across runs on one VM, where bare arq's drains moved by 35%), so a change to the
         gate's SQL or to the ledger's schema can be weighed here when drains cannot resolve it. None when
         PostgreSQL's backends are not this host's processes (another host, a container).
         """
@@ -917,40 +930,28 @@ class Bench:
         rt = await Runtime.start(settings, connect_to_redis=False, pool_size=2)
         gate = GateBatcher(connect_gate, rt.ledger)
         try:
-            runs = []
-            for i in range(n + 1):  # the first one opens the gate's connection and prepares its statements
-                tenant = self.tenants[i % len(self.tenants)]
-                data = {"server_cpu": i}
-                queued = await rt.ledger.dispatch(tenant=tenant.id, workspace_id=None, run_type=bw.NOOP_TYPE,
-                                                  fingerprint=fingerprint(data), context=canonical_inputs(data),
-                                                  queue_name=settings.queue_name)
-                if queued is None or not queued.created:
-                    raise BenchError(f"server CPU: could not queue run {i}")
-                runs.append((tenant.id, queued.run_id, queued.job_id, uuid.uuid4()))
+            runs = [(*await self.queue_run(rt, i, {"server_cpu": i}), uuid.uuid4()) for i in range(n + 1)]
 
-            async def claim(tenant: str, run_id: int, job_id: str, owner: uuid.UUID) -> None:
-                got = await gate.claim(run_id=run_id, tenant=tenant, workspace_id=None, run_type=bw.NOOP_TYPE,
-                                       fingerprint=None, context=None, job_id=job_id,
-                                       queue_name=settings.queue_name, lease_owner=owner, cooldown_s=900.0,
-                                       lease_ttl_s=60.0)
-                if got.decision != "claimed":
-                    raise BenchError(f"server CPU: run {run_id} was {got.decision}")
+            async def claim_all(batch: list[tuple[Tenant, Dispatched, uuid.UUID]]) -> None:
+                for tenant, queued, owner in batch:
+                    claim = await self.claim_run(gate, tenant, queued, owner, settings.queue_name)
+                    if claim.decision != "claimed":
+                        raise BenchError(f"server CPU: run {queued.run_id} was {claim.decision}")
 
-            async def complete(run_id: int, owner: uuid.UUID) -> None:
-                if not await gate.complete(run_id, owner, outcome="succeeded", counts=ZERO_COUNTS,
-                                           reason_code=None, reason_message=None):
-                    raise BenchError(f"server CPU: run {run_id} was not completed")
+            async def complete_all(batch: list[tuple[Tenant, Dispatched, uuid.UUID]]) -> None:
+                for _, queued, owner in batch:
+                    if not await self.complete_run(gate, queued.run_id, owner):
+                        raise BenchError(f"server CPU: run {queued.run_id} was not completed")
 
-            await claim(*runs[0])
-            await complete(runs[0][1], runs[0][3])
+            # The first run opens the gate's connection and prepares its statements, untimed.
+            await claim_all(runs[:1])
+            await complete_all(runs[:1])
             if not is_local_backend(gate_pids[-1]):
                 return None, None
             t0 = proc_cpu_s(gate_pids[-1])
-            for run in runs[1:]:
-                await claim(*run)
+            await claim_all(runs[1:])
             t1 = proc_cpu_s(gate_pids[-1])
-            for run in runs[1:]:
-                await complete(run[1], run[3])
+            await complete_all(runs[1:])
             t2 = proc_cpu_s(gate_pids[-1])
             if len(gate_pids) != 1:
                 raise BenchError("server CPU: the gate's connection was replaced while timed")
