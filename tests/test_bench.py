@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from scripts.bench import Drain, _server_cpu_rows, is_local_backend, steadiness
+from scripts.bench_probes import is_local_backend
+from scripts.bench_report import Drain, _server_cpu_rows, steadiness
 
 from opspolish import db
 from tests.conftest import ROOT, base_settings
