@@ -218,6 +218,9 @@ class Bench(BenchEnv):
         pairs = r["throughput_ratio_pairs"] = [b.seconds / t.seconds
                                                for b, t in zip(runs["bare1"], runs["tracked1"], strict=True)]
         r.update(steadiness(pairs, runs["bare1"] + runs["tracked1"]))
+        if "bare2" in runs:  # one drain each: only steal can make it unsteady (keys suffixed _2w)
+            pairs_2w = [b.seconds / t.seconds for b, t in zip(runs["bare2"], runs["tracked2"], strict=True)]
+            r.update({f"{k}_2w": v for k, v in steadiness(pairs_2w, runs["bare2"] + runs["tracked2"]).items()})
         r["worker_rss_mb"] = max(d.rss_mb() for d in runs["tracked1"])
         r["worker_rss_bare_mb"] = max(d.rss_mb() for d in runs["bare1"])
         r["worker_rss_procrastinate_mb"] = max(d.rss_mb() for d in runs["procrastinate1"])

@@ -77,7 +77,7 @@ class Drain:
 
 
 def steadiness(pairs: list[float], drains: list[Drain]) -> dict[str, Any]:
-    """Whether the one-worker ratio is a figure of the code rather than of the machine's moment.
+    """Whether a throughput ratio (one worker, or two) is a figure of the code rather than of the machine's moment.
 
     Steady when the back-to-back pairs agree and none of their drains lost a noticeable share of the cores to the
     hypervisor. Both are needed: on one VM bare arq's two drains lost 24% and 30% of the cores and tracked's first
@@ -103,11 +103,11 @@ def _verdict(ok: bool) -> str:
     return "ok" if ok else "MISS"
 
 
-def _throughput_verdict(r: dict[str, Any]) -> str:
-    """A one-worker ratio from an unsteady run (see steadiness) is no verdict on the code: it says so instead."""
-    if r.get("throughput_steady") is False:
-        return "UNSTEADY: " + _verdict(r["throughput_ratio"] >= 0.6).lower() + " on this run, no verdict"
-    return _verdict(r["throughput_ratio"] >= 0.6)
+def _throughput_verdict(r: dict[str, Any], suffix: str = "") -> str:
+    """A ratio from an unsteady run (see steadiness; ``suffix`` "_2w" for two workers) is no verdict on the code: it
+    says so instead."""
+    met = _verdict(r[f"throughput_ratio{suffix}"] >= 0.6)
+    return f"UNSTEADY: {met.lower()} on this run, no verdict" if r.get(f"throughput_steady{suffix}") is False else met
 
 
 def _phase_steal_row(r: dict[str, Any], phase: str, what: str) -> list[tuple[str, str, str, str]]:
@@ -160,7 +160,7 @@ def table_rows(r: dict[str, Any], plan: Plan) -> list[tuple[str, str, str, str]]
              f"{r[f'throughput_procrastinate_jobs_s{suffix}']:,.0f} jobs/s",
              "ref ~970 (1 worker)" if workers == 1 else "", ""),
             (f"   ratio tracked / bare, {workers} worker(s)", f"{ratio:.2f}", ">= 0.60",
-             _throughput_verdict(r) if workers == 1 else _verdict(ratio >= 0.6)),
+             _throughput_verdict(r, suffix)),
             *([("   ratio tracked / bare per back-to-back pair (the noise within this run)",
                 " / ".join(f"{x:.2f}" for x in r["throughput_ratio_pairs"]),
                 f"spread <= {STEADY_SPREAD:.0%}",
@@ -168,9 +168,9 @@ def table_rows(r: dict[str, Any], plan: Plan) -> list[tuple[str, str, str, str]]
                 + f" ({r['throughput_ratio_pair_spread']:.0%})")]
               if workers == 1 and "throughput_ratio_pair_spread" in r else []),
             *([(f"   CPU stolen by the hypervisor while draining, bare / tracked, {workers} worker(s)",
-                _steal(r, workers), f"<= {STEADY_MAX_STEAL:.0%} each" if workers == 1 else "",
-                ("ok" if r["throughput_max_steal"] <= STEADY_MAX_STEAL else "UNSTEADY")
-                if workers == 1 and "throughput_max_steal" in r else "")] if _steal(r, workers) else []),
+                _steal(r, workers), f"<= {STEADY_MAX_STEAL:.0%} each",
+                ("ok" if r[f"throughput_max_steal{suffix}"] <= STEADY_MAX_STEAL else "UNSTEADY")
+                if f"throughput_max_steal{suffix}" in r else "")] if _steal(r, workers) else []),
             (f"   ratio tracked / procrastinate, {workers} worker(s)",
              f"{r[f'throughput_tracked_vs_procrastinate{suffix}']:.2f}", "", ""),
         ]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from scripts.bench_probes import is_local_backend
-from scripts.bench_report import Drain, _server_cpu_rows, steadiness
+from scripts.bench_report import Drain, _server_cpu_rows, _throughput_verdict, steadiness
 
 from opspolish import db
 from tests.conftest import ROOT, base_settings
@@ -123,6 +123,21 @@ def test_a_run_is_steady_only_when_its_pairs_agree_and_no_drain_lost_its_cores(
     assert verdict.get("throughput_steady") is steady
     assert verdict.get("throughput_unsteady_because") == because
     assert verdict["throughput_max_steal"] == max(steals)
+
+
+@pytest.mark.parametrize(("ratio", "steals", "verdict"), [
+    (0.72, [0.0, 0.02], "ok"),
+    (0.50, [0.0, 0.02], "MISS"),
+    (0.72, [0.12, 0.0], "UNSTEADY: ok on this run, no verdict"),  # bare arq lost 12%: the ratio flatters
+    (0.50, [0.0, 0.09], "UNSTEADY: miss on this run, no verdict"),
+])
+def test_the_two_worker_ratio_gets_no_verdict_from_a_drain_that_lost_its_cores(
+    ratio: float, steals: list[float], verdict: str
+) -> None:
+    """Two workers drain once each (no pairs to compare), so steal alone decides whether their ratio is a figure."""
+    r = {"throughput_ratio_2w": ratio,
+         **{f"{k}_2w": v for k, v in steadiness([ratio], [_drain(10.0, s) for s in steals]).items()}}
+    assert _throughput_verdict(r, "_2w") == verdict
 
 
 @pytest.mark.parametrize("repeats", ["0", "11", "two"])
