@@ -245,12 +245,14 @@ async def execute(
     context: dict[str, Any] | None = None
     data: dict[str, Any] = dict(inputs or {})
     try:
+        # Every delivery names its scope, a run id's too: the gate finds the run within that scope only, so a
+        # delivery that names none cannot reach a run of any tenant (dispatch and reconcile always name it).
+        if job.scope == "tenant" and not tenant:
+            raise InputInvalid("tenant_id: required for a tenant job", field="tenant_id")
+        if job.scope == "workspace" and not workspace_id:
+            raise InputInvalid("workspace_id: required for a workspace job", field="workspace_id")
         if run_id is None:
             data = job.validate_inputs(inputs)
-            if job.scope == "tenant" and not tenant:
-                raise InputInvalid("tenant_id: required for a tenant job", field="tenant_id")
-            if job.scope == "workspace" and not workspace_id:
-                raise InputInvalid("workspace_id: required for a workspace job", field="workspace_id")
             context, fp = context_and_fingerprint(data)
         if tenant is not None and not _sql_text(str(tenant)):  # a driver error otherwise, and no visible skip
             raise TenantNotFound("tenant_id: not a tenant id or external_id", field="tenant_id")

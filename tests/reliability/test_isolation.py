@@ -101,6 +101,11 @@ async def test_a_forged_delivery_of_another_tenants_run_runs_nothing_and_changes
     ws_result = await execute(rt, get_job(WORKSPACE_EFFECT_TYPE), run_id=foreign.run_id, tenant=None,
                               workspace_id=a["workspace_id"], inputs={}, job_id=foreign.job_id)
     assert ws_result["decision"] == "run_not_found"
+    # A delivery that names no scope at all reaches no run: only a raw one used to be held to naming it.
+    for run_type in (EFFECT_TYPE, WORKSPACE_EFFECT_TYPE):
+        bare = await execute(rt, get_job(run_type), run_id=foreign.run_id, tenant=None, workspace_id=None,
+                             inputs={"tag": "victim"}, job_id=foreign.job_id)
+        assert (bare["decision"], bare["reason_code"]) == ("rejected", "input.invalid"), bare
     assert await _row(conn, foreign.run_id) == before and await effects(conn) == []
     # Delivered with its own tenant, the run does execute: the refusals above were about scope.
     ok = await execute(rt, job, run_id=foreign.run_id, tenant=c["external_id"], workspace_id=None,
