@@ -15,9 +15,11 @@ from typing import Any
 import asyncpg
 import pytest
 from arq.cron import cron
+from arq.worker import Worker, get_kwargs
 from pydantic import SecretStr
 
 from opspolish.dispatch import dispatch
+from opspolish.fingerprint import context_and_fingerprint
 from opspolish.jobs.reconcile import RECONCILE_TYPE, reconcile_all, reconcile_cron
 from opspolish.runtime import Runtime
 from opspolish.settings import Settings
@@ -209,6 +211,65 @@ async def test_the_worker_cron_runs_the_tracked_reconcile(
     runs = await reconcile_runs(conn)
     assert len(runs) == len(seeded["workspaces"]) and worker.jobs_complete == 1
     assert all(r["outcome"] == "succeeded" for r in runs)
+
+
+def real_worker(settings: Settings) -> Worker:
+    """A burst worker with the production configuration: the built-in jobs and the reconcile cron."""
+    kwargs: dict[str, Any] = {**get_kwargs(worker_settings(settings, configure_logs=False)),
+                              "burst": True, "poll_delay": 0.02, "handle_signals": False}
+    return Worker(**kwargs)
+
+
+async def test_a_reconcile_enqueued_through_the_queue_runs_as_that_workspaces_pass(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any]
+) -> None:
+    acme = seeded["workspaces"][0]
+    queued = await dispatch(rt, RECONCILE_TYPE, workspace_id=acme["id"], inputs={})
+    worker = real_worker(settings)
+    try:
+        await asyncio.wait_for(worker.main(), 30)
+    finally:
+        await worker.close()
+    assert (worker.jobs_complete, worker.jobs_failed) == (1, 0)  # the cron's function took the job's arguments
+    run = await conn.fetchrow("SELECT * FROM operation_runs WHERE id = $1", queued.run_id)
+    assert run is not None
+    assert (run["status"], run["outcome"], run["workspace_id"], run["tenant_id"]) == (
+        "completed", "succeeded", acme["id"], None)
+    # And the next pass of that workspace executes: nothing holds the identity.
+    results = await reconcile_all(rt, workspace_slug=acme["slug"])
+    assert [(r["decision"], r.get("outcome")) for r in results] == [("completed", "succeeded")]
+
+
+async def test_a_reconcile_run_handed_back_or_left_queued_is_run_by_the_next_pass_instead_of_blocking_it(
+    rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any]
+) -> None:
+    acme = seeded["workspaces"][0]
+    # What a worker shutting down mid-pass leaves: the pass's run claimed, then handed back (queued, attempt 1).
+    _, fingerprint = context_and_fingerprint({})
+    owner = uuid.uuid4()
+    claim = await rt.gate.claim(
+        run_id=None, tenant=None, workspace_id=acme["id"], run_type=RECONCILE_TYPE, fingerprint=fingerprint,
+        context={}, job_id="cron:handed-back:acme", queue_name=rt.settings.queue_name, lease_owner=owner,
+        cooldown_s=0.0, lease_ttl_s=rt.settings.lease_ttl_s)
+    assert claim.decision == "claimed" and claim.run_id is not None
+    assert await rt.ledger.release(claim.run_id, owner, reason_code="job.cancelled", reason_message="shut down")
+    # And what a dispatch no worker has taken yet leaves, in the other workspace.
+    globex = seeded["workspaces"][1]
+    queued = await dispatch(rt, RECONCILE_TYPE, workspace_id=globex["id"], inputs={})
+
+    results = {r["workspace"]: r for r in await reconcile_all(rt)}
+    assert (results["acme"]["run_id"], results["acme"]["outcome"]) == (claim.run_id, "succeeded")
+    assert (results["globex"]["run_id"], results["globex"]["outcome"]) == (queued.run_id, "succeeded")
+    handed_back = await conn.fetchrow("SELECT * FROM operation_runs WHERE id = $1", claim.run_id)
+    assert handed_back is not None
+    assert (handed_back["status"], handed_back["attempts"], handed_back["reason_code"]) == ("completed", 2, None)
+    # Each pass that found the identity held left its skip, pointing at the run it then ran.
+    skips = await conn.fetch("SELECT dedupe_of, reason_code FROM operation_runs WHERE outcome = 'skipped'")
+    assert sorted((s["dedupe_of"], s["reason_code"]) for s in skips) == sorted(
+        [(claim.run_id, "dedupe.non_canonical"), (queued.run_id, "dedupe.non_canonical")])
+    # The passes after that run as usual.
+    again = await reconcile_all(rt)
+    assert [(r["decision"], r.get("outcome")) for r in again] == [("completed", "succeeded")] * 2
 
 
 async def test_reconcile_cli_reports_each_workspace(settings: Settings, seeded: dict[str, Any]) -> None:

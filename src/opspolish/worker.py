@@ -14,7 +14,7 @@ from arq.cron import cron
 from opspolish.logs import configure_logging, log_runs_once
 from opspolish.runtime import Runtime
 from opspolish.settings import Settings
-from opspolish.tracking import TrackedJob, load_jobs
+from opspolish.tracking import TIMEOUT_MARGIN_S, TrackedJob, load_jobs
 
 log = structlog.get_logger("opspolish")
 
@@ -55,8 +55,10 @@ def worker_settings(
     functions = [job.arq_function(job.timeout_s or settings.job_timeout_s) for job in tracked]
     minutes = set(range(0, 60, settings.reconcile_interval_min))
     cron_jobs = [
+        # arq's timeout is the tracked functions' (each workspace's run times itself out first); a pass over so many
+        # workspaces that it outlasts it hands its current run back, and the next pass runs that run first.
         cron(reconcile_cron, name=RECONCILE_TYPE, minute=minutes, second=0, unique=True, max_tries=1,
-             timeout=settings.job_timeout_s)
+             timeout=settings.job_timeout_s + TIMEOUT_MARGIN_S)
     ] if with_cron else []
     from opspolish.runtime import redis_settings
 

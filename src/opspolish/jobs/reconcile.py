@@ -112,21 +112,37 @@ async def reconcile_adapter_runs(run: RunContext) -> None:
             await redis.aclose()
 
 
-async def reconcile_workspace(rt: Runtime, workspace_id: uuid.UUID, *, job_id: str) -> dict[str, Any]:
-    """Run one tracked pass for a workspace in this process, waiting out a busy gate."""
+async def reconcile_workspace(
+    rt: Runtime, workspace_id: uuid.UUID | str, *, job_id: str, run_id: int | None = None,
+    inputs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run one tracked pass for a workspace in this process, waiting out a busy gate.
+
+    With ``run_id`` (a delivery through the queue) the pass runs as that run. Without one, a pass that finds the
+    workspace's reconcile identity held by another run records its skip, then delivers that run: a queued one
+    (dispatched, or handed back by a worker that shut down mid-pass) runs now, as this pass, instead of holding
+    the identity and skipping every later pass; a running one is another pass at work, and this one stops."""
     from opspolish.tracking import get_job
 
     job = get_job(RECONCILE_TYPE)
     deadline = time.monotonic() + BUSY_DEADLINE_S
+    skipped: dict[str, Any] | None = None
     while True:
         try:
-            return await execute(rt, job, run_id=None, tenant=None, workspace_id=workspace_id, inputs={},
-                                 job_id=job_id)
+            result = await execute(rt, job, run_id=run_id, tenant=None, workspace_id=workspace_id,
+                                   inputs={} if inputs is None else inputs, job_id=job_id)
         except Retry as retry:
+            if skipped is not None:  # the active run is running (or being claimed) elsewhere: never overlap it
+                return skipped
             if time.monotonic() > deadline:
                 log.warning("reconcile_gave_up", workspace_id=str(workspace_id), reason_code="dedupe.overlap")
                 return {"decision": "busy", "run_id": None, "reason_code": "dedupe.overlap"}
             await asyncio.sleep(min((retry.defer_score or 50) / 1000, 1.0))
+            continue
+        if skipped is None and run_id is None and result["reason_code"] == "dedupe.non_canonical":
+            skipped, run_id = result, result["dedupe_of"]
+            continue
+        return result
 
 
 async def reconcile_all(
@@ -149,6 +165,16 @@ async def reconcile_all(
     return results
 
 
-async def reconcile_cron(ctx: dict[str, Any]) -> list[dict[str, Any]]:
-    """The arq cron entry: a pass over every workspace."""
-    return await reconcile_all(ctx["opspolish"], job_id=str(ctx.get("job_id") or "cron"))
+async def reconcile_cron(
+    ctx: dict[str, Any], *, run_id: int | None = None, tenant_id: str | None = None,
+    workspace_id: str | None = None, inputs: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """The arq entry of the type: the cron's pass over every workspace, or, for a job enqueued with a run or a
+    workspace (dispatch, reconcile's own re-enqueue), that workspace's pass. ``tenant_id`` is accepted and
+    ignored, as for any workspace job."""
+    rt: Runtime = ctx["opspolish"]
+    job_id = str(ctx.get("job_id") or "cron")
+    if run_id is None and workspace_id is None:
+        return await reconcile_all(rt, job_id=job_id)
+    result = await reconcile_workspace(rt, workspace_id or "", job_id=job_id, run_id=run_id, inputs=inputs)
+    return [{"workspace_id": workspace_id, **result}]
