@@ -388,3 +388,22 @@ DROP_V1 = (
     "DROP FUNCTION IF EXISTS opspolish_identity(text, text, text)",
     "DROP FUNCTION IF EXISTS opspolish_lock_key(text)",
 )
+
+# --- v3 (migration 0004): a tenant delivery's workspace, when it names one, scopes its tenant ----------------------
+#
+# Dispatch and the CLI already refuse a tenant of another workspace than the one named (tenant.not_found); v2's
+# claim let the tenant's own workspace silently replace the one a raw delivery named. v3 answers such a delivery
+# tenant_not_found, and a run-id delivery whose run lies in another workspace than the one it names run_not_found.
+
+_TENANT_FOUND_V2 = """        IF v_tenant IS NULL THEN
+            decision := 'tenant_not_found';"""
+_TENANT_FOUND_V3 = """        IF v_tenant IS NULL
+           OR (p_run_id IS NULL AND p_workspace_id IS NOT NULL AND v_ws <> p_workspace_id) THEN
+            decision := 'tenant_not_found';"""
+_RUN_FOUND_V2 = """        IF r.id IS NULL OR r.type <> p_type
+"""
+_RUN_FOUND_V3 = """        IF r.id IS NULL OR r.type <> p_type OR r.workspace_id <> p_workspace_id
+"""
+if CLAIM_V2.count(_TENANT_FOUND_V2) != 1 or CLAIM_V2.count(_RUN_FOUND_V2) != 1:
+    raise AssertionError("v2 text changed: v3 is derived from it")
+CLAIM_V3 = CLAIM_V2.replace(_TENANT_FOUND_V2, _TENANT_FOUND_V3).replace(_RUN_FOUND_V2, _RUN_FOUND_V3)

@@ -106,11 +106,24 @@ async def test_a_forged_delivery_of_another_tenants_run_runs_nothing_and_changes
         bare = await execute(rt, get_job(run_type), run_id=foreign.run_id, tenant=None, workspace_id=None,
                              inputs={"tag": "victim"}, job_id=foreign.job_id)
         assert (bare["decision"], bare["reason_code"]) == ("rejected", "input.invalid"), bare
+    # A delivery naming C's own tenant but A's workspace: the workspace scopes the tenant, as dispatch's does.
+    moved = await execute(rt, job, run_id=foreign.run_id, tenant=c["external_id"], workspace_id=a["workspace_id"],
+                          inputs={"tag": "victim"}, job_id=foreign.job_id)
+    assert (moved["decision"], moved["reason_code"]) == ("run_not_found", "run.not_found")
+    runs_before = await conn.fetchval("SELECT count(*) FROM operation_runs")
+    raw = await execute(rt, job, run_id=None, tenant=c["external_id"], workspace_id=a["workspace_id"],
+                        inputs={"tag": "raw"}, job_id="forged:raw")
+    assert (raw["decision"], raw["reason_code"]) == ("tenant_not_found", "tenant.not_found")
+    assert await conn.fetchval("SELECT count(*) FROM operation_runs") == runs_before
     assert await _row(conn, foreign.run_id) == before and await effects(conn) == []
+    # Naming the tenant's own workspace is the control: a raw delivery then runs.
+    own_raw = await execute(rt, job, run_id=None, tenant=c["external_id"], workspace_id=c["workspace_id"],
+                            inputs={"tag": "raw"}, job_id="raw:own")
+    assert own_raw["outcome"] == "succeeded" and len(await effects(conn, "raw")) == 1, own_raw
     # Delivered with its own tenant, the run does execute: the refusals above were about scope.
     ok = await execute(rt, job, run_id=foreign.run_id, tenant=c["external_id"], workspace_id=None,
                        inputs={"tag": "victim"}, job_id=foreign.job_id)
-    assert ok["outcome"] == "succeeded" and len(await effects(conn)) == 1
+    assert ok["outcome"] == "succeeded" and len(await effects(conn, "victim")) == 1
 
 
 async def test_restore_cannot_apply_another_tenants_snapshot(
