@@ -46,6 +46,35 @@ def test_fingerprint_never_changes_when_only_secrets_change(inputs: dict[str, An
     assert all(not is_secret_key(k) for k in canonical_inputs(with_a)["nested"])
 
 
+_password = st.text(alphabet="ABCDEFGHabcdefgh0123456789", min_size=6, max_size=24)
+
+
+@given(inputs_st, safe_keys, st.sampled_from([
+    "postgresql://app:{}@db.example:5432/x", "Authorization: Bearer {}", "https://cb.example/?token={}&v=1",
+    "host=db user=app password={} dbname=x", "AKIA{}",
+]), _password, _password)
+def test_credentials_inside_text_under_any_key_are_redacted_and_never_move_the_fingerprint(
+    inputs: dict[str, Any], key: str, shape: str, a: str, b: str,
+) -> None:
+    if shape == "AKIA{}":
+        a, b = (a.upper() * 4)[:16], (b.upper() * 4)[:16]
+    with_a, with_b = {**inputs, key: [shape.format(a)]}, {**inputs, key: [shape.format(b)]}
+    assert fingerprint(with_a) == fingerprint(with_b)
+    assert a not in json.dumps(canonical_inputs(with_a)[key])
+
+
+def test_ordinary_text_that_only_resembles_a_credential_is_kept_verbatim() -> None:
+    text = ["Basic Compliance", "design: v2", "max_tokens=100", "tokenizer=bert", "https://example.com:8443/a@b",
+            "token rotation policy", "signature: approved by ops"]
+    assert canonical_inputs({"t": text})["t"] == text
+
+
+def test_a_key_that_is_not_valid_utf8_is_refused_naming_its_place() -> None:
+    with pytest.raises(InputInvalid) as err:
+        fingerprint({"outer": {"\ud800": 1}})
+    assert err.value.field == "inputs.outer" and "not valid UTF-8" in str(err.value)
+
+
 @given(inputs_st, safe_keys, scalars, scalars)
 def test_fingerprint_differs_when_a_non_secret_value_differs(inputs: dict[str, Any], key: str, a: Any, b: Any) -> None:
     ca, cb = canonical_inputs({"v": a}), canonical_inputs({"v": b})

@@ -3,7 +3,9 @@
 The canonical form is JSON with sorted keys and one spelling per value: ``1``, ``1.0`` and
 ``Decimal("1.00")`` are the same number; UUIDs are lowercase; datetimes are UTC; tuples, lists and
 sets are arrays (sets sorted). Keys that name secrets, and ``SecretStr`` values, are dropped at any
-depth, so the fingerprint never depends on (and the ledger ``context`` never holds) a secret.
+depth, and credentials inside text (a URL's password, a bearer token, a JWT, a well-known token prefix,
+``password=``/``token=``-style pairs) are redacted, so the fingerprint never depends on (and the ledger
+``context`` never holds) a secret.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 from pydantic import BaseModel, SecretBytes, SecretStr
 
 from opspolish.errors import InputInvalid
+from opspolish.sanitize import redact_credentials
 
 FINGERPRINT_VERSION = 1
 MAX_DEPTH = 32
@@ -68,7 +71,7 @@ def _canonical(value: Any, path: str, depth: int) -> Any:  # noqa: C901 - one br
             value.encode("utf-8")
         except UnicodeEncodeError:
             raise InputInvalid(f"{path}: text is not valid UTF-8", field=path) from None
-        return value
+        return redact_credentials(value)
     if isinstance(value, uuid.UUID):
         return str(value)
     if isinstance(value, dt.datetime):
@@ -84,6 +87,10 @@ def _canonical(value: Any, path: str, depth: int) -> Any:  # noqa: C901 - one br
         for key, item in value.items():
             if not isinstance(key, str):
                 raise InputInvalid(f"{path}: keys must be strings, got {type(key).__name__}", field=path)
+            try:
+                key.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InputInvalid(f"{path}: key {key!r} is not valid UTF-8", field=path) from None
             if is_secret_key(key) or isinstance(item, SecretStr | SecretBytes):
                 continue
             out[key] = _canonical(item, f"{path}.{key}", depth + 1)

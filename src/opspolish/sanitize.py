@@ -34,6 +34,19 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
 )
 _TRACEBACK = re.compile(r"Traceback \(most recent call last\):.*", re.DOTALL)
 
+#: The shapes that are credentials wherever they stand, with no surrounding word to guess from: what input
+#: canonicalization redacts inside text values. The word-based rules above (``basic xxx``, ``sig: xxx``) would
+#: also take ordinary words there ("Basic Compliance", "design: v2") and make distinct inputs one identity.
+_CREDENTIAL_SHAPES: tuple[tuple[re.Pattern[str], str], ...] = (
+    _PATTERNS[0],  # scheme://user:password@host
+    (re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9\-._~+/=]{6,}"), rf"\1 {REDACTED}"),
+    _PATTERNS[2],  # JWTs
+    _PATTERNS[4],  # well-known token prefixes
+    # key=value (a query string, a connection string) whose key ends in an unmistakable secret word
+    (re.compile(r"(?i)(\b(?:[\w\-]*[_\-])?(?:pass(?:word|wd)?|pwd|secret|token|api[_\-]?key|apikey)\s*=\s*)"
+                + r"(?!" + re.escape(REDACTED) + r")([^\s,;&\]}\"']+)"), rf"\1{REDACTED}"),
+)
+
 
 #: Substrings (of the lower-cased text) that every pattern above needs to match first: one of them is in
 #: every secret word, scheme, token prefix or JWT header. Most log lines have none, and one scan for these
@@ -61,6 +74,17 @@ def redact_secrets(text: str, *, extra_secrets: tuple[str, ...] = ()) -> str:
     if not might_hold_secrets(text):
         return text
     for pattern, replacement in _PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def redact_credentials(text: str) -> str:
+    """``text`` with credential-shaped parts (a URL's password, a bearer token, a JWT, a GitHub/Slack/AWS/Stripe
+    token, ``password=``/``token=``/``api_key=``-style pairs) replaced by ``[redacted]``; text with none comes back
+    unchanged."""
+    if not might_hold_secrets(text):
+        return text
+    for pattern, replacement in _CREDENTIAL_SHAPES:
         text = pattern.sub(replacement, text)
     return text
 

@@ -38,6 +38,10 @@ CANARIES = {
     "password_key": "cnryPasswordKey6c0d",
     "nested_client_secret": "cnryNestedClientSecret3e9f",
     "deep_api_key": "cnryDeepApiKey8a7b",
+    # Credentials inside text under keys that name no secret: a DSN, a bearer header, a query-string pair.
+    "dsn_in_text": "cnryDsnInText4f2a",
+    "bearer_in_text": "cnryBearerInText9c1e",
+    "pair_in_text": "cnryPairInText7d3b",
     **{f"provider_{k}": v for k, v in PROVIDER_CANARIES.items()},
 }
 
@@ -52,7 +56,10 @@ def _secret_inputs(tag: str, leak: str) -> dict[str, Any]:
     return {"password": CANARIES["password_key"], "tag": tag, "leak": leak,
             "api_token": SecretStr(CANARIES["secret_str"]),
             "options": {"client_secret": CANARIES["nested_client_secret"], "region": "eu",
-                        "auth": {"api_key": CANARIES["deep_api_key"]}}}
+                        "auth": {"api_key": CANARIES["deep_api_key"]},
+                        "source": f"postgresql://reader:{CANARIES['dsn_in_text']}@db.example/app",
+                        "headers": [f"Bearer {CANARIES['bearer_in_text']}"],
+                        "callback": f"https://hooks.example/done?token={CANARIES['pair_in_text']}&v=1"}}
 
 
 @pytest.fixture
