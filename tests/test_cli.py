@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import uuid
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -100,6 +101,40 @@ async def test_bad_input_exits_2_with_one_line_naming_the_field(
 async def test_an_unknown_setting_is_refused(settings: Settings) -> None:
     out = await cli(settings, "runs", "list", OPSPOLISH_DATABSE_URL="typo")
     assert out.returncode == 2 and "OPSPOLISH_DATABSE_URL" in out.stderr
+    assert out.stderr.startswith("opspolish: settings: unknown setting(s)"), out.stderr  # not "settings: settings:"
+
+
+@pytest.mark.parametrize(("env", "value", "says"), [
+    ("OPSPOLISH_DATABASE_URL", "not a url", "scheme must be one of"),
+    ("OPSPOLISH_DATABASE_URL", "mysql://app:cnryUrlPw@db/x", "got 'mysql'"),
+    ("OPSPOLISH_DATABASE_URL", "postgresql://app:cnryUrlPw@db:99999/x", "Port out of range"),
+    ("OPSPOLISH_DATABASE_URL", "postgresql://app:cnryUrlPw@[::1/x", "Invalid IPv6 URL"),
+    ("OPSPOLISH_REDIS_URL", "http://:cnryUrlPw@x", "got 'http'"),
+    ("OPSPOLISH_REDIS_URL", "redis://:cnryUrlPw@x:99999/0", "Port out of range"),
+    ("OPSPOLISH_DEDUPE_COOLDOWN_S", "1e300", "less than or equal to"),  # the gate's interval would overflow
+    ("OPSPOLISH_LEASE_TTL_S", "1e-300", "greater than or equal to"),
+    ("OPSPOLISH_MAX_ATTEMPTS", "99999999999999999999999", "less than or equal to"),
+])
+async def test_an_unusable_setting_is_exit_2_naming_it_in_one_line(
+    settings: Settings, env: str, value: str, says: str,
+) -> None:
+    out = await cli(settings, "runs", "list", **{env: value})
+    assert out.returncode == 2 and out.stdout == "", out
+    assert out.stderr.count("\n") == 1 and f"settings: {env}: " in out.stderr and says in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and "cnryUrlPw" not in out.stderr
+
+
+async def test_an_error_no_layer_translated_is_one_line_and_exit_1_without_v(
+    settings: Settings, tmp_path: Path,
+) -> None:
+    (tmp_path / "exploding_jobs.py").write_text('raise RuntimeError("module exploded at import")\n')
+    env = {"PYTHONPATH": str(tmp_path), "OPSPOLISH_JOB_MODULES": "exploding_jobs"}
+    out = await cli(settings, "dispatch", "assignments.fetch", "--tenant", str(uuid.uuid4()), **env)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr == ("opspolish: internal.unexpected: RuntimeError: module exploded at import "
+                          "(run with -v for the traceback)\n")
+    verbose = await cli(settings, "-v", "dispatch", "assignments.fetch", "--tenant", str(uuid.uuid4()), **env)
+    assert verbose.returncode == 1 and "Traceback" in verbose.stderr
 
 
 async def test_doctor_gives_a_verdict_per_service(settings: Settings) -> None:

@@ -16,7 +16,7 @@ from opspolish import db
 from opspolish.errors import InputInvalid, OpsPolishError, TenantNotFound
 from opspolish.logs import configure_logging
 from opspolish.sanitize import sanitize_message
-from opspolish.settings import Settings
+from opspolish.settings import ENV_PREFIX, Settings
 
 T = TypeVar("T")
 BAD_INPUT = (InputInvalid, TenantNotFound)
@@ -34,8 +34,9 @@ class Ctx:
                 self._settings = Settings()
             except ValidationError as exc:
                 err = exc.errors()[0]
-                where = ".".join(str(p) for p in err["loc"]) or "settings"
-                fail(2, f"settings: {where}: {err['msg']}")
+                msg = err["msg"].removeprefix("Value error, ")
+                where = ".".join(str(p) for p in err["loc"])
+                fail(2, f"settings: {ENV_PREFIX}{where.upper()}: {msg}" if where else f"settings: {msg}")
         return self._settings
 
 
@@ -61,6 +62,10 @@ def run_async(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
             fail(1, f"{exc.reason_code}: {exc.message}")
         except KeyboardInterrupt:
             fail(1, "interrupted")
+        except Exception as exc:  # a bug or an error no layer translated: still one line, unless -v
+            if verbose:
+                raise
+            fail(1, f"internal.unexpected: {type(exc).__name__}: {exc} (run with -v for the traceback)")
 
     return wrapper
 

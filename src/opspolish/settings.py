@@ -5,11 +5,30 @@ from __future__ import annotations
 import os
 import sys
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "OPSPOLISH_"
+#: Ten years: longer cooldowns, leases and timeouts are typos, and past ~290,000 years PostgreSQL's interval
+#: arithmetic overflows inside the gate (every claim would fail).
+MAX_SECONDS = 10 * 365 * 86_400
+_DATABASE_SCHEMES = ("postgresql", "postgresql+asyncpg", "postgres")
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _check_url(value: SecretStr, schemes: tuple[str, ...]) -> SecretStr:
+    """A URL opspolish can connect with: one of ``schemes`` and a port in range (never echoes the URL: it may hold a
+    password)."""
+    try:
+        parts = urlsplit(value.get_secret_value())
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError as exc:
+        raise ValueError(f"not a valid URL ({str(exc).split(':')[0]})") from None
+    if parts.scheme.lower() not in schemes:
+        raise ValueError(f"scheme must be one of {', '.join(s + '://' for s in schemes)}, got {parts.scheme!r}")
+    return value
 
 
 class Settings(BaseSettings):
@@ -20,20 +39,30 @@ class Settings(BaseSettings):
     database_url: SecretStr = SecretStr("postgresql+asyncpg://postgres@127.0.0.1:5432/opspolish")
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     queue_name: str = Field(default="opspolish:queue", min_length=1)
-    dedupe_cooldown_s: float = Field(default=900.0, ge=0, allow_inf_nan=False)
-    lease_ttl_s: float = Field(default=60.0, gt=0, allow_inf_nan=False)
+    dedupe_cooldown_s: float = Field(default=900.0, ge=0, le=MAX_SECONDS, allow_inf_nan=False)
+    lease_ttl_s: float = Field(default=60.0, ge=0.1, le=MAX_SECONDS, allow_inf_nan=False)
     reconcile_interval_min: int = Field(default=5, ge=1, le=60)
-    reconcile_grace_s: float = Field(default=10.0, ge=0, allow_inf_nan=False)
-    reconcile_max_queued_age_s: float = Field(default=86_400.0, gt=0, allow_inf_nan=False)
-    job_timeout_s: float = Field(default=300.0, gt=0, allow_inf_nan=False)
-    max_attempts: int = Field(default=5, ge=1)
-    max_jobs: int = Field(default=10, ge=1)
+    reconcile_grace_s: float = Field(default=10.0, ge=0, le=MAX_SECONDS, allow_inf_nan=False)
+    reconcile_max_queued_age_s: float = Field(default=86_400.0, gt=0, le=MAX_SECONDS, allow_inf_nan=False)
+    job_timeout_s: float = Field(default=300.0, gt=0, le=MAX_SECONDS, allow_inf_nan=False)
+    max_attempts: int = Field(default=5, ge=1, le=1_000)
+    max_jobs: int = Field(default=10, ge=1, le=10_000)
     provider: str = "opspolish.provider:DirectoryProvider"
     #: Comma-separated modules whose ``@tracked_job`` functions the CLI and the worker register.
     job_modules: str = ""
     log_format: Literal["console", "json"] = Field(
         default_factory=lambda: "console" if sys.stderr.isatty() else "json"
     )
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: SecretStr) -> SecretStr:
+        return _check_url(value, _DATABASE_SCHEMES)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: SecretStr) -> SecretStr:
+        return _check_url(value, _REDIS_SCHEMES)
 
     @model_validator(mode="before")
     @classmethod
