@@ -8,12 +8,13 @@ from typing import Any
 
 import asyncpg
 import pytest
+import structlog.testing
 
 import opspolish
 from opspolish.logs import ARQ_DONE_FORMAT, _OneLinePerRun
 from opspolish.settings import Settings
 from tests.conftest import WorkerProcess, log_events
-from tests.support.jobs import EFFECT_TYPE
+from tests.support.jobs import EFFECT_TYPE, WORKSPACE_EFFECT_TYPE
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -53,3 +54,15 @@ async def test_a_tracked_run_prints_arqs_start_line_and_one_run_completed_event_
         assert event["outcome"] == "succeeded" and event["counts"]["processed"] == 2
         assert event["job_id"] == run.job_id and isinstance(event["duration_s"], float)
     assert await conn.fetchval("SELECT count(*) FROM operation_runs WHERE outcome = 'succeeded'") == 3
+
+
+async def test_run_dispatched_names_the_tenant_and_leaves_it_null_for_a_workspace_run(
+    settings: Settings, seeded: dict[str, Any],
+) -> None:
+    tenant = seeded["tenants"][0]
+    async with opspolish.connect(settings) as rt:
+        with structlog.testing.capture_logs() as events:
+            await opspolish.dispatch(rt, EFFECT_TYPE, tenant=tenant["external_id"], inputs={"tag": "log"})
+            await opspolish.dispatch(rt, WORKSPACE_EFFECT_TYPE, workspace_id=tenant["workspace_id"], inputs={})
+    dispatched = [e for e in events if e["event"] == "run_dispatched"]
+    assert [e["tenant_id"] for e in dispatched] == [str(tenant["id"]), None]  # never the text "None"

@@ -55,7 +55,9 @@ def run_async(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
         try:
             return asyncio.run(fn(*args, **kwargs))
         except BAD_INPUT as exc:
-            fail(2, f"{exc.reason_code}: {exc.message}")
+            # The library names its keyword (``tenant``); at the CLI the user typed the option.
+            message = "--" + exc.message if exc.message.startswith("tenant:") else exc.message
+            fail(2, f"{exc.reason_code}: {message}")
         except OpsPolishError as exc:
             if verbose:
                 raise
@@ -153,7 +155,7 @@ def parse_inputs(pairs: tuple[str, ...], inputs_json: str | None) -> dict[str, A
     inputs: dict[str, Any] = {}
     if inputs_json is not None:
         try:
-            parsed = json.loads(inputs_json, parse_constant=_refuse_constant)
+            parsed = json.loads(inputs_json, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
         except (ValueError, RecursionError) as exc:
             raise InputInvalid(f"--inputs-json: not valid JSON ({exc})", field="--inputs-json") from None
         if not isinstance(parsed, dict):
@@ -164,15 +166,29 @@ def parse_inputs(pairs: tuple[str, ...], inputs_json: str | None) -> dict[str, A
         if not sep or not key.strip():
             raise InputInvalid(f"--input: expected KEY=VALUE, got {pair!r}", field="--input")
         key = key.strip()
+        if key in inputs:  # a second value would silently replace the first
+            raise InputInvalid(f"inputs.{key}: given more than once", field=f"inputs.{key}")
         try:
-            inputs[key] = json.loads(raw, parse_constant=_refuse_constant)
+            inputs[key] = json.loads(raw, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
         except ValueError as exc:
-            if "non-finite" in str(exc):
-                raise InputInvalid(f"inputs.{key}: non-finite number is not allowed", field=f"inputs.{key}") from None
+            # JSON that is refused, not text: a non-finite number, an integer too long to read, a repeated key
+            why = "integer has too many digits" if "digits" in str(exc) else str(exc)
+            if "non-finite" in why or "digits" in why or "more than once" in why:
+                raise InputInvalid(f"inputs.{key}: {why}", field=f"inputs.{key}") from None
             inputs[key] = raw
         except RecursionError:
             raise InputInvalid(f"inputs.{key}: nested too deeply", field=f"inputs.{key}") from None
     return inputs
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different (json keeps the last of a repeated key, silently)."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"key {key!r} appears more than once in one object")
+        obj[key] = value
+    return obj
 
 
 def _utf8(value: str, option: str) -> str:

@@ -114,7 +114,8 @@ async def dispatch(
             await rt.ledger.fail_unstarted(result.run_id, reason_code=err.reason_code, reason_message=err.message)
         raise err from exc
     # enqueue_job returns None when the job id is already queued: joining is idempotent.
-    log.info("run_dispatched", run_id=result.run_id, type=run_type, tenant_id=str(result.tenant_id),
+    log.info("run_dispatched", run_id=result.run_id, type=run_type,
+             tenant_id=str(result.tenant_id) if result.tenant_id else None,
              verdict="queued" if result.created else "joined")
     return DispatchResult(result.run_id, result.job_id, result.created, result.status, result.workspace_id,
                           result.tenant_id)
