@@ -10,16 +10,28 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from opspolish.errors import InputInvalid
-from opspolish.fingerprint import canonical_inputs, fingerprint, identity_hash, is_secret_key, lock_key
+from opspolish.fingerprint import (
+    MAX_CANONICAL_BYTES,
+    _Budget,
+    _canonical,
+    _dumps,
+    canonical_inputs,
+    canonical_json,
+    fingerprint,
+    identity_hash,
+    is_secret_key,
+    lock_key,
+)
 
 SECRET_KEYS = ["password", "client_secret", "api_key", "X-Api-Key", "authorization", "token", "access_token",
                "credentials", "private_key", "cookie", "db_password", "refreshToken"]
@@ -128,6 +140,42 @@ def test_deep_nesting_and_huge_payloads_are_refused() -> None:
         fingerprint(deep)
     with pytest.raises(InputInvalid, match="larger than"):
         fingerprint({"blob": "x" * 1_000_000})
+
+
+class _CountingList(list[Any]):
+    """A list that counts how many of its items were read."""
+
+    read = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in super().__iter__():
+            self.read += 1
+            yield item
+
+
+def test_a_huge_payload_is_refused_after_reading_about_the_cap_not_all_of_it() -> None:
+    items = _CountingList(range(1_000_000))
+    with pytest.raises(InputInvalid, match="larger than 65536 bytes") as err:
+        fingerprint({"ids": items})
+    assert err.value.field == "inputs" and items.read < MAX_CANONICAL_BYTES + 1
+
+
+@settings(max_examples=200)
+@given(st.lists(st.one_of(st.text(min_size=0, max_size=3_000), st.integers(), st.none(),
+                          st.dictionaries(safe_keys, st.text(max_size=2_000), max_size=3)), max_size=60))
+@example(values=["a" * (MAX_CANONICAL_BYTES - 10)])  # '{"v":["' and '"]}' make it exactly the cap
+@example(values=["a" * (MAX_CANONICAL_BYTES - 9)])  # one byte over
+@example(values=["é" * 40_000])  # under the cap in characters, over it in bytes
+@example(values=[{"k": "x" * 30_000}, "y" * 30_000, None, 7])
+def test_the_early_refusal_agrees_with_the_canonical_size(values: list[Any]) -> None:
+    unbounded = _Budget()
+    unbounded.left = 10**12
+    size = len(_dumps(_canonical({"v": values}, "inputs", 0, unbounded)).encode("utf-8"))
+    if size <= MAX_CANONICAL_BYTES:
+        assert len(canonical_json({"v": values}).encode("utf-8")) == size
+    else:
+        with pytest.raises(InputInvalid, match="larger than"):
+            canonical_json({"v": values})
 
 
 @settings(max_examples=25)

@@ -51,13 +51,30 @@ def _number(value: Decimal, path: str) -> Decimal | int:
     return value.normalize()
 
 
-def _canonical(value: Any, path: str, depth: int) -> Any:  # noqa: C901 - one branch per accepted type
+class _Budget:
+    """Bytes the canonical text may still take. Every value spends no more than it will take there (a string
+    its characters, any value at least one), so a payload far over the cap is refused after reading about
+    64 KiB of it, not all of it; one under the cap never runs out."""
+
+    __slots__ = ("left",)
+
+    def __init__(self) -> None:
+        self.left = MAX_CANONICAL_BYTES
+
+    def spend(self, n: int) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise InputInvalid(f"inputs: larger than {MAX_CANONICAL_BYTES} bytes once canonical", field="inputs")
+
+
+def _canonical(value: Any, path: str, depth: int, budget: _Budget) -> Any:  # noqa: C901 - a branch per type
     if depth > MAX_DEPTH:
         raise InputInvalid(f"{path}: nested deeper than {MAX_DEPTH} levels", field=path)
+    budget.spend(1)
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, enum.Enum):
-        return _canonical(value.value, path, depth)
+        return _canonical(value.value, path, depth, budget)
     if isinstance(value, int):
         return value
     if isinstance(value, float):
@@ -71,7 +88,9 @@ def _canonical(value: Any, path: str, depth: int) -> Any:  # noqa: C901 - one br
             value.encode("utf-8")
         except UnicodeEncodeError:
             raise InputInvalid(f"{path}: text is not valid UTF-8", field=path) from None
-        return redact_credentials(value)
+        text = redact_credentials(value)
+        budget.spend(len(text) + 1)  # its characters and quotes (the 1 spent above is the other quote)
+        return text
     if isinstance(value, uuid.UUID):
         return str(value)
     if isinstance(value, dt.datetime):
@@ -81,7 +100,7 @@ def _canonical(value: Any, path: str, depth: int) -> Any:  # noqa: C901 - one br
     if isinstance(value, dt.date):
         return value.isoformat()
     if isinstance(value, BaseModel):
-        return _canonical(value.model_dump(mode="python"), path, depth)
+        return _canonical(value.model_dump(mode="python"), path, depth, budget)
     if isinstance(value, Mapping):
         out: dict[str, Any] = {}
         for key, item in value.items():
@@ -93,16 +112,17 @@ def _canonical(value: Any, path: str, depth: int) -> Any:  # noqa: C901 - one br
                 raise InputInvalid(f"{path}: key {key!r} is not valid UTF-8", field=path) from None
             if is_secret_key(key) or isinstance(item, SecretStr | SecretBytes):
                 continue
-            out[key] = _canonical(item, f"{path}.{key}", depth + 1)
+            budget.spend(len(key) + 3)  # "key":
+            out[key] = _canonical(item, f"{path}.{key}", depth + 1, budget)
         return dict(sorted(out.items()))
     if isinstance(value, list | tuple):
         return [
-            _canonical(item, f"{path}[{i}]", depth + 1)
+            _canonical(item, f"{path}[{i}]", depth + 1, budget)
             for i, item in enumerate(value)
             if not isinstance(item, SecretStr | SecretBytes)
         ]
     if isinstance(value, set | frozenset):
-        items = [_canonical(item, f"{path}[]", depth + 1) for item in value]
+        items = [_canonical(item, f"{path}[]", depth + 1, budget) for item in value]
         return sorted(items, key=_dumps)
     if isinstance(value, SecretStr | SecretBytes):
         raise InputInvalid(f"{path}: a secret cannot be the whole input", field=path)
@@ -128,7 +148,7 @@ def _tree(inputs: Mapping[str, Any] | None) -> dict[str, Any]:
         return {}
     if not isinstance(inputs, Mapping):
         raise InputInvalid(f"inputs: must be a mapping, got {type(inputs).__name__}", field="inputs")
-    result = _canonical(inputs, "inputs", 0)
+    result = _canonical(inputs, "inputs", 0, _Budget())
     assert isinstance(result, dict)
     return result
 
