@@ -11,13 +11,14 @@ import pytest
 from arq import Retry
 
 from opspolish.dispatch import dispatch
+from opspolish.errors import LeaseLost
 from opspolish.fingerprint import fingerprint, identity_hash, lock_key
 from opspolish.ledger import Scope
 from opspolish.runtime import Runtime
 from opspolish.settings import Settings
-from opspolish.tracking import execute, get_job
+from opspolish.tracking import Counts, RunContext, execute, get_job
 from tests.conftest import drain
-from tests.support.jobs import EFFECT_TYPE
+from tests.support.jobs import EFFECT_TYPE, FENCED_PAUSES, FENCED_TYPE
 
 
 async def runs(conn: asyncpg.Connection) -> list[dict[str, Any]]:
@@ -211,7 +212,7 @@ async def test_a_delivery_whose_lease_was_taken_over_writes_nothing(
     assert not await rt.ledger.release(result.run_id, old, reason_code="x", reason_message="y")
     [run] = await runs(conn)
     assert (run["status"], run["lease_owner"], run["attempts"], run["summary_counts"]) == ("running", new, 2, None)
-    assert await rt.ledger.heartbeat([(result.run_id, new)]) == {result.run_id}
+    assert await rt.ledger.heartbeat([(result.run_id, new)]) == {(result.run_id, new)}
 
 
 async def test_lease_keeper_cancels_a_body_whose_lease_was_taken_over(
@@ -233,6 +234,82 @@ async def test_lease_keeper_cancels_a_body_whose_lease_was_taken_over(
     assert outcome["decision"] == "lease_lost"
     [run] = await runs(conn)
     assert run["status"] == "running" and run["summary_counts"] is None
+
+
+async def test_a_body_that_lost_its_lease_has_its_fenced_writes_refused_and_writes_nothing_more(
+    rt: Runtime, conn: asyncpg.Connection, tenant: str
+) -> None:
+    result = await dispatch(rt, FENCED_TYPE, tenant=tenant, inputs={"tag": "z"})
+    FENCED_PAUSES["z"] = pause = asyncio.Event()
+    try:
+        zombie = asyncio.create_task(execute(rt, get_job(FENCED_TYPE), run_id=result.run_id, tenant=tenant,
+                                             workspace_id=None, inputs={"tag": "z"}, job_id=result.job_id))
+
+        async def paused() -> bool:
+            return bool(await effects(conn, "z:before"))
+
+        from tests.conftest import wait_until
+        await wait_until(paused)
+        # While it waits, its lease goes stale and another delivery takes the run over (what the gate writes).
+        new_owner = uuid.uuid4()
+        await conn.execute("UPDATE operation_runs SET lease_owner = $2, attempts = attempts + 1, heartbeat_at = now()"
+                           " WHERE id = $1", result.run_id, new_owner)
+        pause.set()
+        outcome = await asyncio.wait_for(zombie, 5)
+    finally:
+        FENCED_PAUSES.pop("z", None)
+    assert (outcome["decision"], outcome["reason_code"]) == ("lease_lost", "dedupe.overlap")
+    assert [e["tag"] for e in await effects(conn)] == ["z:before"]  # the write after the takeover was refused
+    [run] = await runs(conn)
+    assert (run["status"], run["lease_owner"], run["summary_counts"]) == ("running", new_owner, None)
+    # The delivery that holds the lease writes through the same fence.
+    holder = RunContext(result.run_id, FENCED_TYPE, run["workspace_id"], run["tenant_id"], 2, {}, Counts(), rt,
+                        result.job_id, None, lease_owner=new_owner)
+    assert await holder.fenced(
+        "INSERT INTO test_effects (run_id, attempt, tag, pid) VALUES ($1, 2, 'holder', 0)", result.run_id) == (
+        "INSERT 0 1")
+
+
+async def test_a_fenced_write_holds_off_a_takeover_until_it_commits(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str
+) -> None:
+    result = await dispatch(rt, FENCED_TYPE, tenant=tenant, inputs={"tag": "h"})
+    owner = uuid.uuid4()
+    await conn.execute("UPDATE operation_runs SET status = 'running', attempts = 1, lease_owner = $2, "
+                       "heartbeat_at = now() WHERE id = $1", result.run_id, owner)
+    [row] = await runs(conn)
+    run = RunContext(result.run_id, FENCED_TYPE, row["workspace_id"], row["tenant_id"], 1, {}, Counts(), rt,
+                     result.job_id, None, lease_owner=owner)
+    # A slow fenced write (it sleeps inside its transaction); a takeover's UPDATE comes while it runs.
+    write = asyncio.create_task(run.fenced(
+        "INSERT INTO test_effects (run_id, attempt, tag, pid) SELECT $1, 1, 'slow', (SELECT 0 FROM pg_sleep(1.5))",
+        result.run_id))
+    takeover = await asyncpg.connect(dsn=settings.database_url.get_secret_value().replace("+asyncpg", ""))
+    try:
+        async def sleeping() -> bool:
+            return bool(await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'INSERT INTO test_effects%pg_sleep%'"
+                " AND state = 'active'"))
+
+        from tests.conftest import wait_until
+        await wait_until(sleeping, timeout_s=1.0, interval_s=0.01)
+        taking_over = asyncio.create_task(takeover.execute(
+            "UPDATE operation_runs SET lease_owner = gen_random_uuid() WHERE id = $1", result.run_id))
+
+        async def blocked() -> bool:
+            return bool(await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'UPDATE operation_runs SET lease_owner%'"
+                " AND wait_event_type = 'Lock'"))
+
+        await wait_until(blocked, timeout_s=1.0, interval_s=0.01)  # it waits for the fenced write's row lock
+        assert not write.done()
+        assert await write == "INSERT 0 1" and await taking_over == "UPDATE 1"
+    finally:
+        await takeover.close()
+    with pytest.raises(LeaseLost):
+        await run.fenced("INSERT INTO test_effects (run_id, attempt, tag, pid) VALUES ($1, 1, 'late', 0)",
+                         result.run_id)
+    assert [e["tag"] for e in await effects(conn)] == ["slow"]
 
 
 async def test_lock_contention_ending_in_rollback_does_not_lose_the_work(

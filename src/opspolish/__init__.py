@@ -3,6 +3,7 @@
 from opspolish.dispatch import DispatchResult, dispatch
 from opspolish.errors import (
     InputInvalid,
+    LeaseLost,
     OpsPolishError,
     ProviderRejected,
     ProviderThrottled,
@@ -18,6 +19,7 @@ __all__ = [
     "Counts",
     "DispatchResult",
     "InputInvalid",
+    "LeaseLost",
     "OpsPolishError",
     "ProviderRejected",
     "ProviderThrottled",

@@ -82,6 +82,12 @@ class ProviderRejected(OpsPolishError):
     reason_code = "provider.rejected"
 
 
+class LeaseLost(OpsPolishError):
+    """This delivery no longer holds the run's lease (another delivery took the run over): it writes nothing."""
+
+    reason_code = "dedupe.overlap"
+
+
 class JobTimeout(OpsPolishError):
     """The job exceeded its timeout."""
 

@@ -123,7 +123,13 @@ _HEARTBEAT = """
 UPDATE operation_runs o SET heartbeat_at = now()
 FROM unnest($1::bigint[], $2::uuid[]) AS l(id, owner)
 WHERE o.id = l.id AND o.lease_owner = l.owner AND o.status = 'running'
-RETURNING o.id
+RETURNING o.id, o.lease_owner
+"""
+
+#: A fenced write's guard (RunContext.fenced): the lease still held, and the row share-locked so that no takeover
+#: commits until the write does.
+HOLDS_LEASE = """
+SELECT true FROM operation_runs WHERE id = $1 AND lease_owner = $2 AND status = 'running' FOR SHARE
 """
 
 _DISPATCH = "SELECT * FROM opspolish_dispatch($1, $2, $3, $4, $5, $6)"
@@ -163,13 +169,13 @@ class Ledger:
             status = await self.pool.execute(_RELEASE, run_id, lease_owner, reason_code, reason_message)
         return status.endswith(" 1")
 
-    async def heartbeat(self, leases: Sequence[tuple[int, uuid.UUID]]) -> set[int]:
-        """Refresh leases; returns the run ids whose lease is still ours."""
+    async def heartbeat(self, leases: Sequence[tuple[int, uuid.UUID]]) -> set[tuple[int, uuid.UUID]]:
+        """Refresh leases; returns the ``(run_id, owner)`` pairs whose lease is still held."""
         if not leases:
             return set()
         async with translate_errors():
             rows = await self.pool.fetch(_HEARTBEAT, [r for r, _ in leases], [o for _, o in leases])
-        return {row[0] for row in rows}
+        return {(row[0], row[1]) for row in rows}
 
     async def dispatch(
         self, *, tenant: str | None, workspace_id: uuid.UUID | None, run_type: str, fingerprint: str,

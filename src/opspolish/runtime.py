@@ -62,17 +62,18 @@ class LeaseKeeper:
     def __init__(self, ledger: Ledger, interval_s: float) -> None:
         self.ledger = ledger
         self.interval_s = interval_s
-        self.leases: dict[int, Lease] = {}
+        #: By run and owner: a process may hold a stale delivery of a run beside the one that took it over.
+        self.leases: dict[tuple[int, uuid.UUID], Lease] = {}
         self._task: asyncio.Task[None] | None = None
 
     def hold(self, run_id: int, owner: uuid.UUID) -> Lease:
         lease = Lease(run_id, owner, asyncio.current_task())
-        self.leases[run_id] = lease
+        self.leases[(run_id, owner)] = lease
         return lease
 
     def drop(self, lease: Lease) -> None:
-        if self.leases.get(lease.run_id) is lease:
-            del self.leases[lease.run_id]
+        if self.leases.get((lease.run_id, lease.owner)) is lease:
+            del self.leases[(lease.run_id, lease.owner)]
 
     async def beat(self) -> None:
         held = list(self.leases.values())
@@ -80,7 +81,8 @@ class LeaseKeeper:
             return
         alive = await self.ledger.heartbeat([(lease.run_id, lease.owner) for lease in held])
         for lease in held:
-            if lease.run_id not in alive and self.leases.get(lease.run_id) is lease:
+            key = (lease.run_id, lease.owner)
+            if key not in alive and self.leases.get(key) is lease:
                 lease.lost = True
                 log.warning("run_lease_lost", run_id=lease.run_id, reason_code="dedupe.overlap")
                 if lease.in_body and lease.task is not None:

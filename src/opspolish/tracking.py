@@ -30,11 +30,12 @@ from opspolish.errors import (
     DbUnavailable,
     InputInvalid,
     JobTimeout,
+    LeaseLost,
     OpsPolishError,
     TenantNotFound,
 )
 from opspolish.fingerprint import canonical_json, context_and_fingerprint, refuse_nul, secret_values
-from opspolish.ledger import Claim
+from opspolish.ledger import HOLDS_LEASE, Claim, translate_errors
 from opspolish.runtime import Lease, Runtime
 from opspolish.sanitize import sanitize_message
 
@@ -102,6 +103,21 @@ class RunContext:
     runtime: Runtime
     job_id: str
     log: Any
+    #: The delivery's lease: every ledger write of this delivery is fenced on it.
+    lease_owner: uuid.UUID
+
+    async def fenced(self, query: str, *args: Any) -> str:
+        """Run a write on the ledger's database only while this delivery holds the run's lease.
+
+        One transaction: the run's row is share-locked with the lease checked, then ``query`` runs, so a takeover
+        either commits first (and this raises :class:`LeaseLost`, writing nothing) or waits until this write is
+        committed. Use it for a body's own tables (snapshots, results) so that a delivery that lost its run (a
+        paused worker that wakes up) cannot overwrite what the delivery that took it over wrote."""
+        async with translate_errors(), self.runtime.pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval(HOLDS_LEASE, self.run_id, self.lease_owner):
+                raise LeaseLost()
+            status: str = await conn.execute(query, *args)
+            return status
 
 
 Body = Callable[[RunContext], Awaitable[None]]
@@ -308,7 +324,8 @@ async def _run_body(
     secrets = (*rt.secrets, *secret_values(data))
 
     counts = Counts()
-    run = RunContext(run_id, job.type, workspace_id, tenant_id, attempt, data, counts, rt, job_id, bound)
+    run = RunContext(run_id, job.type, workspace_id, tenant_id, attempt, data, counts, rt, job_id, bound,
+                     lease_owner=lease.owner)
     error: OpsPolishError | None = None
     lease.in_body = True
     started = time.monotonic()
@@ -337,7 +354,7 @@ async def _run_body(
     finally:
         lease.in_body = False
 
-    if lease.lost:
+    if lease.lost or isinstance(error, LeaseLost):  # a fenced write may find the takeover before the keeper
         bound.warning("run_abandoned", reason_code="dedupe.overlap", message="lease taken over; wrote nothing")
         return _skip_result("lease_lost", run_id, "dedupe.overlap", None)
 

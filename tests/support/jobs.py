@@ -18,6 +18,9 @@ from opspolish.tracking import RunContext, tracked_job
 EFFECT_TYPE = "test.effect"
 WORKSPACE_EFFECT_TYPE = "test.workspace_effect"
 SECRETIVE_TYPE = "test.secretive"
+FENCED_TYPE = "test.fenced"
+#: A fenced body waits here, by its tag, between its two writes (absent: it does not wait).
+FENCED_PAUSES: dict[str, asyncio.Event] = {}
 
 TEST_EFFECTS_DDL = """
 CREATE TABLE IF NOT EXISTS test_effects (
@@ -127,7 +130,29 @@ async def secretive(run: RunContext) -> None:
 
 
 secretive_job = tracked_job(SECRETIVE_TYPE, inputs=SecretiveInputs)(secretive)
-TEST_JOBS = [effect_job, workspace_effect_job, secretive_job]
+
+
+class FencedInputs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tag: str = "f"
+
+
+_FENCED_EFFECT = "INSERT INTO test_effects (run_id, attempt, tag, pid) VALUES ($1, $2, $3, $4)"
+
+
+async def fenced(run: RunContext) -> None:
+    """Two writes through ``RunContext.fenced``, ``<tag>:before`` and ``<tag>:after``, with a pause between."""
+    tag = FencedInputs.model_validate(run.inputs).tag
+    await run.fenced(_FENCED_EFFECT, run.run_id, run.attempt, f"{tag}:before", os.getpid())
+    pause = FENCED_PAUSES.get(tag)
+    if pause is not None:
+        await pause.wait()
+    await run.fenced(_FENCED_EFFECT, run.run_id, run.attempt, f"{tag}:after", os.getpid())
+
+
+fenced_job = tracked_job(FENCED_TYPE, inputs=FencedInputs)(fenced)
+TEST_JOBS = [effect_job, workspace_effect_job, secretive_job, fenced_job]
 
 #: Credentials a leaky provider puts in its errors (the shapes real SDK errors carry).
 PROVIDER_CANARIES = {

@@ -35,14 +35,13 @@ async def fetch_assignments(run: RunContext) -> None:
     inputs = FetchInputs.model_validate(run.inputs)
     assert run.tenant_id is not None
     provider = run.runtime.provider
-    pool = run.runtime.pool
     if inputs.policy_ids is not None:
         policy_ids = list(dict.fromkeys(inputs.policy_ids))
     else:
         policy_ids = [p.id for p in await provider.list_policies(run.tenant_id)]
     run.counts.add_total(len(policy_ids))
-    async with translate_errors():  # a retry replaces the snapshot of the earlier attempt
-        await pool.execute("DELETE FROM assignment_snapshots WHERE run_id = $1", run.run_id)
+    # Every snapshot write is fenced on the lease: a delivery that lost the run writes nothing more.
+    await run.fenced("DELETE FROM assignment_snapshots WHERE run_id = $1", run.run_id)  # an earlier attempt's
     for policy_id in policy_ids:
         try:
             assignments = await provider.get_assignments(run.tenant_id, policy_id)
@@ -50,13 +49,12 @@ async def fetch_assignments(run: RunContext) -> None:
             run.log.info("item_failed", policy_id=str(policy_id), reason_code=exc.reason_code, message=exc.message)
             run.counts.item_failed()
             continue
-        async with translate_errors():
-            await pool.execute(
-                """INSERT INTO assignment_snapshots (run_id, policy_id, workspace_id, tenant_id, assignments)
-                   VALUES ($1, $2, $3, $4, $5)
-                   ON CONFLICT (run_id, policy_id) DO UPDATE SET assignments = EXCLUDED.assignments""",
-                run.run_id, policy_id, run.workspace_id, run.tenant_id, [a.as_json() for a in assignments],
-            )
+        await run.fenced(
+            """INSERT INTO assignment_snapshots (run_id, policy_id, workspace_id, tenant_id, assignments)
+               VALUES ($1, $2, $3, $4, $5)
+               ON CONFLICT (run_id, policy_id) DO UPDATE SET assignments = EXCLUDED.assignments""",
+            run.run_id, policy_id, run.workspace_id, run.tenant_id, [a.as_json() for a in assignments],
+        )
         run.counts.item_succeeded()
 
 
