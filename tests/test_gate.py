@@ -236,6 +236,23 @@ async def test_lease_keeper_cancels_a_body_whose_lease_was_taken_over(
     assert run["status"] == "running" and run["summary_counts"] is None
 
 
+async def test_the_lease_keeper_tells_a_stale_delivery_from_its_takeover_in_the_same_process(
+    rt: Runtime, conn: asyncpg.Connection, tenant: str
+) -> None:
+    result = await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "same"})
+    stale, current = uuid.uuid4(), uuid.uuid4()
+    await conn.execute("UPDATE operation_runs SET status = 'running', attempts = 2, lease_owner = $2, "
+                       "heartbeat_at = now() WHERE id = $1", result.run_id, current)
+    held = [rt.leases.hold(result.run_id, stale), rt.leases.hold(result.run_id, current)]
+    try:
+        await rt.leases.beat()
+        assert [lease.lost for lease in held] == [True, False]
+    finally:
+        for lease in held:
+            rt.leases.drop(lease)
+    assert rt.leases.leases == {}
+
+
 async def test_a_body_that_lost_its_lease_has_its_fenced_writes_refused_and_writes_nothing_more(
     rt: Runtime, conn: asyncpg.Connection, tenant: str
 ) -> None:
