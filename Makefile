@@ -36,7 +36,7 @@ demo: install services
 	$(BIN)/python scripts/demo.py
 
 worker: install services
-	$(BIN)/arq opspolish.worker.WorkerSettings
+	$(BIN)/arq opspolish.worker.WorkerSettings $(ARGS)
 
 bench: install services
 	$(BIN)/python scripts/bench.py $(if $(QUICK),--quick,) $(if $(REPEATS),--repeats $(REPEATS),)
