@@ -109,14 +109,25 @@ class ItemsAllFailed(OpsPolishError):
 #: Every stable reason code, with its meaning. The README table is generated from the same words.
 REASON_CODES: dict[str, str] = {
     "dedupe.already_completed": "a redelivery of a run that already ended; nothing was done (log line + metric)",
-    "dedupe.overlap": "the run is held by another delivery with a live lease; this delivery was deferred",
+    "dedupe.overlap": (
+        "the run is held by another delivery with a live lease; this delivery was deferred. Also logged by a "
+        "worker that lost its lease and abandons the run without writing, and reported by a reconcile pass that "
+        "gave up waiting (30 s) for a workspace's busy gate. Never stored on a run"
+    ),
     "dedupe.non_canonical": "another run of the same identity was active; this one was skipped (dedupe_of)",
     "dedupe.cooldown": "the identity completed an executed run within its cooldown; skipped (dedupe_of)",
     "run.orphaned": "the worker died (lease stale) and the queue no longer holds the job",
-    "run.lost": "a queued run whose queue job vanished and could not be re-enqueued",
+    "run.lost": (
+        "a queued run whose queue job vanished and that reconcile does not re-enqueue: it was re-enqueued "
+        "once already, or it is older than OPSPOLISH_RECONCILE_MAX_QUEUED_AGE_S"
+    ),
     "run.not_found": "a delivery named a run that does not exist in its scope",
     "job.timeout": "the job body exceeded its timeout",
-    "job.cancelled": "the job was cancelled",
+    "job.cancelled": (
+        "a delivery was cancelled mid-run (worker shutdown, or arq's timeout cutting a long reconcile cron pass) "
+        "or while its claim was in flight, and handed its run back as queued for redelivery; the run carries the "
+        "code until a later attempt ends it. No run ends cancelled: nothing writes that outcome"
+    ),
     "items.all_failed": "every item of the run failed",
     "items.partially_failed": "some items failed (outcome partially_succeeded); the others succeeded",
     "provider.unavailable": "the assignment provider could not be reached (retried)",
