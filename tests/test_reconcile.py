@@ -189,6 +189,9 @@ async def test_the_worker_cron_runs_the_tracked_reconcile(
     ws = worker_settings(settings.model_copy(update={"reconcile_interval_min": 15}))
     [job] = ws.cron_jobs  # type: ignore[attr-defined]
     assert job.name == RECONCILE_TYPE and job.minute == {0, 15, 30, 45}
+    # README (OPSPOLISH_JOB_TIMEOUT_S): arq's timeout is ours plus the margin, the cron's included.
+    timeouts = {f.timeout_s for f in ws.functions} | {job.timeout_s}  # type: ignore[attr-defined]
+    assert timeouts == {settings.job_timeout_s + 30}
     # Only the startup run may happen here: a schedule twelve hours away cannot fire mid-test, where an
     # every-minute one could start a second run that close() would then cancel in flight.
     far_hour = (datetime.now().hour + 12) % 24
