@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import uuid
 from typing import Any
 
@@ -17,7 +20,7 @@ from opspolish.ledger import Scope
 from opspolish.runtime import Runtime
 from opspolish.settings import Settings
 from opspolish.tracking import Counts, RunContext, execute, get_job
-from tests.conftest import drain
+from tests.conftest import ROOT, drain, worker_env
 from tests.support.jobs import EFFECT_TYPE, FENCED_PAUSES, FENCED_TYPE
 
 
@@ -60,6 +63,34 @@ async def test_dispatch_by_id_or_external_id_is_the_same_identity(
     run = await rt.ledger.scoped(Scope(t["workspace_id"], t["id"])).get(a.run_id)
     assert run is not None and run.run_identity_hash == expected
     assert await rt.pool.fetchval("SELECT opspolish_lock_key($1)", expected) == lock_key(expected)
+
+
+# Imports nothing but opspolish: in this process the registry starts empty, unlike in the test process.
+PLAIN_DISPATCH = """
+import asyncio, json, sys
+import opspolish
+
+async def main():
+    async with opspolish.connect() as rt:
+        results = [await opspolish.dispatch(rt, run_type, tenant=sys.argv[1]) for run_type in sys.argv[2:]]
+    print(json.dumps([r.run_id for r in results]))
+
+asyncio.run(main())
+"""
+
+
+async def test_dispatch_after_a_plain_import_knows_the_built_in_and_configured_job_types(
+    settings: Settings, conn: asyncpg.Connection, tenant: str
+) -> None:
+    # worker_env sets OPSPOLISH_JOB_MODULES=tests.support.jobs, where test.effect lives.
+    out = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", PLAIN_DISPATCH, tenant, "assignments.fetch", EFFECT_TYPE],
+        cwd=ROOT, env=worker_env(settings), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    run_ids = json.loads(out.stdout.splitlines()[-1])
+    rows = await conn.fetch("SELECT type, status FROM operation_runs WHERE id = ANY($1::bigint[]) ORDER BY id",
+                            run_ids)
+    assert [(r["type"], r["status"]) for r in rows] == [("assignments.fetch", "queued"), (EFFECT_TYPE, "queued")]
 
 
 async def test_all_items_failing_ends_failed_with_items_all_failed(

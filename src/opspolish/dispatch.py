@@ -74,7 +74,7 @@ async def dispatch(
     :class:`DbUnavailable` or :class:`RedisUnavailable`. A run whose job cannot be enqueued is
     recorded ``failed`` / ``redis.unavailable``: no ledger row is left without a job or a reason.
     """
-    job = get_job(run_type)
+    job = get_job(run_type, rt.settings.job_modules)
     data = job.validate_inputs(inputs)
     if job.scope == "tenant":
         if tenant is None or not str(tenant).strip():

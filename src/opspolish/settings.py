@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=5, ge=1, le=1_000)
     max_jobs: int = Field(default=10, ge=1, le=10_000)
     provider: str = "opspolish.provider:DirectoryProvider"
-    #: Comma-separated modules whose ``@tracked_job`` functions the CLI and the worker register.
+    #: Comma-separated modules whose ``@tracked_job`` functions the CLI, the worker and dispatch register.
     job_modules: str = ""
     log_format: Literal["console", "json"] = Field(
         default_factory=lambda: "console" if sys.stderr.isatty() else "json"

@@ -208,12 +208,17 @@ def load_jobs(module_names: str = "") -> dict[str, TrackedJob]:
     return REGISTRY
 
 
-def get_job(run_type: str) -> TrackedJob:
-    try:
-        return REGISTRY[run_type]
-    except KeyError:
+def get_job(run_type: str, job_modules: str = "") -> TrackedJob:
+    """The registered job type ``run_type``. A type not registered yet is looked for in the built-in jobs and in
+    ``job_modules`` (OPSPOLISH_JOB_MODULES) first: a caller that imported only ``opspolish`` finds them too."""
+    job = REGISTRY.get(run_type)
+    if job is None:
+        load_jobs(job_modules)  # imported here, not at import time: opspolish.jobs imports this module
+        job = REGISTRY.get(run_type)
+    if job is None:
         known = ", ".join(sorted(REGISTRY)) or "none"
-        raise InputInvalid(f"type: unknown job type {run_type!r} (known: {known})", field="type") from None
+        raise InputInvalid(f"type: unknown job type {run_type!r} (known: {known})", field="type")
+    return job
 
 
 def _sql_text(text: str) -> bool:
