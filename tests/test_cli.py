@@ -137,6 +137,23 @@ async def test_an_error_no_layer_translated_is_one_line_and_exit_1_without_v(
     assert verbose.returncode == 1 and "Traceback" in verbose.stderr
 
 
+async def test_the_cli_logs_in_opspolish_log_format_and_refuses_a_bad_one(
+    settings: Settings, seeded: dict[str, Any]
+) -> None:
+    tenant = seeded["tenants"][0]["external_id"]
+    for log_format in ("console", "json"):  # stderr is no terminal here: json was the CLI's only choice
+        out = await cli(settings, "dispatch", "test.effect", "--tenant", tenant, OPSPOLISH_LOG_FORMAT=log_format)
+        assert out.returncode == 0, out.stderr
+        [line] = [line for line in out.stderr.splitlines() if "run_dispatched" in line]
+        if log_format == "json":
+            assert json.loads(line)["event"] == "run_dispatched"
+        else:
+            assert not line.startswith("{") and re.search(r"\[info\s*\] run_dispatched", line), line
+    bad = await cli(settings, "runs", "list", OPSPOLISH_LOG_FORMAT="xml")
+    [reason] = [line for line in bad.stderr.splitlines() if line.startswith("opspolish:")]
+    assert bad.returncode == 2 and "log_format" in reason and "Traceback" not in bad.stderr
+
+
 async def test_doctor_gives_a_verdict_per_service(settings: Settings) -> None:
     out = await cli(settings, "doctor", "--json")
     assert out.returncode == 0, out.stderr

@@ -39,6 +39,17 @@ class Ctx:
                 fail(2, f"settings: {ENV_PREFIX}{where.upper()}: {msg}" if where else f"settings: {msg}")
         return self._settings
 
+    @property
+    def log_format(self) -> str:
+        """OPSPOLISH_LOG_FORMAT. While the settings are invalid it is the TTY default, so that the command can
+        still log; the command then reads the settings and exits 2 naming the bad one."""
+        if self._settings is None:
+            try:
+                self._settings = Settings()
+            except ValidationError:
+                return "console" if sys.stderr.isatty() else "json"
+        return self._settings.log_format
+
 
 def fail(code: int, message: str) -> NoReturn:
     click.echo(f"opspolish: {sanitize_message(message)}", err=True)
@@ -82,7 +93,7 @@ def emit(as_json: bool, data: Any, text: str) -> None:
 def main(ctx: click.Context, verbose: bool) -> None:
     """opspolish: tracked, deduplicated background operations on arq + Postgres."""
     ctx.obj = Ctx(verbose)
-    configure_logging("console" if sys.stderr.isatty() else "json", verbose=verbose)
+    configure_logging(ctx.obj.log_format, verbose=verbose)
 
 
 pass_ctx = click.make_pass_decorator(Ctx)
