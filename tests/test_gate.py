@@ -14,7 +14,7 @@ import pytest
 from arq import Retry
 
 from opspolish.dispatch import dispatch
-from opspolish.errors import LeaseLost
+from opspolish.errors import InputInvalid, LeaseLost
 from opspolish.fingerprint import fingerprint, identity_hash, lock_key
 from opspolish.ledger import Scope
 from opspolish.runtime import Runtime
@@ -91,6 +91,16 @@ async def test_dispatch_after_a_plain_import_knows_the_built_in_and_configured_j
     rows = await conn.fetch("SELECT type, status FROM operation_runs WHERE id = ANY($1::bigint[]) ORDER BY id",
                             run_ids)
     assert [(r["type"], r["status"]) for r in rows] == [("assignments.fetch", "queued"), (EFFECT_TYPE, "queued")]
+
+
+async def test_fingerprint_with_the_job_type_is_the_one_dispatch_records(rt: Runtime, tenant: str) -> None:
+    inputs = {"policy_ids": [str(uuid.uuid4()).upper()]}  # the job's model turns the UUID lower-case
+    result = await dispatch(rt, "assignments.fetch", tenant=tenant, inputs=inputs)
+    recorded = await rt.pool.fetchval("SELECT fingerprint FROM operation_runs WHERE id = $1", result.run_id)
+    assert fingerprint(inputs, job_type="assignments.fetch") == recorded
+    assert fingerprint(inputs) != recorded  # hashed as given
+    with pytest.raises(InputInvalid, match=r"inputs\.policy_ids\.0"):
+        fingerprint({"policy_ids": ["nope"]}, job_type="assignments.fetch")
 
 
 async def test_all_items_failing_ends_failed_with_items_all_failed(

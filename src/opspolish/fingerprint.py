@@ -176,8 +176,18 @@ def context_and_fingerprint(inputs: Mapping[str, Any] | None) -> tuple[dict[str,
     return context, hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def fingerprint(inputs: Mapping[str, Any] | None) -> str:
-    """sha256 hex of the canonical non-secret inputs. Deterministic across processes and hash seeds."""
+def fingerprint(inputs: Mapping[str, Any] | None, *, job_type: str | None = None) -> str:
+    """sha256 hex of the canonical non-secret inputs. Deterministic across processes and hash seeds.
+
+    With ``job_type``, the inputs are validated by that job type's inputs model first, as dispatch does (a model
+    may normalise them: an upper-case UUID comes out lower-case), so this is the fingerprint a dispatch of that
+    type would record; :class:`InputInvalid` names a bad field. A job type of your own must be registered (its
+    module imported) first. Without ``job_type``, the inputs are hashed as given.
+    """
+    if job_type is not None:
+        from opspolish.tracking import get_job  # tracking imports this module
+
+        inputs = get_job(job_type).validate_inputs(inputs)
     return hashlib.sha256(canonical_json(inputs).encode("utf-8")).hexdigest()
 
 
