@@ -151,7 +151,7 @@ async def test_the_cli_logs_in_opspolish_log_format_and_refuses_a_bad_one(
             assert not line.startswith("{") and re.search(r"\[info\s*\] run_dispatched", line), line
     bad = await cli(settings, "runs", "list", OPSPOLISH_LOG_FORMAT="xml")
     [reason] = [line for line in bad.stderr.splitlines() if line.startswith("opspolish:")]
-    assert bad.returncode == 2 and "log_format" in reason and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "OPSPOLISH_LOG_FORMAT" in reason and "Traceback" not in bad.stderr
 
 
 async def test_doctor_gives_a_verdict_per_service(settings: Settings) -> None:
