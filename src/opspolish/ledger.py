@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 
 from opspolish.db import DRIVER_ERRORS
-from opspolish.errors import DbUnavailable
+from opspolish.errors import DbUnavailable, InputInvalid
 
 ZERO_COUNTS = {"total": 0, "processed": 0, "failed": 0}
 
@@ -182,9 +182,12 @@ class Ledger:
         context: dict[str, Any], queue_name: str,
     ) -> Dispatched | None:
         """Create a queued run or join the identity's active one; None when the tenant is unknown."""
-        async with translate_errors():
-            row = await self.pool.fetchrow(_DISPATCH, tenant, workspace_id, run_type, fingerprint, context,
-                                           queue_name)
+        try:
+            async with translate_errors():
+                row = await self.pool.fetchrow(_DISPATCH, tenant, workspace_id, run_type, fingerprint, context,
+                                               queue_name)
+        except asyncpg.ForeignKeyViolationError:  # only a workspace run names its workspace itself
+            raise InputInvalid(f"workspace_id: no workspace {workspace_id}", field="workspace_id") from None
         return Dispatched(*row) if row is not None else None
 
     async def context_of(self, run_id: int) -> dict[str, Any]:

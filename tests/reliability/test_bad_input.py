@@ -67,6 +67,8 @@ API_CASES = [
     Case("tenant of another workspace", EFFECT_TYPE, TENANT_OTHER_WS, {}, "tenant.not_found", "tenant",
          workspace=WORKSPACE_A),
     Case("workspace that is not a UUID", EFFECT_TYPE, TENANT_A, {}, "input.invalid", "workspace_id", workspace="acme"),
+    Case("workspace job of an unknown workspace", WORKSPACE_EFFECT_TYPE, None, {}, "input.invalid", "workspace_id",
+         workspace=uuid.uuid4()),
     Case("blank tenant", EFFECT_TYPE, "   ", {}, "input.invalid", "tenant"),
     Case("no tenant", EFFECT_TYPE, None, {}, "input.invalid", "tenant"),
     Case("tenant with a NUL byte", EFFECT_TYPE, "a\x00b", {}, "tenant.not_found", "tenant"),
