@@ -48,6 +48,26 @@ async def test_reset_seed_works_on_a_missing_database_and_again_right_after() ->
         await db.drop_database(settings, name)
 
 
+async def test_schema_and_seed_commands_print_json_on_request() -> None:
+    name = f"opspolish_cli_{uuid.uuid4().hex[:10]}"
+    settings = base_settings().with_database(name)
+    try:
+        upgraded = await cli(settings, "db", "upgrade", "--json")
+        assert upgraded.returncode == 0, upgraded.stderr
+        assert json.loads(upgraded.stdout) == {"database": name, "revision": db.head_revision()}
+        reset = await cli(settings, "db", "reset", "--seed", "--tenants", "2", "--policies", "1", "--json")
+        assert reset.returncode == 0, reset.stderr
+        assert json.loads(reset.stdout) == {"database": name, "revision": db.head_revision(), "seeded": {
+            "workspaces": 2, "tenants": 4, "policies": 4, "created_tenants": 4}}
+        seeded = await cli(settings, "seed", "--tenants", "3", "--policies", "1", "--json")
+        assert seeded.returncode == 0, seeded.stderr
+        assert json.loads(seeded.stdout) == {"workspaces": 2, "tenants": 6, "policies": 6, "created_tenants": 2}
+        plain = await cli(settings, "db", "reset")
+        assert plain.stdout == f"database {name} reset to {db.head_revision()}\n"
+    finally:
+        await db.drop_database(settings, name)
+
+
 async def test_seed_is_idempotent_and_scales(settings: Settings, conn: asyncpg.Connection) -> None:
     first = await cli(settings, "seed", "--tenants", "1500", "--policies", "1")
     second = await cli(settings, "seed", "--tenants", "1500", "--policies", "1")

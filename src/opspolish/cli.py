@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 from pydantic import ValidationError
@@ -17,6 +18,9 @@ from opspolish.errors import InputInvalid, OpsPolishError, TenantNotFound
 from opspolish.logs import configure_logging
 from opspolish.sanitize import sanitize_message
 from opspolish.settings import ENV_PREFIX, Settings
+
+if TYPE_CHECKING:
+    from opspolish.seed import SeedReport
 
 T = TypeVar("T")
 BAD_INPUT = (InputInvalid, TenantNotFound)
@@ -105,12 +109,14 @@ def db_group() -> None:
 
 
 @db_group.command("upgrade")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_ctx
 @run_async
-async def db_upgrade(ctx: Ctx) -> None:
+async def db_upgrade(ctx: Ctx, as_json: bool) -> None:
     """Create the database if missing and upgrade it to the latest schema."""
     await db.upgrade(ctx.settings)
-    click.echo(f"database {db.database_name(ctx.settings)} at {db.head_revision()}")
+    name, head = db.database_name(ctx.settings), db.head_revision()
+    emit(as_json, {"database": name, "revision": head}, f"database {name} at {head}")
 
 
 async def _reset(settings: Settings) -> None:
@@ -122,31 +128,39 @@ async def _reset(settings: Settings) -> None:
 
 @db_group.command("reset")
 @click.option("--seed", "with_seed", is_flag=True, help="Seed workspaces, tenants and the directory afterwards.")
-@click.option("--tenants", type=click.IntRange(0, 1_000_000), default=3, show_default=True)
-@click.option("--policies", type=click.IntRange(0, 1000), default=3, show_default=True)
+@click.option("--tenants", type=click.IntRange(0, 1_000_000), default=3, show_default=True,
+              help="With --seed: tenants per workspace.")
+@click.option("--policies", type=click.IntRange(0, 1000), default=3, show_default=True,
+              help="With --seed: policies per tenant.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_ctx
 @run_async
-async def db_reset(ctx: Ctx, with_seed: bool, tenants: int, policies: int) -> None:
+async def db_reset(ctx: Ctx, with_seed: bool, tenants: int, policies: int, as_json: bool) -> None:
     """Take the schema down to nothing and back up through alembic (optionally seed)."""
     await _reset(ctx.settings)
-    click.echo(f"database {db.database_name(ctx.settings)} reset to {db.head_revision()}")
-    if with_seed:
-        await _seed(ctx.settings, tenants, policies)
+    name, head = db.database_name(ctx.settings), db.head_revision()
+    report = await _seed(ctx.settings, tenants, policies) if with_seed else None
+    lines = [f"database {name} reset to {head}", *([_seeded(report)] if report else [])]
+    emit(as_json, {"database": name, "revision": head, "seeded": dataclasses.asdict(report) if report else None},
+         "\n".join(lines))
 
 
-async def _seed(settings: Settings, tenants: int, policies: int) -> None:
+async def _seed(settings: Settings, tenants: int, policies: int) -> SeedReport:
     from opspolish.seed import DEFAULT_WORKSPACES, seed
 
     conn = await db.connect(settings)
     try:
         total = tenants * len(DEFAULT_WORKSPACES)
         with click.progressbar(length=total, label="seeding tenants", file=sys.stderr) as bar:
-            report = await seed(conn, tenants_per_workspace=tenants, policies_per_tenant=policies,
-                                progress=bar.update)
+            return await seed(conn, tenants_per_workspace=tenants, policies_per_tenant=policies,
+                              progress=bar.update)
     finally:
         await conn.close()
-    click.echo(f"seeded: {report.workspaces} workspaces, {report.tenants} tenants "
-               f"({report.created_tenants} new), {report.policies} policies")
+
+
+def _seeded(report: SeedReport) -> str:
+    return (f"seeded: {report.workspaces} workspaces, {report.tenants} tenants ({report.created_tenants} new), "
+            f"{report.policies} policies")
 
 
 @main.command("seed")
@@ -154,11 +168,13 @@ async def _seed(settings: Settings, tenants: int, policies: int) -> None:
               help="Tenants per workspace.")
 @click.option("--policies", type=click.IntRange(0, 1000), default=3, show_default=True,
               help="Policies per tenant.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_ctx
 @run_async
-async def seed_cmd(ctx: Ctx, tenants: int, policies: int) -> None:
+async def seed_cmd(ctx: Ctx, tenants: int, policies: int, as_json: bool) -> None:
     """Seed workspaces, tenants and the assignment directory (idempotent)."""
-    await _seed(ctx.settings, tenants, policies)
+    report = await _seed(ctx.settings, tenants, policies)
+    emit(as_json, dataclasses.asdict(report), _seeded(report))
 
 
 def parse_inputs(pairs: tuple[str, ...], inputs_json: str | None) -> dict[str, Any]:
