@@ -223,8 +223,8 @@ async def test_overlap_with_a_live_lease_defers_until_it_could_be_stale_then_tak
     assert await _hold_lease(rt, result.run_id, tenant, uuid.uuid4(), settings.lease_ttl_s) == "claimed"
     job = get_job(EFFECT_TYPE)
     with pytest.raises(Retry) as deferred:
-        await execute(rt, job, run_id=result.run_id, tenant=tenant, workspace_id=None, inputs={"tag": "o"},
-                      job_id="second")
+        await execute(rt, job, run_id=result.run_id, tenant=tenant, workspace_id=None,
+                      inputs={"tag": "o", "items": 2}, job_id="second")
     defer_s = (deferred.value.defer_score or 0) / 1000
     assert settings.lease_ttl_s - 1 < defer_s < settings.lease_ttl_s + 1
     assert len(await effects(conn, "o")) == 0
@@ -368,6 +368,22 @@ async def test_a_fenced_write_holds_off_a_takeover_until_it_commits(
         await run.fenced("INSERT INTO test_effects (run_id, attempt, tag, pid) VALUES ($1, 1, 'late', 0)",
                          result.run_id)
     assert [e["tag"] for e in await effects(conn)] == ["slow"]
+
+
+async def test_a_run_id_delivery_carrying_other_inputs_than_its_runs_runs_nothing(
+    rt: Runtime, conn: asyncpg.Connection, tenant: str
+) -> None:
+    result = await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "mine", "items": 2})
+    before = await runs(conn)
+    job = get_job(EFFECT_TYPE)
+    forged = await execute(rt, job, run_id=result.run_id, tenant=tenant, workspace_id=None,
+                           inputs={"tag": "theirs", "items": 2}, job_id=result.job_id)
+    assert (forged["decision"], forged["reason_code"]) == ("inputs_mismatch", "input.invalid")
+    assert await runs(conn) == before and await effects(conn) == []  # the run waits for its own delivery
+    # The same inputs spelled another way (key order, 2.0 for 2) are the run's: it runs.
+    own = await execute(rt, job, run_id=result.run_id, tenant=tenant, workspace_id=None,
+                        inputs={"items": 2.0, "tag": "mine"}, job_id=result.job_id)
+    assert own["outcome"] == "succeeded" and [e["tag"] for e in await effects(conn)] == ["mine"]
 
 
 async def test_lock_contention_ending_in_rollback_does_not_lose_the_work(

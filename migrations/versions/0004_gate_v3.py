@@ -1,4 +1,4 @@
-"""gate function v3: a tenant delivery that names a workspace finds its tenant and its run in that workspace only
+"""gate function v3: a delivery finds its tenant and run in the workspace it names; a run id's inputs must be its run's
 
 Revision ID: 0004
 Revises: 0003

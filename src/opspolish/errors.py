@@ -133,7 +133,10 @@ REASON_CODES: dict[str, str] = {
     "provider.unavailable": "the assignment provider could not be reached (retried)",
     "provider.throttled": "the assignment provider throttled us (retried after its retry-after)",
     "provider.rejected": "the assignment provider rejected an item (not retried)",
-    "input.invalid": "the inputs are malformed; the message names the field",
+    "input.invalid": (
+        "the inputs are malformed (the message names the field), or a delivery of a run carries other inputs "
+        "than its run's (logged; the run waits for its own delivery)"
+    ),
     "tenant.not_found": "no tenant with that id or external_id",
     "db.unavailable": "PostgreSQL could not be reached",
     "redis.unavailable": "Redis could not be reached",

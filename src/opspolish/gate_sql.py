@@ -389,11 +389,13 @@ DROP_V1 = (
     "DROP FUNCTION IF EXISTS opspolish_lock_key(text)",
 )
 
-# --- v3 (migration 0004): a tenant delivery's workspace, when it names one, scopes its tenant ----------------------
+# --- v3 (migration 0004): a delivery is held to its scope and to its run's inputs -----------------------------------
 #
 # Dispatch and the CLI already refuse a tenant of another workspace than the one named (tenant.not_found); v2's
 # claim let the tenant's own workspace silently replace the one a raw delivery named. v3 answers such a delivery
 # tenant_not_found, and a run-id delivery whose run lies in another workspace than the one it names run_not_found.
+# A run-id delivery that carries inputs also carries their fingerprint: inputs other than the run's (a hand-made
+# enqueue_job) are inputs_mismatch / input.invalid, and the run is left as it was, for its own delivery.
 
 _TENANT_FOUND_V2 = """        IF v_tenant IS NULL THEN
             decision := 'tenant_not_found';"""
@@ -404,6 +406,20 @@ _RUN_FOUND_V2 = """        IF r.id IS NULL OR r.type <> p_type
 """
 _RUN_FOUND_V3 = """        IF r.id IS NULL OR r.type <> p_type OR r.workspace_id <> p_workspace_id
 """
-if CLAIM_V2.count(_TENANT_FOUND_V2) != 1 or CLAIM_V2.count(_RUN_FOUND_V2) != 1:
+_RUN_INPUTS_V2 = """        v_identity := r.run_identity_hash;
+    ELSE
+"""
+_RUN_INPUTS_V3 = """        IF p_fingerprint IS NOT NULL AND r.fingerprint <> p_fingerprint THEN
+            decision := 'inputs_mismatch';
+            run_id := p_run_id;
+            reason_code := 'input.invalid';
+            RETURN NEXT;
+            RETURN;
+        END IF;
+        v_identity := r.run_identity_hash;
+    ELSE
+"""
+if any(CLAIM_V2.count(old) != 1 for old in (_TENANT_FOUND_V2, _RUN_FOUND_V2, _RUN_INPUTS_V2)):
     raise AssertionError("v2 text changed: v3 is derived from it")
-CLAIM_V3 = CLAIM_V2.replace(_TENANT_FOUND_V2, _TENANT_FOUND_V3).replace(_RUN_FOUND_V2, _RUN_FOUND_V3)
+CLAIM_V3 = (CLAIM_V2.replace(_TENANT_FOUND_V2, _TENANT_FOUND_V3).replace(_RUN_FOUND_V2, _RUN_FOUND_V3)
+            .replace(_RUN_INPUTS_V2, _RUN_INPUTS_V3))

@@ -34,7 +34,7 @@ from opspolish.errors import (
     OpsPolishError,
     TenantNotFound,
 )
-from opspolish.fingerprint import canonical_json, context_and_fingerprint, refuse_nul, secret_values
+from opspolish.fingerprint import canonical_json, context_and_fingerprint, fingerprint, refuse_nul, secret_values
 from opspolish.ledger import HOLDS_LEASE, Claim, translate_errors
 from opspolish.runtime import Lease, Runtime
 from opspolish.sanitize import sanitize_message
@@ -275,6 +275,9 @@ async def execute(
         if run_id is None:
             data = job.validate_inputs(inputs)
             context, fp = context_and_fingerprint(data)
+        elif inputs is not None:  # the gate holds them to the run's: a run runs the inputs it was dispatched with
+            data = job.validate_inputs(inputs)
+            fp = fingerprint(data)
         if tenant is not None and not _sql_text(str(tenant)):  # a driver error otherwise, and no visible skip
             raise TenantNotFound("tenant_id: not a tenant id or external_id", field="tenant_id")
         ws = uuid.UUID(str(workspace_id)) if workspace_id else None

@@ -93,10 +93,11 @@ async def test_a_forged_delivery_of_another_tenants_run_runs_nothing_and_changes
     foreign = await opspolish.dispatch(rt, EFFECT_TYPE, tenant=c["external_id"], inputs={"tag": "victim"})
     before = await _row(conn, foreign.run_id)
     job = get_job(EFFECT_TYPE)
-    for tenant, run_type in ((str(a["id"]), EFFECT_TYPE), (a["external_id"], EFFECT_TYPE),
-                             (str(c["id"]), FETCH_TYPE)):
+    for tenant, run_type, inputs in ((str(a["id"]), EFFECT_TYPE, {"tag": "victim"}),
+                                     (a["external_id"], EFFECT_TYPE, {"tag": "victim"}),
+                                     (str(c["id"]), FETCH_TYPE, {})):
         result = await execute(rt, get_job(run_type), run_id=foreign.run_id, tenant=tenant, workspace_id=None,
-                               inputs={"tag": "victim"}, job_id=foreign.job_id)
+                               inputs=inputs, job_id=foreign.job_id)
         assert (result["decision"], result["reason_code"]) == ("run_not_found", "run.not_found")
     ws_result = await execute(rt, get_job(WORKSPACE_EFFECT_TYPE), run_id=foreign.run_id, tenant=None,
                               workspace_id=a["workspace_id"], inputs={}, job_id=foreign.job_id)
