@@ -178,6 +178,15 @@ def test_the_early_refusal_agrees_with_the_canonical_size(values: list[Any]) -> 
             canonical_json({"v": values})
 
 
+@given(inputs_st)
+@example(inputs={"a": [1, "é\n\u2028", None, True], "b": {"z": 2**80, "a": ""}})  # json.dumps spells it
+@example(inputs={"a": [0.5, 1.0], "b": {"c": Decimal("2.50")}})  # a Decimal is left: _dumps spells it
+def test_the_fast_spelling_of_the_canonical_text_is_the_exact_one(inputs: dict[str, Any]) -> None:
+    """canonical_json spells a tree with no Decimal in it with json.dumps; _dumps spells any tree and is the
+    definition of the canonical text."""
+    assert canonical_json(inputs) == _dumps(_canonical(inputs, "inputs", 0, _Budget()))
+
+
 @settings(max_examples=25)
 @given(inputs_st)
 def test_fingerprint_is_identical_in_another_process_with_another_hash_seed(inputs: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import structlog
 
 from opspolish.errors import InputInvalid, RedisUnavailable, TenantNotFound
-from opspolish.fingerprint import context_and_fingerprint
+from opspolish.fingerprint import context_and_fingerprint_of
 from opspolish.ledger import translate_errors
 from opspolish.runtime import Runtime
 from opspolish.tracking import get_job
@@ -75,7 +75,7 @@ async def dispatch(
     recorded ``failed`` / ``redis.unavailable``: no ledger row is left without a job or a reason.
     """
     job = get_job(run_type, rt.settings.job_modules)
-    data = job.validate_inputs(inputs)
+    data, text = job.canonical(inputs)
     if job.scope == "tenant":
         if tenant is None or not str(tenant).strip():
             raise InputInvalid("tenant: required for this job type", field="tenant")
@@ -93,7 +93,7 @@ async def dispatch(
             raise InputInvalid("workspace_id: not a UUID", field="workspace_id") from None
         tenant_text = None
     redis = rt.require_redis()
-    context, fp = context_and_fingerprint(data)
+    context, fp = context_and_fingerprint_of(text)
     result = await rt.ledger.dispatch(
         tenant=tenant_text, workspace_id=ws, run_type=run_type, fingerprint=fp, context=context,
         queue_name=rt.settings.queue_name,

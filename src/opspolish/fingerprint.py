@@ -43,11 +43,12 @@ def is_secret_key(key: str) -> bool:
     return bool(_SECRET_KEY.search(key.lower().replace("-", "_")))
 
 
-def _number(value: Decimal, path: str) -> Decimal | int:
+def _number(value: Decimal, path: str, budget: _Budget) -> Decimal | int:
     if not value.is_finite():
         raise InputInvalid(f"{path}: non-finite number is not allowed", field=path)
     if value == value.to_integral_value():
         return int(value)
+    budget.decimals = True
     return value.normalize()
 
 
@@ -56,10 +57,11 @@ class _Budget:
     its characters, any value at least one), so a payload far over the cap is refused after reading about
     64 KiB of it, not all of it; one under the cap never runs out."""
 
-    __slots__ = ("left",)
+    __slots__ = ("decimals", "left")
 
     def __init__(self) -> None:
         self.left = MAX_CANONICAL_BYTES
+        self.decimals = False  # a Decimal in the tree: json.dumps cannot spell it, _dumps must
 
     def spend(self, n: int) -> None:
         self.left -= n
@@ -80,9 +82,9 @@ def _canonical(value: Any, path: str, depth: int, budget: _Budget) -> Any:  # no
     if isinstance(value, float):
         if not math.isfinite(value):
             raise InputInvalid(f"{path}: non-finite number is not allowed", field=path)
-        return _number(Decimal(repr(value)), path)
+        return _number(Decimal(repr(value)), path, budget)
     if isinstance(value, Decimal):
-        return _number(value, path)
+        return _number(value, path, budget)
     if isinstance(value, str):
         try:
             value.encode("utf-8")
@@ -143,19 +145,16 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def _tree(inputs: Mapping[str, Any] | None) -> dict[str, Any]:
-    if inputs is None:
-        return {}
-    if not isinstance(inputs, Mapping):
-        raise InputInvalid(f"inputs: must be a mapping, got {type(inputs).__name__}", field="inputs")
-    result = _canonical(inputs, "inputs", 0, _Budget())
-    assert isinstance(result, dict)
-    return result
-
-
 def canonical_json(inputs: Mapping[str, Any] | None) -> str:
     """The canonical JSON text of the non-secret inputs; refuses payloads over 64 KiB."""
-    text = _dumps(_tree(inputs))
+    if inputs is None:
+        return "{}"
+    if not isinstance(inputs, Mapping):
+        raise InputInvalid(f"inputs: must be a mapping, got {type(inputs).__name__}", field="inputs")
+    budget = _Budget()
+    tree = _canonical(inputs, "inputs", 0, budget)
+    # Keys are sorted and every number is an int already, unless a Decimal is left: then the slow spelling.
+    text = _dumps(tree) if budget.decimals else json.dumps(tree, ensure_ascii=False, separators=(",", ":"))
     if len(text.encode("utf-8")) > MAX_CANONICAL_BYTES:
         raise InputInvalid(f"inputs: larger than {MAX_CANONICAL_BYTES} bytes once canonical", field="inputs")
     return text
@@ -170,10 +169,19 @@ def canonical_inputs(inputs: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def context_and_fingerprint(inputs: Mapping[str, Any] | None) -> tuple[dict[str, Any], str]:
     """``(canonical_inputs(inputs), fingerprint(inputs))`` from one canonicalization."""
-    text = canonical_json(inputs)
+    return context_and_fingerprint_of(canonical_json(inputs))
+
+
+def context_and_fingerprint_of(text: str) -> tuple[dict[str, Any], str]:
+    """The context and the fingerprint of a :func:`canonical_json` text."""
     context = json.loads(text)
     assert isinstance(context, dict)
-    return context, hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return context, fingerprint_of(text)
+
+
+def fingerprint_of(text: str) -> str:
+    """The fingerprint of a :func:`canonical_json` text."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def fingerprint(inputs: Mapping[str, Any] | None, *, job_type: str | None = None) -> str:
@@ -187,8 +195,8 @@ def fingerprint(inputs: Mapping[str, Any] | None, *, job_type: str | None = None
     if job_type is not None:
         from opspolish.tracking import get_job  # tracking imports this module
 
-        inputs = get_job(job_type).validate_inputs(inputs)
-    return hashlib.sha256(canonical_json(inputs).encode("utf-8")).hexdigest()
+        return fingerprint_of(get_job(job_type).canonical(inputs)[1])
+    return fingerprint_of(canonical_json(inputs))
 
 
 def identity_hash(scope: str, run_type: str, fingerprint_hex: str) -> str:

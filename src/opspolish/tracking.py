@@ -34,7 +34,13 @@ from opspolish.errors import (
     OpsPolishError,
     TenantNotFound,
 )
-from opspolish.fingerprint import canonical_json, context_and_fingerprint, fingerprint, refuse_nul, secret_values
+from opspolish.fingerprint import (
+    canonical_json,
+    context_and_fingerprint_of,
+    fingerprint_of,
+    refuse_nul,
+    secret_values,
+)
 from opspolish.ledger import HOLDS_LEASE, Claim, translate_errors
 from opspolish.runtime import Lease, Runtime
 from opspolish.sanitize import sanitize_message
@@ -137,20 +143,25 @@ class TrackedJob:
 
     def validate_inputs(self, inputs: Mapping[str, Any] | None) -> dict[str, Any]:
         """Check inputs against the job's model; InputInvalid names the first bad field."""
+        return self.canonical(inputs)[0]
+
+    def canonical(self, inputs: Mapping[str, Any] | None) -> tuple[dict[str, Any], str]:
+        """The validated inputs and their canonical JSON text (what the fingerprint and ``context`` come from)."""
         if inputs is not None and not isinstance(inputs, Mapping):
             raise InputInvalid(f"inputs: must be a mapping, got {type(inputs).__name__}", field="inputs")
         data = dict(inputs or {})
-        canonical_json(data)  # refuses NaN, naive datetimes, bytes, huge payloads... with the path
+        text = canonical_json(data)  # refuses NaN, naive datetimes, bytes, huge payloads... with the path
         refuse_nul(data)
         if self.inputs_model is None:
-            return data
+            return data, text
         try:
             model = self.inputs_model.model_validate(data)
         except ValidationError as exc:
             err = exc.errors()[0]
             path = ".".join(["inputs", *(str(p) for p in err["loc"])])
             raise InputInvalid(f"{path}: {err['msg']}", field=path) from None
-        return model.model_dump(mode="python", exclude_unset=True)
+        valid = model.model_dump(mode="python", exclude_unset=True)
+        return valid, canonical_json(valid)
 
     def cooldown(self, rt: Runtime) -> float:
         return rt.settings.dedupe_cooldown_s if self.cooldown_s is None else self.cooldown_s
@@ -273,11 +284,11 @@ async def execute(
         if job.scope == "workspace" and not workspace_id:
             raise InputInvalid("workspace_id: required for a workspace job", field="workspace_id")
         if run_id is None:
-            data = job.validate_inputs(inputs)
-            context, fp = context_and_fingerprint(data)
+            data, text = job.canonical(inputs)
+            context, fp = context_and_fingerprint_of(text)
         elif inputs is not None:  # the gate holds them to the run's: a run runs the inputs it was dispatched with
-            data = job.validate_inputs(inputs)
-            fp = fingerprint(data)
+            data, text = job.canonical(inputs)
+            fp = fingerprint_of(text)
         if tenant is not None and not _sql_text(str(tenant)):  # a driver error otherwise, and no visible skip
             raise TenantNotFound("tenant_id: not a tenant id or external_id", field="tenant_id")
         ws = uuid.UUID(str(workspace_id)) if workspace_id else None
