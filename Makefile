@@ -30,7 +30,7 @@ test-reliability: install services
 	$(BIN)/python -m pytest tests/reliability $(PYTEST_ARGS)
 
 reset-seed: install services
-	$(BIN)/opspolish db reset --seed
+	$(BIN)/opspolish db reset --seed $(ARGS)
 
 demo: install services
 	$(BIN)/python scripts/demo.py
