@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from opspolish import db
 from opspolish.errors import InputInvalid, OpsPolishError, TenantNotFound
+from opspolish.fingerprint import key_segment
 from opspolish.logs import configure_logging
 from opspolish.sanitize import sanitize_message
 from opspolish.settings import ENV_PREFIX, Settings
@@ -188,23 +189,26 @@ def parse_inputs(pairs: tuple[str, ...], inputs_json: str | None) -> dict[str, A
         if not isinstance(parsed, dict):
             raise InputInvalid("--inputs-json: must be a JSON object", field="--inputs-json")
         inputs.update(parsed)
-    for pair in pairs:
+    for n, pair in enumerate(pairs, start=1):
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
-            raise InputInvalid(f"--input: expected KEY=VALUE, got {pair!r}", field="--input")
+            # Not echoed: a malformed pair may well be a secret typed without its "=".
+            raise InputInvalid(f"--input: expected KEY=VALUE (--input number {n} has no KEY before an '=')",
+                               field="--input")
         key = key.strip()
+        path = "inputs" + key_segment(key)
         if key in inputs:  # a second value would silently replace the first
-            raise InputInvalid(f"inputs.{key}: given more than once", field=f"inputs.{key}")
+            raise InputInvalid(f"{path}: given more than once", field=path)
         try:
             inputs[key] = json.loads(raw, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
         except ValueError as exc:
             # JSON that is refused, not text: a non-finite number, an integer too long to read, a repeated key
             why = "integer has too many digits" if "digits" in str(exc) else str(exc)
             if "non-finite" in why or "digits" in why or "more than once" in why:
-                raise InputInvalid(f"inputs.{key}: {why}", field=f"inputs.{key}") from None
+                raise InputInvalid(f"{path}: {why}", field=path) from None
             inputs[key] = raw
         except RecursionError:
-            raise InputInvalid(f"inputs.{key}: nested too deeply", field=f"inputs.{key}") from None
+            raise InputInvalid(f"{path}: nested too deeply", field=path) from None
     return inputs
 
 

@@ -25,7 +25,7 @@ from typing import Any
 from pydantic import BaseModel, SecretBytes, SecretStr
 
 from opspolish.errors import InputInvalid
-from opspolish.sanitize import redact_credentials
+from opspolish.sanitize import might_hold_secrets, redact_credentials
 
 FINGERPRINT_VERSION = 1
 MAX_DEPTH = 32
@@ -35,6 +35,20 @@ _SECRET_KEY = re.compile(
     r"pass(word|wd|phrase)?$|^pwd$|secret|token|api_?key|authorization|^auth$|credential|private_?key|"
     r"cookie|session_?id|access_?key|signature",
 )
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
+
+
+@functools.lru_cache(maxsize=4096)
+def key_segment(key: str) -> str:
+    """How a mapping key extends a field path in error messages: ``.key``, or ``["key"]`` for a key that is not a
+    plain name or that could read as the name of a secret (``password``, ``max_tokens``, ``passenger``). Every
+    message is sanitized on its way out, and ``inputs.max_tokens: Input should be...`` would come out as
+    ``inputs.max_tokens: [redacted] should be...``: the sanitizer cannot tell a field path from ``token: value``."""
+    if _PLAIN_KEY.fullmatch(key) and not might_hold_secrets(key):
+        return f".{key}"
+    return f"[{json.dumps(key, ensure_ascii=False)}]"
 
 
 @functools.lru_cache(maxsize=4096)
@@ -115,7 +129,7 @@ def _canonical(value: Any, path: str, depth: int, budget: _Budget) -> Any:  # no
             if is_secret_key(key) or isinstance(item, SecretStr | SecretBytes):
                 continue
             budget.spend(len(key) + 3)  # "key":
-            out[key] = _canonical(item, f"{path}.{key}", depth + 1, budget)
+            out[key] = _canonical(item, path + key_segment(key), depth + 1, budget)
         return dict(sorted(out.items()))
     if isinstance(value, list | tuple):
         return [
@@ -225,8 +239,8 @@ def refuse_nul(value: Any, path: str = "inputs") -> None:
     elif isinstance(value, Mapping):
         for key, item in value.items():
             if isinstance(key, str) and not is_secret_key(key) and not isinstance(item, SecretStr | SecretBytes):
-                refuse_nul(key, f"{path}.{key}")
-                refuse_nul(item, f"{path}.{key}")
+                refuse_nul(key, path + key_segment(key))
+                refuse_nul(item, path + key_segment(key))
     elif isinstance(value, list | tuple):
         for i, item in enumerate(value):
             refuse_nul(item, f"{path}[{i}]")

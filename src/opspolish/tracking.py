@@ -38,6 +38,7 @@ from opspolish.fingerprint import (
     canonical_json,
     context_and_fingerprint_of,
     fingerprint_of,
+    key_segment,
     refuse_nul,
     secret_values,
 )
@@ -158,7 +159,7 @@ class TrackedJob:
             model = self.inputs_model.model_validate(data)
         except ValidationError as exc:
             err = exc.errors()[0]
-            path = ".".join(["inputs", *(str(p) for p in err["loc"])])
+            path = "inputs" + "".join(f".{p}" if isinstance(p, int) else key_segment(str(p)) for p in err["loc"])
             raise InputInvalid(f"{path}: {err['msg']}", field=path) from None
         valid = model.model_dump(mode="python", exclude_unset=True)
         return valid, canonical_json(valid)
