@@ -105,15 +105,17 @@ class Bench(BenchEnv):
             raise BenchError(f"bare arq left jobs in {queue}")
         return drained
 
-    async def run_stub_gate(self, workers: int) -> Drain:
-        """Diagnostic: dispatched runs drained by the tracked worker whose gate statements are ``SELECT 1``."""
-        n, label = self.plan.jobs, self.label(f"stub{workers}")
+    async def run_swapped_gate(self, kind: str, workers: int) -> Drain:
+        """Diagnostic: dispatched runs drained by the tracked worker with a diagnostic gate: ``stub`` sends a
+        ``SELECT 1`` for each flush, ``instant`` answers in-process with no I/O at all (bench_worker)."""
+        n, label = self.plan.jobs, self.label(f"{kind}{workers}")
         queue = self.queue(label)
         settings = self.settings_for(self.main_db, queue)
         await self.dispatch_many(settings, n, label)
-        drained = await self.drain(label, [self.arq_worker("StubGate", settings)] * workers, jobs=n,
+        settings_class = {"stub": "StubGate", "instant": "InstantGate"}[kind]
+        drained = await self.drain(label, [self.arq_worker(settings_class, settings)] * workers, jobs=n,
                                    databases=(self.main_db,))
-        expect(f"stub gate ({label}) body executions", drained.executions(bw.NOOP_TYPE), n)
+        expect(f"{kind} gate ({label}) body executions", drained.executions(bw.NOOP_TYPE), n)
         return drained
 
     async def run_barebones(self, workers: int) -> Drain:
@@ -166,8 +168,8 @@ class Bench(BenchEnv):
             return await self.run_tracked(workers)
         if name == "raw":
             return await self.run_tracked(workers, raw=True)
-        if name == "stub":
-            return await self.run_stub_gate(workers)
+        if name in ("stub", "instant"):
+            return await self.run_swapped_gate(name, workers)
         if name == "barebones":
             return await self.run_barebones(workers)
         return await self.run_procrastinate(workers)
@@ -180,7 +182,8 @@ class Bench(BenchEnv):
         schedule = [(name, 1) for rep in range(self.plan.repeats)
                     for name in (contenders if rep % 2 == 0 else contenders[::-1])]
         if not self.plan.quick:
-            schedule += [(name, 2) for name in contenders] + [("raw", 1), ("stub", 1), ("barebones", 1)]
+            diagnostics = ["raw", "stub", "instant", "barebones"]
+            schedule += [(name, 2) for name in contenders] + [(name, 1) for name in diagnostics]
         for name, workers in schedule:
             drained = await self.run_contender(name, workers)
             runs.setdefault(f"{name}{workers}", []).append(drained)
@@ -227,6 +230,9 @@ class Bench(BenchEnv):
         if "stub1" in runs:
             r["throughput_stub_gate_jobs_s"] = n / best("stub1").seconds
             r["throughput_stub_gate_ratio"] = r["throughput_stub_gate_jobs_s"] / r["throughput_bare_jobs_s"]
+        if "instant1" in runs:
+            r["throughput_instant_gate_jobs_s"] = n / best("instant1").seconds
+            r["throughput_instant_gate_ratio"] = r["throughput_instant_gate_jobs_s"] / r["throughput_bare_jobs_s"]
         if "barebones1" in runs:
             r["throughput_barebones_jobs_s"] = n / best("barebones1").seconds
             r["throughput_barebones_ratio"] = r["throughput_barebones_jobs_s"] / r["throughput_bare_jobs_s"]

@@ -17,6 +17,9 @@ batcher sent (claims and completions of concurrent jobs share one).
   machine's cores with the worker and Redis.
 - diagnostic, not a worker: ``InstantGate`` (StubGate's parent) answers every claim and completion in-process, with no
   I/O at all; ``scripts/bench.py`` drives tracked deliveries through it to time opspolish's own code alone.
+- diagnostic, not a contender: ``InstantGateWorkerSettings`` is the tracked worker with that gate: arq's work and
+  opspolish's code, no round trip to Postgres at all. Between bare arq and it lies what the worker's own code
+  costs; between it and the tracked worker, what the gate's round trips to the ledger cost.
 - diagnostic, not a contender: ``BareBonesWorkerSettings`` is bare arq plus the smallest claim and completion there
   is, the kind of figure the project's reference measured: two prepared UPDATEs per job (autocommit, one round trip
   each, nothing coalesced) on a minimal table, with no identity lock, cooldown, scope check, lease keeper, counts
@@ -221,17 +224,26 @@ class StubGate(InstantGate):
         self._answer(claims, completions)
 
 
-def _stub_gate_settings() -> type:
+def _gate_swapped_settings(gate: type[InstantGate], name: str) -> type:
+    """The tracked worker with its gate batcher replaced by the diagnostic ``gate``."""
     attrs = _class_attrs(_tracked_settings())
     startup: Hook = attrs["on_startup"]
 
     async def on_startup(ctx: dict[str, Any]) -> None:
         await startup(ctx)
         rt: Runtime = ctx["opspolish"]
-        rt.gate = StubGate(rt.gate._connect, rt.ledger)
+        rt.gate = gate(rt.gate._connect, rt.ledger)
 
     attrs["on_startup"] = on_startup
-    return type("StubGateWorkerSettings", (), attrs)
+    return type(name, (), attrs)
+
+
+def _stub_gate_settings() -> type:
+    return _gate_swapped_settings(StubGate, "StubGateWorkerSettings")
+
+
+def _instant_gate_settings() -> type:
+    return _gate_swapped_settings(InstantGate, "InstantGateWorkerSettings")
 
 
 def _bare_settings() -> type:
@@ -273,7 +285,8 @@ def arq_settings_summary() -> dict[str, Any]:
 def __getattr__(name: str) -> Any:
     # Built on first access from OPSPOLISH_* (as opspolish.worker does): importing reads no settings.
     builders = {"TrackedWorkerSettings": _tracked_settings, "BareWorkerSettings": _bare_settings,
-                "StubGateWorkerSettings": _stub_gate_settings, "BareBonesWorkerSettings": _barebones_settings}
+                "StubGateWorkerSettings": _stub_gate_settings, "InstantGateWorkerSettings": _instant_gate_settings,
+                "BareBonesWorkerSettings": _barebones_settings}
     if name in builders:
         value = builders[name]()
         globals()[name] = value
