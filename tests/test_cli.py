@@ -104,7 +104,7 @@ async def test_dispatch_prints_the_run_and_whether_it_joined(
     (["dispatch", "test.effect", "--tenant", "T", "--input", "items=[1]"], "inputs.items"),
     (["dispatch", "test.effect", "--tenant", "T", "--input", "nope"], "--input"),
     (["dispatch", "test.effect", "--tenant", "T", "--inputs-json", "[1]"], "--inputs-json"),
-    (["runs", "show", "999999"], "RUN_ID"),
+    (["runs", "show", "999999"], "opspolish: run.not_found: RUN_ID: no run 999999"),
     (["runs", "list", "--tenant", str(uuid.uuid4())], "--tenant"),
 ])
 async def test_bad_input_exits_2_with_one_line_naming_the_field(

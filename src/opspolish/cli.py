@@ -14,7 +14,7 @@ import click
 from pydantic import ValidationError
 
 from opspolish import db
-from opspolish.errors import InputInvalid, OpsPolishError, TenantNotFound
+from opspolish.errors import InputInvalid, OpsPolishError, RunNotFound, TenantNotFound
 from opspolish.fingerprint import key_segment
 from opspolish.logs import configure_logging
 from opspolish.sanitize import sanitize_message
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from opspolish.seed import SeedReport
 
 T = TypeVar("T")
-BAD_INPUT = (InputInvalid, TenantNotFound)
+BAD_INPUT = (InputInvalid, RunNotFound, TenantNotFound)
 
 
 class Ctx:
@@ -340,7 +340,7 @@ async def runs_show(ctx: Ctx, run_id: int, as_json: bool) -> None:
     finally:
         await rt.close()
     if run is None:
-        raise InputInvalid(f"RUN_ID: no run {run_id}", field="RUN_ID")
+        raise RunNotFound(f"RUN_ID: no run {run_id}", field="RUN_ID")
     data = run.as_json()
     emit(as_json, data, "\n".join(f"{k:>18}: {v if v is not None else '-'}" for k, v in data.items()))
 
