@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import inspect
+import math
 import random
 import time
 import uuid
@@ -45,6 +47,7 @@ from opspolish.fingerprint import (
 from opspolish.ledger import HOLDS_LEASE, Claim, translate_errors
 from opspolish.runtime import Lease, Runtime
 from opspolish.sanitize import sanitize_message
+from opspolish.settings import MAX_SECONDS
 
 log = structlog.get_logger("opspolish")
 
@@ -190,13 +193,68 @@ class TrackedJob:
 REGISTRY: dict[str, TrackedJob] = {}
 
 
+def _check_seconds(where: str, name: str, value: float | None, *, zero_ok: bool) -> None:
+    if value is None:
+        return
+    low = "0" if zero_ok else "more than 0"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{where}: {name}: must be a number of seconds, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok) or value > MAX_SECONDS:
+        raise ValueError(f"{where}: {name}: must be a finite number of seconds from {low} to {MAX_SECONDS} "
+                         f"(ten years), got {value!r}")
+
+
+def _check_policy(run_type: str, inputs: object, scope: object, cooldown_s: float | None, timeout_s: float | None,
+                  max_attempts: int | None) -> None:
+    """Refuse, when the job type is declared, what would otherwise fail (or misbehave) at dispatch or in the worker:
+    a NaN cooldown fails every claim, a negative timeout times out at once, a non-model ``inputs`` fails dispatch."""
+    if callable(run_type) or not isinstance(run_type, str):
+        raise TypeError("tracked_job: run_type: must be the job type's name, a string: "
+                        "@tracked_job(\"reports.build\"), not a bare @tracked_job")
+    if not run_type.strip() or run_type != run_type.strip() or not _sql_text(run_type):
+        raise ValueError(f"tracked_job: run_type: must be a non-empty name without surrounding spaces, got "
+                         f"{run_type!r}")
+    where = f"tracked_job({run_type!r})"
+    if inputs is not None and not (isinstance(inputs, type) and issubclass(inputs, BaseModel)):
+        raise TypeError(f"{where}: inputs: must be a pydantic BaseModel subclass (or None), got {inputs!r}")
+    if scope not in ("tenant", "workspace"):
+        raise ValueError(f"{where}: scope: must be 'tenant' or 'workspace', got {scope!r}")
+    _check_seconds(where, "cooldown_s", cooldown_s, zero_ok=True)
+    _check_seconds(where, "timeout_s", timeout_s, zero_ok=False)
+    if max_attempts is not None and (isinstance(max_attempts, bool) or not isinstance(max_attempts, int)):
+        raise TypeError(f"{where}: max_attempts: must be an integer, got {type(max_attempts).__name__}")
+    if max_attempts is not None and not 1 <= max_attempts <= 1_000:
+        raise ValueError(f"{where}: max_attempts: must be from 1 to 1000 (executions of one run), got {max_attempts}")
+
+
+def _check_body(run_type: str, body: object) -> None:
+    where = f"tracked_job({run_type!r})"
+    call = getattr(body, "__call__", None)  # noqa: B004 - an instance with an async __call__ is a body too
+    if not (inspect.iscoroutinefunction(body) or inspect.iscoroutinefunction(call)):
+        raise TypeError(f"{where}: the job body must be an async function (async def), got {body!r}")
+    try:
+        inspect.signature(body).bind(None)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{where}: the job body must take one argument, the RunContext: async def "
+                        f"{getattr(body, '__name__', 'body')}(run: RunContext) -> None") from None
+    except ValueError:  # no signature to read (a builtin): nothing to check
+        pass
+
+
 def tracked_job(
     run_type: str, *, inputs: type[BaseModel] | None = None, scope: Literal["tenant", "workspace"] = "tenant",
     cooldown_s: float | None = None, timeout_s: float | None = None, max_attempts: int | None = None,
 ) -> Callable[[Body], TrackedJob]:
-    """Register ``body`` as the tracked job ``run_type`` (also its arq function name)."""
+    """Register ``body`` as the tracked job ``run_type`` (also its arq function name).
+
+    Bad arguments raise here, when the job type is declared (``TypeError`` / ``ValueError`` naming the argument):
+    ``inputs`` a pydantic model class, ``scope`` ``"tenant"`` or ``"workspace"``, ``cooldown_s`` from 0 and
+    ``timeout_s`` above 0 (finite, at most ten years), ``max_attempts`` from 1 to 1000, and the body an
+    ``async def`` taking the :class:`RunContext`."""
+    _check_policy(run_type, inputs, scope, cooldown_s, timeout_s, max_attempts)
 
     def register(body: Body) -> TrackedJob:
+        _check_body(run_type, body)
         existing = REGISTRY.get(run_type)
         if existing is not None and existing.body is not body:
             raise ValueError(f"job type {run_type!r} is already registered")

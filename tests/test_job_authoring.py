@@ -1,0 +1,76 @@
+"""What a job author meets when declaring and running a new job type with ``tracked_job`` (real Postgres, Redis
+and in-process arq workers where a run is involved)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from opspolish.tracking import REGISTRY, RunContext, tracked_job
+
+
+async def _body(run: RunContext) -> None:
+    run.counts.add_total(1)
+    run.counts.item_succeeded()
+
+
+class _Inputs(BaseModel):
+    day: str = "2026-11-26"
+
+
+@pytest.mark.parametrize(("kwargs", "error", "names"), [
+    ({"cooldown_s": -5}, ValueError, "cooldown_s"),
+    ({"cooldown_s": math.nan}, ValueError, "cooldown_s"),  # failed every claim: the run stayed queued for ever
+    ({"cooldown_s": math.inf}, ValueError, "cooldown_s"),
+    ({"cooldown_s": "900"}, TypeError, "cooldown_s"),
+    ({"timeout_s": 0}, ValueError, "timeout_s"),
+    ({"timeout_s": -1}, ValueError, "timeout_s"),
+    ({"timeout_s": math.nan}, ValueError, "timeout_s"),
+    ({"timeout_s": 11 * 365 * 86_400}, ValueError, "timeout_s"),
+    ({"max_attempts": 0}, ValueError, "max_attempts"),
+    ({"max_attempts": 2.5}, TypeError, "max_attempts"),
+    ({"max_attempts": True}, TypeError, "max_attempts"),
+    ({"scope": "global"}, ValueError, "scope"),
+    ({"inputs": dict}, TypeError, "inputs"),  # failed every dispatch with an AttributeError
+    ({"inputs": _Inputs()}, TypeError, "inputs"),  # an instance, not the model class
+])
+def test_bad_decorator_arguments_raise_when_the_job_type_is_declared_naming_the_argument(
+    kwargs: dict[str, Any], error: type[Exception], names: str
+) -> None:
+    with pytest.raises(error, match=rf"tracked_job\('author\.bad'\): {names}: must"):
+        tracked_job("author.bad", **kwargs)(_body)
+    assert "author.bad" not in REGISTRY
+
+
+def test_a_body_that_is_not_an_async_function_taking_the_run_is_refused_when_declared() -> None:
+    def sync_body(run: RunContext) -> None:  # used to run (side effects and all), then fail with a TypeError
+        pass
+
+    async def no_argument() -> None:
+        pass
+
+    with pytest.raises(TypeError, match=r"tracked_job\('author\.sync'\): the job body must be an async function"):
+        tracked_job("author.sync")(sync_body)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"must take one argument, the RunContext"):
+        tracked_job("author.sync")(no_argument)  # type: ignore[arg-type]
+    assert "author.sync" not in REGISTRY
+
+
+@pytest.mark.parametrize("run_type", ["", "  ", " author.padded", "author\x00nul"])
+def test_a_run_type_that_is_no_usable_name_is_refused(run_type: str) -> None:
+    with pytest.raises(ValueError, match="run_type: must be a non-empty name"):
+        tracked_job(run_type)
+
+
+def test_a_bare_decorator_without_the_run_type_says_how_to_call_it() -> None:
+    with pytest.raises(TypeError, match=r"run_type: must be the job type's name"):
+        tracked_job(_body)  # type: ignore[arg-type]
+
+
+def test_boundary_values_are_accepted() -> None:
+    job = tracked_job("author.bounds", inputs=_Inputs, scope="workspace", cooldown_s=0, timeout_s=0.5,
+                      max_attempts=1)(_body)
+    assert (job.cooldown_s, job.timeout_s, job.max_attempts, job.scope) == (0, 0.5, 1, "workspace")
