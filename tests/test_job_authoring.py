@@ -6,10 +6,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import asyncpg
 import pytest
 from pydantic import BaseModel
 
+from opspolish.dispatch import dispatch
+from opspolish.runtime import Runtime
+from opspolish.settings import Settings
 from opspolish.tracking import REGISTRY, RunContext, tracked_job
+from tests.conftest import drain
 
 
 async def _body(run: RunContext) -> None:
@@ -74,3 +79,32 @@ def test_boundary_values_are_accepted() -> None:
     job = tracked_job("author.bounds", inputs=_Inputs, scope="workspace", cooldown_s=0, timeout_s=0.5,
                       max_attempts=1)(_body)
     assert (job.cooldown_s, job.timeout_s, job.max_attempts, job.scope) == (0, 0.5, 1, "workspace")
+
+
+@pytest.fixture
+def tenant(seeded: dict[str, Any]) -> str:
+    return str(seeded["tenants"][0]["external_id"])
+
+
+async def runs(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+    return [dict(r) for r in await conn.fetch("SELECT * FROM operation_runs ORDER BY id")]
+
+
+async def _client_timeout(run: RunContext) -> None:
+    run.counts.add_total(2)
+    run.counts.item_succeeded()
+    raise TimeoutError("upstream read timed out after 5 s")
+
+
+tracked_job("author.client_timeout", timeout_s=60)(_client_timeout)
+
+
+async def test_a_timeout_error_raised_by_the_body_is_its_own_error_not_job_timeout(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str
+) -> None:
+    await dispatch(rt, "author.client_timeout", tenant=tenant)
+    await drain(settings)
+    [run] = await runs(conn)
+    assert (run["outcome"], run["reason_code"]) == ("failed", "internal.unexpected")
+    assert run["reason_message"] == "TimeoutError: upstream read timed out after 5 s"
+    assert run["summary_counts"] == {"total": 2, "processed": 1, "failed": 0}

@@ -407,8 +407,9 @@ async def _run_body(
     error: OpsPolishError | None = None
     lease.in_body = True
     started = time.monotonic()
+    deadline = asyncio.timeout(job.timeout(rt))
     try:
-        async with asyncio.timeout(job.timeout(rt)):
+        async with deadline:
             await job.body(run)
     except asyncio.CancelledError:
         lease.in_body = False
@@ -423,8 +424,10 @@ async def _run_body(
                 reason_message="worker shut down during the run; handed back for redelivery"))
         bound.info("run_handed_back", reason_code="job.cancelled")
         raise
-    except TimeoutError:
-        error = JobTimeout(f"the job exceeded its {job.timeout(rt):g} s timeout")
+    except TimeoutError as exc:
+        # Only our deadline is job.timeout: a TimeoutError of the body's own (an HTTP client's) is its error.
+        error = (JobTimeout(f"the job exceeded its {job.timeout(rt):g} s timeout") if deadline.expired() else
+                 OpsPolishError(sanitize_message(f"{type(exc).__name__}: {exc}", extra_secrets=secrets)))
     except OpsPolishError as exc:
         error = exc
     except Exception as exc:
