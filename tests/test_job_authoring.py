@@ -3,17 +3,20 @@ and in-process arq workers where a run is involved)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
 import asyncpg
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from opspolish.dispatch import dispatch
 from opspolish.runtime import Runtime
 from opspolish.settings import Settings
-from opspolish.tracking import REGISTRY, RunContext, tracked_job
+from opspolish.tracking import MAX_COUNT, REGISTRY, Counts, RunContext, tracked_job
 from tests.conftest import drain
 
 
@@ -108,3 +111,50 @@ async def test_a_timeout_error_raised_by_the_body_is_its_own_error_not_job_timeo
     assert (run["outcome"], run["reason_code"]) == ("failed", "internal.unexpected")
     assert run["reason_message"] == "TimeoutError: upstream read timed out after 5 s"
     assert run["summary_counts"] == {"total": 2, "processed": 1, "failed": 0}
+
+
+class _CountsInputs(BaseModel):
+    calls: list[tuple[str, Any, int]]  # (method, key or None, n)
+
+
+async def _counting(run: RunContext) -> None:
+    for method, key, n in _CountsInputs.model_validate(run.inputs).calls:
+        if method == "bump":
+            run.counts.bump(key, n)
+        else:
+            getattr(run.counts, method)(n)
+
+
+tracked_job("author.counting", inputs=_CountsInputs)(_counting)
+
+
+@pytest.mark.parametrize(("calls", "message"), [
+    # Used to complete "succeeded" with the detail count silently overwritten by the main one.
+    ([("add_total", None, 2), ("item_succeeded", None, 2), ("bump", "failed", 1)],
+     "ValueError: counts: bump('failed'): a detail count needs a name of its own"),
+    # Used to fail the ledger's CHECK at completion: the run stayed running until its lease went stale.
+    ([("add_total", None, 10**17)] * 10, f"ValueError: counts: total would exceed {MAX_COUNT}"),
+    ([("item_succeeded", None, 10**18)], f"ValueError: counts: processed would exceed {MAX_COUNT}"),
+])
+async def test_counts_the_ledger_cannot_hold_end_the_run_failed_with_a_message_naming_them(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str, calls: list[Any], message: str
+) -> None:
+    await dispatch(rt, "author.counting", tenant=tenant, inputs={"calls": calls})
+    await drain(settings)
+    [run] = await runs(conn)
+    assert (run["status"], run["outcome"], run["reason_code"]) == ("completed", "failed", "internal.unexpected")
+    assert run["reason_message"].startswith(message)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["add_total", "item_succeeded", "item_failed", "bump"]),
+                          st.sampled_from(["total", "processed", "failed", "requeued"]),
+                          st.integers(min_value=0, max_value=2 * MAX_COUNT)), max_size=12))
+def test_any_sequence_of_count_calls_leaves_counts_the_ledger_accepts(calls: list[tuple[str, str, int]]) -> None:
+    counts = Counts()
+    for method, key, n in calls:
+        with contextlib.suppress(ValueError):
+            counts.bump(key, n) if method == "bump" else getattr(counts, method)(n)
+    c = counts.as_dict()
+    assert 0 <= c["failed"] <= c["processed"] <= c["total"] <= MAX_COUNT
+    assert all(0 <= v <= MAX_COUNT for v in c.values())
+    assert c.get("requeued", 0) == counts.extra.get("requeued", 0)
