@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from opspolish.dispatch import dispatch
+from opspolish.errors import ProviderThrottled
 from opspolish.runtime import Runtime
 from opspolish.settings import Settings
 from opspolish.tracking import MAX_COUNT, REGISTRY, Counts, RunContext, tracked_job
@@ -158,3 +159,22 @@ def test_any_sequence_of_count_calls_leaves_counts_the_ledger_accepts(calls: lis
     assert 0 <= c["failed"] <= c["processed"] <= c["total"] <= MAX_COUNT
     assert all(0 <= v <= MAX_COUNT for v in c.values())
     assert c.get("requeued", 0) == counts.extra.get("requeued", 0)
+
+
+async def _throttled(run: RunContext) -> None:
+    raise ProviderThrottled("slow down", retry_after_s=float(run.inputs["retry_after_s"]))
+
+
+tracked_job("author.throttled", max_attempts=2)(_throttled)
+
+
+@pytest.mark.parametrize("retry_after_s", ["nan", "inf", "1e300"])
+async def test_a_retry_after_that_is_no_delay_falls_back_to_the_backoff_and_the_run_still_ends(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str, retry_after_s: str
+) -> None:
+    # A NaN, infinite or absurd retry_after_s reached arq as is: the retry never came and the run stayed queued.
+    await dispatch(rt, "author.throttled", tenant=tenant, inputs={"retry_after_s": retry_after_s})
+    await drain(settings, timeout_s=30)
+    [run] = await runs(conn)
+    assert (run["status"], run["outcome"], run["reason_code"], run["attempts"]) == (
+        "completed", "failed", "provider.throttled", 2)

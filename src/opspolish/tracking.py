@@ -310,6 +310,15 @@ def _backoff_s(attempt: int) -> float:
     return min(2.0 ** attempt, 60.0) * random.uniform(0.5, 1.0)
 
 
+def _retry_delay_s(error: OpsPolishError, attempt: int) -> float:
+    """The error's ``retry_after_s`` when it is a usable delay (0 included: retry at once), else the backoff. A NaN
+    or infinite one reached arq as is and the retry was never delivered: the run stayed queued."""
+    after = getattr(error, "retry_after_s", None)
+    if isinstance(after, int | float) and not isinstance(after, bool) and 0 <= after <= MAX_SECONDS:
+        return float(after)
+    return _backoff_s(attempt)
+
+
 def _skip_result(decision: str, run_id: int | None, reason_code: str | None, dedupe_of: int | None) -> dict[str, Any]:
     return {"decision": decision, "run_id": run_id, "reason_code": reason_code, "dedupe_of": dedupe_of}
 
@@ -446,7 +455,7 @@ async def _run_body(
         return _skip_result("lease_lost", run_id, "dedupe.overlap", None)
 
     if error is not None and error.transient and attempt < job.attempts_allowed(rt):
-        delay = getattr(error, "retry_after_s", None) or _backoff_s(attempt)
+        delay = _retry_delay_s(error, attempt)
         last_error = sanitize_message(error.message, extra_secrets=secrets)
         try:
             released = await rt.ledger.release(run_id, lease.owner, reason_code=error.reason_code,
