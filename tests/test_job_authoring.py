@@ -14,11 +14,12 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from opspolish.dispatch import dispatch
-from opspolish.errors import ProviderThrottled
+from opspolish.errors import InputInvalid, ProviderThrottled
 from opspolish.runtime import Runtime
 from opspolish.settings import Settings
 from opspolish.tracking import MAX_COUNT, REGISTRY, Counts, RunContext, tracked_job
 from tests.conftest import drain
+from tests.support.jobs import WORKSPACE_EFFECT_TYPE
 
 
 async def _body(run: RunContext) -> None:
@@ -178,3 +179,15 @@ async def test_a_retry_after_that_is_no_delay_falls_back_to_the_backoff_and_the_
     [run] = await runs(conn)
     assert (run["status"], run["outcome"], run["reason_code"], run["attempts"]) == (
         "completed", "failed", "provider.throttled", 2)
+
+
+async def test_a_workspace_job_dispatched_with_a_tenant_is_refused_not_run_for_the_whole_workspace(
+    rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any]
+) -> None:
+    # The tenant used to be dropped silently: a workspace run (tenant_id NULL) of what was meant for one tenant.
+    t = seeded["tenants"][0]
+    with pytest.raises(InputInvalid, match=r"^tenant: 'test.workspace_effect' is a workspace job") as caught:
+        await dispatch(rt, WORKSPACE_EFFECT_TYPE, tenant=str(t["external_id"]), workspace_id=t["workspace_id"])
+    assert caught.value.field == "tenant"
+    assert await runs(conn) == []
+    assert await rt.require_redis().queued_jobs(queue_name=rt.settings.queue_name) == []

@@ -85,6 +85,9 @@ async def dispatch(
         tenant_text: str | None = ref
         ws = None
     else:
+        if tenant is not None:  # dropped, it made a workspace run of what the caller meant for one tenant
+            raise InputInvalid(f"tenant: {run_type!r} is a workspace job (scope='workspace'): it takes workspace_id, "
+                               "not a tenant", field="tenant")
         if workspace_id is None:
             raise InputInvalid("workspace_id: required for this job type", field="workspace_id")
         try:
