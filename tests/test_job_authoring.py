@@ -81,9 +81,12 @@ def test_a_bare_decorator_without_the_run_type_says_how_to_call_it() -> None:
 
 
 def test_boundary_values_are_accepted() -> None:
-    job = tracked_job("author.bounds", inputs=_Inputs, scope="workspace", cooldown_s=0, timeout_s=0.5,
-                      max_attempts=1)(_body)
-    assert (job.cooldown_s, job.timeout_s, job.max_attempts, job.scope) == (0, 0.5, 1, "workspace")
+    try:
+        job = tracked_job("author.bounds", inputs=_Inputs, scope="workspace", cooldown_s=0, timeout_s=0.5,
+                          max_attempts=1)(_body)
+        assert (job.cooldown_s, job.timeout_s, job.max_attempts, job.scope) == (0, 0.5, 1, "workspace")
+    finally:  # every registered type is in a default worker: this one's timeout must not reach other tests' workers
+        REGISTRY.pop("author.bounds", None)
 
 
 @pytest.fixture
@@ -101,7 +104,7 @@ async def _client_timeout(run: RunContext) -> None:
     raise TimeoutError("upstream read timed out after 5 s")
 
 
-tracked_job("author.client_timeout", timeout_s=60)(_client_timeout)
+tracked_job("author.client_timeout")(_client_timeout)
 
 
 async def test_a_timeout_error_raised_by_the_body_is_its_own_error_not_job_timeout(
