@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 
 from alembic import context
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from opspolish.db import create_engine
+from opspolish.db import MIGRATION_LOCK_KEY, create_engine
 from opspolish.models import Base
 from opspolish.settings import Settings
 
@@ -22,6 +23,9 @@ def _settings() -> Settings:
 def _run(connection: Connection) -> None:
     context.configure(connection=connection, target_metadata=target_metadata, compare_type=True)
     with context.begin_transaction():
+        # Before alembic reads alembic_version: a second process waits here for the first to commit, then
+        # reads the version it left (READ COMMITTED: a fresh snapshot per statement) and has nothing to do.
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
         context.run_migrations()
 
 

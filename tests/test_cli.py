@@ -48,6 +48,32 @@ async def test_reset_seed_works_on_a_missing_database_and_again_right_after() ->
         await db.drop_database(settings, name)
 
 
+async def test_concurrent_upgrades_of_a_missing_database_all_succeed() -> None:
+    name = f"opspolish_cli_{uuid.uuid4().hex[:10]}"
+    settings = base_settings().with_database(name)
+    try:
+        for _ in range(3):  # each round races the CREATE DATABASE and the first migration run
+            await db.drop_database(settings, name)
+            outs = await asyncio.gather(*(cli(settings, "db", "upgrade") for _ in range(3)))
+            assert [o.returncode for o in outs] == [0, 0, 0], [o.stderr for o in outs]
+            assert await db.current_revision(settings) == db.head_revision()
+    finally:
+        await db.drop_database(settings, name)
+
+
+async def test_concurrent_resets_with_seed_run_one_after_the_other() -> None:
+    name = f"opspolish_cli_{uuid.uuid4().hex[:10]}"
+    settings = base_settings().with_database(name)
+    try:
+        await db.upgrade(settings)
+        for _ in range(2):
+            outs = await asyncio.gather(*(cli(settings, "db", "reset", "--seed") for _ in range(2)))
+            assert [o.returncode for o in outs] == [0, 0], [o.stderr for o in outs]
+            assert all("seeded: 2 workspaces, 6 tenants (6 new)" in o.stdout for o in outs)
+    finally:
+        await db.drop_database(settings, name)
+
+
 async def test_schema_and_seed_commands_print_json_on_request() -> None:
     name = f"opspolish_cli_{uuid.uuid4().hex[:10]}"
     settings = base_settings().with_database(name)

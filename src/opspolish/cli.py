@@ -120,11 +120,15 @@ async def db_upgrade(ctx: Ctx, as_json: bool) -> None:
     emit(as_json, {"database": name, "revision": head}, f"database {name} at {head}")
 
 
-async def _reset(settings: Settings) -> None:
+async def _reset(settings: Settings, tenants: int, policies: int, with_seed: bool) -> SeedReport | None:
     await db.ensure_database(settings)
-    if await db.current_revision(settings) is not None:
-        await db.downgrade(settings, "base")
-    await db.upgrade(settings)
+    # Held from the downgrade through the seed: a second reset waits for the whole of this one, rather than
+    # dropping the tables this one is about to seed (each alembic run also takes its own lock, see env.py).
+    async with db.reset_lock(settings):
+        if await db.current_revision(settings) is not None:
+            await db.downgrade(settings, "base")
+        await db.upgrade(settings)
+        return await _seed(settings, tenants, policies) if with_seed else None
 
 
 @db_group.command("reset")
@@ -138,9 +142,8 @@ async def _reset(settings: Settings) -> None:
 @run_async
 async def db_reset(ctx: Ctx, with_seed: bool, tenants: int, policies: int, as_json: bool) -> None:
     """Take the schema down to nothing and back up through alembic (optionally seed)."""
-    await _reset(ctx.settings)
+    report = await _reset(ctx.settings, tenants, policies, with_seed)
     name, head = db.database_name(ctx.settings), db.head_revision()
-    report = await _seed(ctx.settings, tenants, policies) if with_seed else None
     lines = [f"database {name} reset to {head}", *([_seeded(report)] if report else [])]
     emit(as_json, {"database": name, "revision": head, "seeded": dataclasses.asdict(report) if report else None},
          "\n".join(lines))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -140,9 +142,22 @@ async def ensure_database(settings: Settings) -> bool:
             return False
         try:
             await conn.execute(f'CREATE DATABASE "{name}"')
-        except asyncpg.DuplicateDatabaseError:
+        except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+            # Another process created it between our look and our CREATE: two CREATEs racing each other
+            # collide on pg_database's unique index (a UniqueViolation), not with DuplicateDatabase.
             return False
         return True
+    finally:
+        await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def reset_lock(settings: Settings) -> AsyncIterator[None]:
+    """Hold RESET_LOCK_KEY on the configured database for the block (released when the connection closes)."""
+    conn = await connect(settings)
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", RESET_LOCK_KEY)
+        yield
     finally:
         await conn.close()
 
@@ -153,6 +168,16 @@ async def drop_database(settings: Settings, name: str) -> None:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
+
+
+#: The session-independent advisory lock key every migration run takes first (pg_advisory_xact_lock, in
+#: migrations/env.py), so two ``db upgrade`` / ``db reset`` processes on one database run one after the other
+#: instead of both applying 0001 (one then fails on a table or function the other just made). A fixed 64-bit
+#: constant: the gate's keys come from sha256 identity hashes, so a collision with one is as likely as with any.
+MIGRATION_LOCK_KEY = 0x6F707370_6D696772  # "opspmigr"
+#: Held (session-scoped) by ``db reset`` from its downgrade through its seed. A key of its own: the migration
+#: runs inside it take MIGRATION_LOCK_KEY on their own connections, which must not wait on this session.
+RESET_LOCK_KEY = 0x6F707370_72657374  # "opsprest"
 
 
 def alembic_config(settings: Settings) -> Any:
