@@ -74,6 +74,63 @@ async def test_concurrent_resets_with_seed_run_one_after_the_other() -> None:
         await db.drop_database(settings, name)
 
 
+def _one_reason_line(out: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in out.stderr, out.stderr
+    [reason] = [line for line in out.stderr.splitlines() if line.startswith("opspolish:")]
+    return reason
+
+
+async def test_a_database_migrated_by_a_newer_version_is_refused_not_upgraded_or_reset(
+        settings: Settings, conn: asyncpg.Connection) -> None:
+    await conn.execute("INSERT INTO workspaces (slug, name) VALUES ('keep', 'Keep')")
+    await conn.execute("UPDATE alembic_version SET version_num = '9999_from_the_future'")
+    for args in (("db", "upgrade"), ("db", "reset"), ("db", "reset", "--seed"), ("seed",)):
+        out = await cli(settings, *args)
+        reason = _one_reason_line(out)
+        assert out.returncode == 1 and reason.startswith("opspolish: db.schema_mismatch:"), (args, out.stderr)
+        assert "9999_from_the_future" in reason and "does not know" in reason, reason
+    assert await conn.fetchval("SELECT slug FROM workspaces") == "keep"  # nothing was dropped or seeded
+    doctor = await cli(settings, "doctor", "--json")
+    [migrations] = [c for c in json.loads(doctor.stdout) if c["name"] == "migrations"]
+    assert doctor.returncode == 1 and migrations["verdict"] == "fail"
+    assert "does not know" in migrations["detail"] and "db upgrade" not in migrations["detail"]
+
+
+async def test_reset_of_a_database_holding_someone_elses_tables_changes_nothing() -> None:
+    name = f"opspolish_cli_{uuid.uuid4().hex[:10]}"
+    settings = base_settings().with_database(name)
+    try:
+        await db.ensure_database(settings)
+        conn = await db.connect(settings)
+        try:
+            await conn.execute("CREATE TABLE tenants (id int PRIMARY KEY, name text); "
+                               "INSERT INTO tenants VALUES (1, 'theirs')")
+            for args in (("db", "reset", "--seed"), ("db", "upgrade")):
+                out = await cli(settings, *args)
+                reason = _one_reason_line(out)
+                assert out.returncode == 1 and reason.startswith("opspolish: db.schema_mismatch:"), out.stderr
+                assert "tenants" in reason and "nothing was changed" in reason, reason
+            assert await conn.fetchval("SELECT name FROM tenants") == "theirs"
+            assert await conn.fetchval("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == 1
+        finally:
+            await conn.close()
+    finally:
+        await db.drop_database(settings, name)
+
+
+async def test_seed_of_a_database_not_at_head_says_to_upgrade_first() -> None:
+    name = f"opspolish_cli_{uuid.uuid4().hex[:10]}"
+    settings = base_settings().with_database(name)
+    try:
+        await db.ensure_database(settings)
+        out = await cli(settings, "seed")
+        reason = _one_reason_line(out)
+        assert out.returncode == 1 and reason.startswith("opspolish: db.schema_mismatch:"), out.stderr
+        assert "run `opspolish db upgrade` first" in reason, reason
+    finally:
+        await db.drop_database(settings, name)
+
+
 async def test_schema_and_seed_commands_print_json_on_request() -> None:
     name = f"opspolish_cli_{uuid.uuid4().hex[:10]}"
     settings = base_settings().with_database(name)

@@ -14,7 +14,7 @@ import click
 from pydantic import ValidationError
 
 from opspolish import db
-from opspolish.errors import InputInvalid, OpsPolishError, RunNotFound, TenantNotFound
+from opspolish.errors import InputInvalid, OpsPolishError, RunNotFound, SchemaMismatch, TenantNotFound
 from opspolish.fingerprint import key_segment
 from opspolish.logs import configure_logging
 from opspolish.sanitize import sanitize_message
@@ -177,6 +177,12 @@ def _seeded(report: SeedReport) -> str:
 @run_async
 async def seed_cmd(ctx: Ctx, tenants: int, policies: int, as_json: bool) -> None:
     """Seed workspaces, tenants and the assignment directory (idempotent)."""
+    # Rather than a driver error on the first table that is missing or different:
+    await db.check_schema_is_ours(ctx.settings)  # a revision this version does not know: upgrading cannot help
+    revision, head = await db.current_revision(ctx.settings), db.head_revision()
+    if revision != head:
+        raise SchemaMismatch(f"database {db.database_name(ctx.settings)} is at {revision or 'no revision'}, not "
+                             f"at head {head}: run `opspolish db upgrade` first")
     report = await _seed(ctx.settings, tenants, policies)
     emit(as_json, dataclasses.asdict(report), _seeded(report))
 

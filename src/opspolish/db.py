@@ -13,7 +13,7 @@ import asyncpg
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from opspolish.errors import DbUnavailable
+from opspolish.errors import DbUnavailable, SchemaMismatch
 from opspolish.settings import Settings
 
 #: Connection-level settings for the pool (cold paths, replays, heartbeats): custom plans, so a statement
@@ -198,11 +198,42 @@ def _alembic(settings: Settings, command_name: str, revision: str) -> None:
 async def upgrade(settings: Settings, revision: str = "head") -> None:
     """Create the database if needed and upgrade it through alembic."""
     await ensure_database(settings)
+    await check_schema_is_ours(settings)
     await asyncio.to_thread(_alembic, settings, "upgrade", revision)
 
 
 async def downgrade(settings: Settings, revision: str = "base") -> None:
+    await check_schema_is_ours(settings)
     await asyncio.to_thread(_alembic, settings, "downgrade", revision)
+
+
+async def check_schema_is_ours(settings: Settings) -> None:
+    """Refuse, before alembic touches anything, a database whose schema these migrations did not make: one at a
+    revision they do not know (a newer opspolish migrated it, or another application's alembic did), or one with no
+    opspolish revision that already holds tables of the same names (alembic would fail half-way on them)."""
+    name = database_name(settings)
+    current = await current_revision(settings)
+    if current is not None:
+        if current not in known_revisions():
+            raise SchemaMismatch(
+                f"database {name} is at revision {current}, which this version of opspolish does not know "
+                f"(its head is {head_revision()}; a newer opspolish or another application migrated it): "
+                "upgrade opspolish, or set OPSPOLISH_DATABASE_URL to another database")
+        return
+    from opspolish.models import Base
+
+    conn = await connect(settings)
+    try:
+        clashes = await conn.fetchval(
+            "SELECT string_agg(relname, ', ' ORDER BY relname) FROM pg_class "
+            "WHERE relnamespace = 'public'::regnamespace AND relname = ANY($1::text[])",
+            sorted(Base.metadata.tables))
+    finally:
+        await conn.close()
+    if clashes:
+        raise SchemaMismatch(
+            f"database {name} has no opspolish revision but already holds {clashes}: nothing was changed; "
+            "set OPSPOLISH_DATABASE_URL to a database of its own")
 
 
 async def current_revision(settings: Settings) -> str | None:
@@ -215,6 +246,14 @@ async def current_revision(settings: Settings) -> str | None:
         return str(value) if value is not None else None
     finally:
         await conn.close()
+
+
+def known_revisions() -> set[str]:
+    """Every revision the shipped migrations define."""
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(alembic_config(Settings()))
+    return {rev.revision for rev in script.walk_revisions()}
 
 
 def head_revision() -> str:

@@ -24,8 +24,13 @@ async def run_checks(settings: Settings) -> list[Check]:
         head = db.head_revision()
         if revision == head:
             checks.append(Check("migrations", "ok", f"at head {head}"))
+        elif revision is not None and revision not in db.known_revisions():
+            # Ahead of this version (or another application's alembic): `db upgrade` cannot help here.
+            checks.append(Check("migrations", "fail", f"at {revision}, a revision this version of opspolish does "
+                                f"not know (its head is {head}): a newer opspolish migrated this database, or "
+                                "another application did"))
         else:
-            checks.append(Check("migrations", "fail", f"at {revision or 'nothing'}, head is {head}: "
+            checks.append(Check("migrations", "fail", f"at {revision or 'nothing'}, behind head {head}: "
                                 "run `opspolish db upgrade`"))
     except OpsPolishError as exc:
         checks.append(Check("postgres", "fail", exc.message))

@@ -51,6 +51,12 @@ class DbUnavailable(OpsPolishError):
     transient = True
 
 
+class SchemaMismatch(OpsPolishError):
+    """The database's schema is not one this version of opspolish can work with."""
+
+    reason_code = "db.schema_mismatch"
+
+
 class RedisUnavailable(OpsPolishError):
     """Redis is unavailable."""
 
