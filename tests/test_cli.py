@@ -140,15 +140,31 @@ async def test_schema_and_seed_commands_print_json_on_request() -> None:
         assert json.loads(upgraded.stdout) == {"database": name, "revision": db.head_revision()}
         reset = await cli(settings, "db", "reset", "--seed", "--tenants", "2", "--policies", "1", "--json")
         assert reset.returncode == 0, reset.stderr
-        assert json.loads(reset.stdout) == {"database": name, "revision": db.head_revision(), "seeded": {
+        assert json.loads(reset.stdout) == {"database": name, "revision": db.head_revision(), "created": False,
+                                            "dropped_revision": db.head_revision(), "seeded": {
             "workspaces": 2, "tenants": 4, "policies": 4, "created_tenants": 4}}
         seeded = await cli(settings, "seed", "--tenants", "3", "--policies", "1", "--json")
         assert seeded.returncode == 0, seeded.stderr
         assert json.loads(seeded.stdout) == {"workspaces": 2, "tenants": 6, "policies": 6, "created_tenants": 2}
         plain = await cli(settings, "db", "reset")
-        assert plain.stdout == f"database {name} reset to {db.head_revision()}\n"
+        head = db.head_revision()
+        assert plain.stdout == (f"database {name} reset to {head} "
+                                f"(dropped its opspolish schema at {head} with all its rows)\n")
+        await db.drop_database(settings, name)
+        created = await cli(settings, "db", "reset")
+        assert created.stdout == f"database {name} reset to {head} (created the database)\n"
     finally:
         await db.drop_database(settings, name)
+
+
+async def test_reset_refuses_seed_options_without_seed_and_changes_nothing(
+        settings: Settings, conn: asyncpg.Connection) -> None:
+    await conn.execute("INSERT INTO workspaces (slug, name) VALUES ('keep', 'Keep')")
+    for option in ("--tenants", "--policies"):
+        out = await cli(settings, "db", "reset", option, "5")
+        assert out.returncode == 2 and _one_reason_line(out) == (
+            f"opspolish: input.invalid: {option}: only with --seed (db reset --seed {option} N)"), out.stderr
+    assert await conn.fetchval("SELECT count(*) FROM workspaces") == 1
 
 
 async def test_seed_is_idempotent_and_scales(settings: Settings, conn: asyncpg.Connection) -> None:

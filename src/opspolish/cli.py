@@ -120,15 +120,24 @@ async def db_upgrade(ctx: Ctx, as_json: bool) -> None:
     emit(as_json, {"database": name, "revision": head}, f"database {name} at {head}")
 
 
-async def _reset(settings: Settings, tenants: int, policies: int, with_seed: bool) -> SeedReport | None:
-    await db.ensure_database(settings)
+@dataclasses.dataclass(frozen=True)
+class ResetReport:
+    created: bool  # the database did not exist and was created
+    dropped_revision: str | None  # the opspolish schema (and its rows) taken down, None when there was none
+    seeded: SeedReport | None
+
+
+async def _reset(settings: Settings, tenants: int, policies: int, with_seed: bool) -> ResetReport:
+    created = await db.ensure_database(settings)
     # Held from the downgrade through the seed: a second reset waits for the whole of this one, rather than
     # dropping the tables this one is about to seed (each alembic run also takes its own lock, see env.py).
     async with db.reset_lock(settings):
-        if await db.current_revision(settings) is not None:
+        dropped = await db.current_revision(settings)
+        if dropped is not None:
             await db.downgrade(settings, "base")
         await db.upgrade(settings)
-        return await _seed(settings, tenants, policies) if with_seed else None
+        report = await _seed(settings, tenants, policies) if with_seed else None
+    return ResetReport(created, dropped, report)
 
 
 @db_group.command("reset")
@@ -142,10 +151,20 @@ async def _reset(settings: Settings, tenants: int, policies: int, with_seed: boo
 @run_async
 async def db_reset(ctx: Ctx, with_seed: bool, tenants: int, policies: int, as_json: bool) -> None:
     """Take the schema down to nothing and back up through alembic (optionally seed)."""
-    report = await _reset(ctx.settings, tenants, policies, with_seed)
-    name, head = db.database_name(ctx.settings), db.head_revision()
-    lines = [f"database {name} reset to {head}", *([_seeded(report)] if report else [])]
-    emit(as_json, {"database": name, "revision": head, "seeded": dataclasses.asdict(report) if report else None},
+    if not with_seed:  # silently ignoring them would leave the operator expecting a seed that never happened
+        for option in ("tenants", "policies"):
+            if click.get_current_context().get_parameter_source(option) != click.core.ParameterSource.DEFAULT:
+                raise InputInvalid(f"--{option}: only with --seed (db reset --seed --{option} N)",
+                                   field=f"--{option}")
+    reset = await _reset(ctx.settings, tenants, policies, with_seed)
+    name, head, report = db.database_name(ctx.settings), db.head_revision(), reset.seeded
+    what = ("created the database" if reset.created else
+            f"dropped its opspolish schema at {reset.dropped_revision} with all its rows"
+            if reset.dropped_revision else "it had no opspolish schema to drop")
+    lines = [f"database {name} reset to {head} ({what})", *([_seeded(report)] if report else [])]
+    emit(as_json, {"database": name, "revision": head, "created": reset.created,
+                   "dropped_revision": reset.dropped_revision,
+                   "seeded": dataclasses.asdict(report) if report else None},
          "\n".join(lines))
 
 
