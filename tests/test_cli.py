@@ -48,6 +48,23 @@ async def test_reset_seed_works_on_a_missing_database_and_again_right_after() ->
         await db.drop_database(settings, name)
 
 
+async def test_reset_seed_and_doctor_work_on_a_database_whose_name_needs_quoting() -> None:
+    name = f'opspolish_cli_{uuid.uuid4().hex[:10]}_"quoted" name'
+    settings = base_settings().with_database(name)
+    try:
+        out = await cli(settings, "db", "reset", "--seed")
+        assert out.returncode == 0 and f"database {name} reset to" in out.stdout, out.stderr
+        doctor = await cli(settings, "doctor", "--json")
+        assert {c["name"]: c["verdict"] for c in json.loads(doctor.stdout)}["migrations"] == "ok"
+    finally:
+        await db.drop_database(settings, name)
+    conn = await db.connect(settings, "postgres")
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM pg_database WHERE datname = $1", name) == 0
+    finally:
+        await conn.close()
+
+
 async def test_concurrent_upgrades_of_a_missing_database_all_succeed() -> None:
     name = f"opspolish_cli_{uuid.uuid4().hex[:10]}"
     settings = base_settings().with_database(name)
@@ -228,6 +245,8 @@ async def test_an_unknown_setting_is_refused(settings: Settings) -> None:
     ("OPSPOLISH_DATABASE_URL", "mysql://app:cnryUrlPw@db/x", "got 'mysql'"),
     ("OPSPOLISH_DATABASE_URL", "postgresql://app:cnryUrlPw@db:99999/x", "Port out of range"),
     ("OPSPOLISH_DATABASE_URL", "postgresql://app:cnryUrlPw@[::1/x", "Invalid IPv6 URL"),
+    ("OPSPOLISH_DATABASE_URL", "postgresql://app:cnryUrlPw@127.0.0.1:5432", "names no database"),
+    ("OPSPOLISH_DATABASE_URL", "postgresql://app:cnryUrlPw@127.0.0.1:5432/", "names no database"),
     ("OPSPOLISH_REDIS_URL", "http://:cnryUrlPw@x", "got 'http'"),
     ("OPSPOLISH_REDIS_URL", "redis://:cnryUrlPw@x:99999/0", "Port out of range"),
     ("OPSPOLISH_DEDUPE_COOLDOWN_S", "1e300", "less than or equal to"),  # the gate's interval would overflow

@@ -132,6 +132,11 @@ async def connect(settings: Settings, database: str | None = None) -> asyncpg.Co
         raise DbUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
 
 
+def quote_ident(name: str) -> str:
+    """``name`` as an SQL identifier, whatever it holds (a database name may contain a double quote)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
 async def ensure_database(settings: Settings) -> bool:
     """Create the configured database if it does not exist. Returns True when it was created."""
     name = database_name(settings)
@@ -141,7 +146,7 @@ async def ensure_database(settings: Settings) -> bool:
         if exists:
             return False
         try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
+            await conn.execute(f"CREATE DATABASE {quote_ident(name)}")
         except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
             # Another process created it between our look and our CREATE: two CREATEs racing each other
             # collide on pg_database's unique index (a UniqueViolation), not with DuplicateDatabase.
@@ -165,7 +170,7 @@ async def reset_lock(settings: Settings) -> AsyncIterator[None]:
 async def drop_database(settings: Settings, name: str) -> None:
     conn = await connect(settings, "postgres")
     try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)")
     finally:
         await conn.close()
 

@@ -57,7 +57,12 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, value: SecretStr) -> SecretStr:
-        return _check_url(value, _DATABASE_SCHEMES)
+        value = _check_url(value, _DATABASE_SCHEMES)
+        # Without one, `db upgrade` has nothing to create and every other command lands in whatever database the
+        # server picks (named after the user), far from the ledger.
+        if not urlsplit(value.get_secret_value()).path.strip("/"):
+            raise ValueError("names no database (end it with /DBNAME, e.g. .../opspolish)")
+        return value
 
     @field_validator("redis_url")
     @classmethod
