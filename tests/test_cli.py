@@ -299,6 +299,11 @@ async def test_doctor_gives_a_verdict_per_service(settings: Settings) -> None:
     assert verdicts == {"postgres": "ok", "migrations": "ok", "redis": "ok", "worker": "warn"}
     down = await cli(settings, "doctor", OPSPOLISH_DATABASE_URL="postgresql+asyncpg://postgres:pw@127.0.0.1:1/x")
     assert down.returncode == 1 and "FAIL  postgres" in down.stdout and "pw@" not in down.stdout
+    assert "db upgrade" not in down.stdout  # nothing to create while the server is down
+    missing = await cli(settings.with_database(f"opspolish_missing_{uuid.uuid4().hex[:8]}"), "doctor")
+    [postgres] = [line for line in missing.stdout.splitlines() if "postgres" in line]
+    assert missing.returncode == 1 and postgres.startswith("FAIL") and "does not exist" in postgres
+    assert postgres.endswith("create it with `opspolish db upgrade`"), postgres
 
 
 def test_python_dash_m_runs_the_same_cli() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import asyncpg
+
 from opspolish import db
 from opspolish.errors import OpsPolishError
 from opspolish.settings import Settings
@@ -33,7 +35,9 @@ async def run_checks(settings: Settings) -> list[Check]:
             checks.append(Check("migrations", "fail", f"at {revision or 'nothing'}, behind head {head}: "
                                 "run `opspolish db upgrade`"))
     except OpsPolishError as exc:
-        checks.append(Check("postgres", "fail", exc.message))
+        missing = isinstance(exc.__cause__, asyncpg.InvalidCatalogNameError)  # the server answers; no database yet
+        checks.append(Check("postgres", "fail", exc.message + (": create it with `opspolish db upgrade`"
+                                                               if missing else "")))
     try:
         from opspolish.runtime import connect_redis
 
