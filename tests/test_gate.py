@@ -13,13 +13,14 @@ import asyncpg
 import pytest
 from arq import Retry
 
+from opspolish.counts import Counts
 from opspolish.dispatch import dispatch
 from opspolish.errors import InputInvalid, LeaseLost
 from opspolish.fingerprint import fingerprint, identity_hash, lock_key
 from opspolish.ledger import Scope
 from opspolish.runtime import Runtime
 from opspolish.settings import Settings
-from opspolish.tracking import Counts, RunContext, execute, get_job
+from opspolish.tracking import RunContext, execute, get_job
 from tests.conftest import ROOT, drain, worker_env
 from tests.support.jobs import EFFECT_TYPE, FENCED_PAUSES, FENCED_TYPE
 

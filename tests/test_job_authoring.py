@@ -13,11 +13,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
+from opspolish.counts import MAX_COUNT, Counts
 from opspolish.dispatch import dispatch
 from opspolish.errors import InputInvalid, ProviderThrottled
 from opspolish.runtime import Runtime
 from opspolish.settings import Settings
-from opspolish.tracking import MAX_COUNT, REGISTRY, Counts, RunContext, tracked_job
+from opspolish.tracking import REGISTRY, RunContext, tracked_job
 from tests.conftest import drain
 from tests.support.jobs import WORKSPACE_EFFECT_TYPE
 

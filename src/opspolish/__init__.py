@@ -1,5 +1,6 @@
 """opspolish: tracked, deduplicated background operations on arq with a Postgres operations ledger."""
 
+from opspolish.counts import Counts
 from opspolish.dispatch import DispatchResult, dispatch
 from opspolish.errors import (
     InputInvalid,
@@ -13,7 +14,7 @@ from opspolish.errors import (
 from opspolish.fingerprint import fingerprint
 from opspolish.runtime import Runtime, connect
 from opspolish.settings import Settings
-from opspolish.tracking import Counts, RunContext, tracked_job
+from opspolish.tracking import RunContext, tracked_job
 
 __all__ = [
     "Counts",

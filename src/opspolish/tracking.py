@@ -20,7 +20,7 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import structlog
@@ -28,6 +28,7 @@ from arq import Retry
 from arq.worker import Function, func
 from pydantic import BaseModel, ValidationError
 
+from opspolish.counts import Counts as Counts  # re-exported: it lived here before counts.py
 from opspolish.errors import (
     DbUnavailable,
     InputInvalid,
@@ -59,50 +60,7 @@ TIMEOUT_MARGIN_S = 30.0
 BUSY_RETRY_S = 0.05
 #: In-process re-asks of a busy identity lock before the delivery is deferred through arq.
 BUSY_SPINS = 3
-#: The largest count ``summary_counts`` holds (the ledger's CHECK reads each as at most 18 digits).
-MAX_COUNT = 10**18 - 1
 
-
-@dataclass
-class Counts:
-    """Item counts of one attempt. Only the final attempt's counts reach ``summary_counts``."""
-
-    total: int = 0
-    processed: int = 0
-    failed: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
-
-    def add_total(self, n: int = 1) -> None:
-        self.total = self._moved("total", self.total, n)
-
-    def item_succeeded(self, n: int = 1) -> None:
-        self.processed = self._moved("processed", self.processed, n)
-
-    def item_failed(self, n: int = 1) -> None:
-        processed = self._moved("processed", self.processed, n)
-        self.failed = self._moved("failed", self.failed, n)
-        self.processed = processed
-
-    def bump(self, key: str, n: int = 1) -> None:
-        """A detail count (``requeued``, ``orphaned``...) stored beside the three main ones."""
-        if not isinstance(key, str) or key in ("total", "processed", "failed"):
-            # Stored beside the main counts, such a key would be overwritten by them and silently lost.
-            raise ValueError(f"counts: bump({key!r}): a detail count needs a name of its own; total, processed and "
-                             "failed move through add_total, item_succeeded and item_failed")
-        self.extra[key] = self._moved(key, self.extra.get(key, 0), n)
-
-    @staticmethod
-    def _moved(name: str, value: int, n: int) -> int:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"counts move by non-negative integers, got {n!r}")
-        if value + n > MAX_COUNT:  # the ledger's CHECK refuses it: the completion would fail and the run hang
-            raise ValueError(f"counts: {name} would exceed {MAX_COUNT}, the most summary_counts can hold")
-        return value + n
-
-    def as_dict(self) -> dict[str, int]:
-        # An item processed beyond the announced total still counts: total never trails processed.
-        return {**self.extra, "total": max(self.total, self.processed), "processed": self.processed,
-                "failed": self.failed}
 
 
 @dataclass

@@ -1,0 +1,53 @@
+"""Summary counts: what one attempt of a run reports about its items (DESIGN §1: total / processed / failed).
+
+Only the final attempt's counts reach ``summary_counts``: a retried run overwrites them, never adds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+#: The largest count ``summary_counts`` holds (the ledger's CHECK reads each as at most 18 digits).
+MAX_COUNT = 10**18 - 1
+
+
+@dataclass
+class Counts:
+    """Item counts of one attempt. Only the final attempt's counts reach ``summary_counts``."""
+
+    total: int = 0
+    processed: int = 0
+    failed: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+    def add_total(self, n: int = 1) -> None:
+        self.total = self._moved("total", self.total, n)
+
+    def item_succeeded(self, n: int = 1) -> None:
+        self.processed = self._moved("processed", self.processed, n)
+
+    def item_failed(self, n: int = 1) -> None:
+        processed = self._moved("processed", self.processed, n)
+        self.failed = self._moved("failed", self.failed, n)
+        self.processed = processed
+
+    def bump(self, key: str, n: int = 1) -> None:
+        """A detail count (``requeued``, ``orphaned``...) stored beside the three main ones."""
+        if not isinstance(key, str) or key in ("total", "processed", "failed"):
+            # Stored beside the main counts, such a key would be overwritten by them and silently lost.
+            raise ValueError(f"counts: bump({key!r}): a detail count needs a name of its own; total, processed and "
+                             "failed move through add_total, item_succeeded and item_failed")
+        self.extra[key] = self._moved(key, self.extra.get(key, 0), n)
+
+    @staticmethod
+    def _moved(name: str, value: int, n: int) -> int:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"counts move by non-negative integers, got {n!r}")
+        if value + n > MAX_COUNT:  # the ledger's CHECK refuses it: the completion would fail and the run hang
+            raise ValueError(f"counts: {name} would exceed {MAX_COUNT}, the most summary_counts can hold")
+        return value + n
+
+    def as_dict(self) -> dict[str, int]:
+        # An item processed beyond the announced total still counts: total never trails processed.
+        return {**self.extra, "total": max(self.total, self.processed), "processed": self.processed,
+                "failed": self.failed}
