@@ -216,8 +216,24 @@ async def check_schema_is_ours(settings: Settings) -> None:
     """Refuse, before alembic touches anything, a database whose schema these migrations did not make: one at a
     revision they do not know (a newer opspolish migrated it, or another application's alembic did), or one with no
     opspolish revision that already holds tables of the same names (alembic would fail half-way on them)."""
+    from opspolish.models import Base
+
     name = database_name(settings)
-    current = await current_revision(settings)
+    conn = await connect(settings)
+    try:
+        # One snapshot for both reads (a concurrent `db upgrade` commits its tables and its revision together):
+        # read apart, a check could see no revision yet and then that upgrade's tables, and refuse them as foreign.
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            clashes = await conn.fetchval(
+                "SELECT string_agg(relname, ', ' ORDER BY relname) FROM pg_class "
+                "WHERE relnamespace = 'public'::regnamespace AND relname = ANY($1::text[])",
+                sorted(Base.metadata.tables))
+            versioned = await conn.fetchval(
+                "SELECT EXISTS (SELECT FROM pg_class WHERE relnamespace = 'public'::regnamespace "
+                "AND relname = 'alembic_version')")
+            current = await conn.fetchval("SELECT version_num FROM alembic_version") if versioned else None
+    finally:
+        await conn.close()
     if current is not None:
         if current not in known_revisions():
             raise SchemaMismatch(
@@ -225,16 +241,6 @@ async def check_schema_is_ours(settings: Settings) -> None:
                 f"(its head is {head_revision()}; a newer opspolish or another application migrated it): "
                 "upgrade opspolish, or set OPSPOLISH_DATABASE_URL to another database")
         return
-    from opspolish.models import Base
-
-    conn = await connect(settings)
-    try:
-        clashes = await conn.fetchval(
-            "SELECT string_agg(relname, ', ' ORDER BY relname) FROM pg_class "
-            "WHERE relnamespace = 'public'::regnamespace AND relname = ANY($1::text[])",
-            sorted(Base.metadata.tables))
-    finally:
-        await conn.close()
     if clashes:
         raise SchemaMismatch(
             f"database {name} has no opspolish revision but already holds {clashes}: nothing was changed; "
