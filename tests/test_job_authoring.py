@@ -119,6 +119,38 @@ async def test_a_timeout_error_raised_by_the_body_is_its_own_error_not_job_timeo
     assert run["summary_counts"] == {"total": 2, "processed": 1, "failed": 0}
 
 
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no")
+
+
+async def _raises_unprintable(run: RunContext) -> None:
+    raise _Unprintable()
+
+
+async def _raises_empty(run: RunContext) -> None:
+    raise KeyError  # str() is '' for some exceptions: the type alone, not "KeyError: "
+
+
+tracked_job("author.unprintable")(_raises_unprintable)
+tracked_job("author.empty_error")(_raises_empty)
+
+
+@pytest.mark.parametrize(("run_type", "message"), [
+    # The broken __str__ raised inside the body's error handling: the run stayed running until its lease went stale.
+    ("author.unprintable", "_Unprintable: (its message could not be read: RuntimeError)"),
+    ("author.empty_error", "KeyError"),
+])
+async def test_an_error_with_no_readable_message_still_ends_the_run_naming_its_type(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str, run_type: str, message: str
+) -> None:
+    await dispatch(rt, run_type, tenant=tenant)
+    await drain(settings)
+    [run] = await runs(conn)
+    assert (run["status"], run["outcome"], run["reason_code"]) == ("completed", "failed", "internal.unexpected")
+    assert run["reason_message"] == message
+
+
 class _CountsInputs(BaseModel):
     calls: list[tuple[str, Any, int]]  # (method, key or None, n)
 

@@ -89,6 +89,15 @@ def redact_credentials(text: str) -> str:
     return text
 
 
+def describe_exception(exc: BaseException) -> str:
+    """``Type: message`` for an exception, even one whose ``str()`` itself raises or is empty (then ``Type``)."""
+    try:
+        text = str(exc)
+    except Exception as inner:  # a broken __str__ must not take the outcome it describes down with it
+        text = f"(its message could not be read: {type(inner).__name__})"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def sanitize_message(text: object, *, extra_secrets: tuple[str, ...] = ()) -> str:
     """Return ``text`` as one line of at most 500 characters with credentials and stack traces removed.
 

@@ -47,7 +47,7 @@ from opspolish.fingerprint import (
 )
 from opspolish.ledger import HOLDS_LEASE, Claim, translate_errors
 from opspolish.runtime import Lease, Runtime
-from opspolish.sanitize import sanitize_message
+from opspolish.sanitize import describe_exception, sanitize_message
 from opspolish.settings import MAX_SECONDS
 
 log = structlog.get_logger("opspolish")
@@ -400,11 +400,11 @@ async def _run_body(
     except TimeoutError as exc:
         # Only our deadline is job.timeout: a TimeoutError of the body's own (an HTTP client's) is its error.
         error = (JobTimeout(f"the job exceeded its {job.timeout(rt):g} s timeout") if deadline.expired() else
-                 OpsPolishError(sanitize_message(f"{type(exc).__name__}: {exc}", extra_secrets=secrets)))
+                 OpsPolishError(sanitize_message(describe_exception(exc), extra_secrets=secrets)))
     except OpsPolishError as exc:
         error = exc
     except Exception as exc:
-        error = OpsPolishError(sanitize_message(f"{type(exc).__name__}: {exc}", extra_secrets=secrets))
+        error = OpsPolishError(sanitize_message(describe_exception(exc), extra_secrets=secrets))
     finally:
         lease.in_body = False
 
