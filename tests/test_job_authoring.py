@@ -18,7 +18,7 @@ from opspolish.dispatch import dispatch
 from opspolish.errors import InputInvalid, ProviderThrottled
 from opspolish.runtime import Runtime
 from opspolish.settings import Settings
-from opspolish.tracking import REGISTRY, RunContext, tracked_job
+from opspolish.tracking import REGISTRY, RunContext, execute, get_job, tracked_job
 from tests.conftest import drain
 from tests.support.jobs import WORKSPACE_EFFECT_TYPE
 
@@ -227,3 +227,18 @@ async def test_a_workspace_job_dispatched_with_a_tenant_is_refused_not_run_for_t
     assert caught.value.field == "tenant"
     assert await runs(conn) == []
     assert await rt.require_redis().queued_jobs(queue_name=rt.settings.queue_name) == []
+
+
+async def test_a_workspace_job_delivered_with_a_tenant_is_refused_by_the_worker_too(
+    rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any]
+) -> None:
+    # A hand-made enqueue_job of a workspace job naming a tenant: the worker used to drop the tenant and run it for
+    # the whole workspace, where dispatch refuses the same request.
+    t = seeded["tenants"][0]
+    result = await execute(rt, get_job(WORKSPACE_EFFECT_TYPE), run_id=None, tenant=str(t["external_id"]),
+                           workspace_id=t["workspace_id"], inputs={}, job_id="raw:workspace-with-tenant")
+    assert (result["decision"], result["reason_code"]) == ("rejected", "input.invalid"), result
+    assert await runs(conn) == []
+    control = await execute(rt, get_job(WORKSPACE_EFFECT_TYPE), run_id=None, tenant=None,
+                            workspace_id=t["workspace_id"], inputs={}, job_id="raw:workspace")
+    assert control["outcome"] == "succeeded", control

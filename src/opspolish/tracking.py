@@ -299,6 +299,18 @@ async def _ask_gate(
     return claim
 
 
+def _check_scope(job: TrackedJob, tenant: str | None, workspace_id: str | uuid.UUID | None) -> None:
+    """Every delivery names its scope, a run id's too: the gate finds the run within that scope only, so a delivery
+    that names none cannot reach a run of any tenant (dispatch and reconcile always name it)."""
+    if job.scope == "tenant" and not tenant:
+        raise InputInvalid("tenant_id: required for a tenant job", field="tenant_id")
+    if job.scope == "workspace" and not workspace_id:
+        raise InputInvalid("workspace_id: required for a workspace job", field="workspace_id")
+    if job.scope == "workspace" and tenant:  # dropped, it would run for the whole workspace (dispatch refuses it)
+        raise InputInvalid("tenant_id: a workspace job (scope='workspace') takes workspace_id, not a tenant",
+                           field="tenant_id")
+
+
 async def execute(
     rt: Runtime, job: TrackedJob, *, run_id: int | None, tenant: str | None, workspace_id: str | uuid.UUID | None,
     inputs: Mapping[str, Any] | None, job_id: str, job_try: int = 1,
@@ -309,12 +321,7 @@ async def execute(
     context: dict[str, Any] | None = None
     data: dict[str, Any] = dict(inputs or {})
     try:
-        # Every delivery names its scope, a run id's too: the gate finds the run within that scope only, so a
-        # delivery that names none cannot reach a run of any tenant (dispatch and reconcile always name it).
-        if job.scope == "tenant" and not tenant:
-            raise InputInvalid("tenant_id: required for a tenant job", field="tenant_id")
-        if job.scope == "workspace" and not workspace_id:
-            raise InputInvalid("workspace_id: required for a workspace job", field="workspace_id")
+        _check_scope(job, tenant, workspace_id)
         if run_id is None:
             data, text = job.canonical(inputs)
             context, fp = context_and_fingerprint_of(text)
