@@ -127,6 +127,10 @@ async def test_reset_of_a_database_holding_someone_elses_tables_changes_nothing(
                 reason = _one_reason_line(out)
                 assert out.returncode == 1 and reason.startswith("opspolish: db.schema_mismatch:"), out.stderr
                 assert "tenants" in reason and "nothing was changed" in reason, reason
+            doctor = await cli(settings, "doctor", "--json")
+            [migrations] = [c for c in json.loads(doctor.stdout) if c["name"] == "migrations"]
+            assert migrations["verdict"] == "fail" and "already holds tenants" in migrations["detail"], migrations
+            assert "run `opspolish db upgrade`" not in migrations["detail"]  # it would refuse them
             assert await conn.fetchval("SELECT name FROM tenants") == "theirs"
             assert await conn.fetchval("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == 1
         finally:
@@ -300,6 +304,11 @@ async def test_doctor_gives_a_verdict_per_service(settings: Settings) -> None:
     down = await cli(settings, "doctor", OPSPOLISH_DATABASE_URL="postgresql+asyncpg://postgres:pw@127.0.0.1:1/x")
     assert down.returncode == 1 and "FAIL  postgres" in down.stdout and "pw@" not in down.stdout
     assert "db upgrade" not in down.stdout  # nothing to create while the server is down
+    # What the Redis client said, not only its exception's type; never the URL's password.
+    redis_down = await cli(settings, "doctor", OPSPOLISH_REDIS_URL="redis://:Canary-pw-1@127.0.0.1:1/0")
+    [redis] = [line for line in redis_down.stdout.splitlines() if "redis" in line]
+    assert redis_down.returncode == 1 and redis.startswith("FAIL") and "127.0.0.1:1" in redis, redis
+    assert "Canary-pw-1" not in redis_down.stdout + redis_down.stderr
     missing = await cli(settings.with_database(f"opspolish_missing_{uuid.uuid4().hex[:8]}"), "doctor")
     [postgres] = [line for line in missing.stdout.splitlines() if "postgres" in line]
     assert missing.returncode == 1 and postgres.startswith("FAIL") and "does not exist" in postgres

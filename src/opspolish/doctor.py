@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from opspolish import db
-from opspolish.errors import OpsPolishError
+from opspolish.errors import OpsPolishError, SchemaMismatch
 from opspolish.settings import Settings
 
 
@@ -32,8 +32,12 @@ async def run_checks(settings: Settings) -> list[Check]:
                                 f"not know (its head is {head}): a newer opspolish migrated this database, or "
                                 "another application did"))
         else:
-            checks.append(Check("migrations", "fail", f"at {revision or 'nothing'}, behind head {head}: "
-                                "run `opspolish db upgrade`"))
+            try:  # tables of the same names with no opspolish revision: `db upgrade` would refuse them
+                await db.check_schema_is_ours(settings)
+                advice = "run `opspolish db upgrade`"
+            except SchemaMismatch as exc:
+                advice = exc.message
+            checks.append(Check("migrations", "fail", f"at {revision or 'nothing'}, behind head {head}: {advice}"))
     except OpsPolishError as exc:
         missing = isinstance(exc.__cause__, asyncpg.InvalidCatalogNameError)  # the server answers; no database yet
         checks.append(Check("postgres", "fail", exc.message + (": create it with `opspolish db upgrade`"

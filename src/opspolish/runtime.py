@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import structlog
@@ -18,6 +19,7 @@ from opspolish import db
 from opspolish.batching import GateBatcher
 from opspolish.errors import DbUnavailable, RedisUnavailable
 from opspolish.ledger import Ledger
+from opspolish.sanitize import describe_exception, sanitize_message
 from opspolish.settings import Settings
 
 log = structlog.get_logger("opspolish")
@@ -36,11 +38,19 @@ async def connect_redis(settings: Settings, *, conn_retries: int = 0) -> ArqRedi
         return await create_pool(redis_settings(settings, conn_retries=conn_retries),
                                  default_queue_name=settings.queue_name)
     except (OSError, ConnectionError, TimeoutError) as exc:
-        raise RedisUnavailable(f"cannot connect to Redis: {type(exc).__name__}") from exc
+        raise _unreachable(settings, exc) from exc
     except Exception as exc:  # redis-py raises its own ConnectionError hierarchy
         if type(exc).__module__.startswith("redis"):
-            raise RedisUnavailable(f"cannot connect to Redis: {type(exc).__name__}") from exc
+            raise _unreachable(settings, exc) from exc
         raise
+
+
+def _unreachable(settings: Settings, exc: BaseException) -> RedisUnavailable:
+    """What the client said (`Error 111 connecting to 127.0.0.1:6390. Connection refused.`, an authentication
+    failure...), sanitized, with the URL's password redacted by value too."""
+    password = urlsplit(settings.redis_url.get_secret_value()).password
+    said = sanitize_message(describe_exception(exc), extra_secrets=(password,) if password else ())
+    return RedisUnavailable(f"cannot connect to Redis: {said}")
 
 
 @dataclass(eq=False)
