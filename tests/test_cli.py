@@ -226,6 +226,9 @@ async def test_dispatch_prints_the_run_and_whether_it_joined(
     (["dispatch", "test.effect", "--tenant", "T", "--inputs-json", "[1]"], "--inputs-json"),
     (["runs", "show", "999999"], "opspolish: run.not_found: RUN_ID: no run 999999"),
     (["runs", "list", "--tenant", str(uuid.uuid4())], "--tenant"),
+    # Each option within its range, but together two billion policies: refused before anything is written.
+    (["seed", "--tenants", "1000000", "--policies", "1000"], "--policies: 1,000,000 tenants per workspace"),
+    (["db", "reset", "--seed", "--tenants", "100000", "--policies", "51"], "would seed 10,200,000 policies"),
 ])
 async def test_bad_input_exits_2_with_one_line_naming_the_field(
     settings: Settings, seeded: dict[str, Any], conn: asyncpg.Connection, args: list[str], field: str

@@ -156,6 +156,8 @@ async def db_reset(ctx: Ctx, with_seed: bool, tenants: int, policies: int, as_js
             if click.get_current_context().get_parameter_source(option) != click.core.ParameterSource.DEFAULT:
                 raise InputInvalid(f"--{option}: only with --seed (db reset --seed --{option} N)",
                                    field=f"--{option}")
+    if with_seed:
+        _check_seed_size(tenants, policies)
     reset = await _reset(ctx.settings, tenants, policies, with_seed)
     name, head, report = db.database_name(ctx.settings), db.head_revision(), reset.seeded
     what = ("created the database" if reset.created else
@@ -166,6 +168,21 @@ async def db_reset(ctx: Ctx, with_seed: bool, tenants: int, policies: int, as_js
                    "dropped_revision": reset.dropped_revision,
                    "seeded": dataclasses.asdict(report) if report else None},
          "\n".join(lines))
+
+
+#: The most policies one seed makes (both workspaces): each option alone is bounded, but 1,000,000 tenants times
+#: 1,000 policies would be two billion rows, hours of writing and tens of GB, from one typo.
+MAX_SEEDED_POLICIES = 10_000_000
+
+
+def _check_seed_size(tenants: int, policies: int) -> None:
+    from opspolish.seed import DEFAULT_WORKSPACES
+
+    total = tenants * policies * len(DEFAULT_WORKSPACES)
+    if total > MAX_SEEDED_POLICIES:
+        raise InputInvalid(f"--policies: {tenants:,} tenants per workspace with {policies:,} policies each would seed "
+                           f"{total:,} policies (at most {MAX_SEEDED_POLICIES:,}): fewer tenants or policies",
+                           field="--policies")
 
 
 async def _seed(settings: Settings, tenants: int, policies: int) -> SeedReport:
@@ -196,6 +213,7 @@ def _seeded(report: SeedReport) -> str:
 @run_async
 async def seed_cmd(ctx: Ctx, tenants: int, policies: int, as_json: bool) -> None:
     """Seed workspaces, tenants and the assignment directory (idempotent)."""
+    _check_seed_size(tenants, policies)
     # Rather than a driver error on the first table that is missing or different:
     await db.check_schema_is_ours(ctx.settings)  # a revision this version does not know: upgrading cannot help
     revision, head = await db.current_revision(ctx.settings), db.head_revision()
