@@ -151,6 +151,46 @@ async def test_an_error_with_no_readable_message_still_ends_the_run_naming_its_t
     assert run["reason_message"] == message
 
 
+async def _bumps_a_nul_name(run: RunContext) -> None:
+    run.counts.add_total(1)
+    run.counts.bump("a\x00b")  # jsonb cannot hold it: the completion used to be refused and the run left running
+
+
+async def _bumps_refuse_me(run: RunContext) -> None:
+    run.counts.add_total(2)
+    run.counts.item_succeeded()
+    run.counts.bump("refuse_me")
+
+
+tracked_job("author.nul_detail")(_bumps_a_nul_name)
+tracked_job("author.refused_outcome")(_bumps_refuse_me)
+
+
+async def test_a_detail_count_the_ledger_cannot_hold_ends_the_run_failed_naming_it(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str
+) -> None:
+    await dispatch(rt, "author.nul_detail", tenant=tenant)
+    await drain(settings)
+    [run] = await runs(conn)
+    assert (run["status"], run["outcome"], run["reason_code"]) == ("completed", "failed", "internal.unexpected"), run
+    assert run["reason_message"] == "ValueError: counts: bump('a\\x00b'): a name of 1 to 100 characters with no NUL"
+
+
+async def test_an_outcome_the_ledger_refuses_is_written_again_as_failed_not_left_running(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str
+) -> None:
+    # Stands for any value the ledger cannot hold that no check caught first: the run used to stay running until its
+    # lease went stale and reconcile called it orphaned, its body's outcome lost.
+    await conn.execute("ALTER TABLE operation_runs ADD CONSTRAINT probe_refuse_me "
+                       "CHECK (summary_counts IS NULL OR NOT summary_counts ? 'refuse_me') NOT VALID")
+    await dispatch(rt, "author.refused_outcome", tenant=tenant)
+    await drain(settings)
+    [run] = await runs(conn)
+    assert (run["status"], run["outcome"], run["reason_code"]) == ("completed", "failed", "internal.unexpected"), run
+    assert run["reason_message"].startswith("the ledger refused this run's outcome: CheckViolationError"), run
+    assert run["summary_counts"] == {"total": 2, "processed": 1, "failed": 0}  # the main counts, still the final ones
+
+
 class _CountsInputs(BaseModel):
     calls: list[tuple[str, Any, int]]  # (method, key or None, n)
 
@@ -173,6 +213,8 @@ tracked_job("author.counting", inputs=_CountsInputs)(_counting)
     # Used to fail the ledger's CHECK at completion: the run stayed running until its lease went stale.
     ([("add_total", None, 10**17)] * 10, f"ValueError: counts: total would exceed {MAX_COUNT}"),
     ([("item_succeeded", None, 10**18)], f"ValueError: counts: processed would exceed {MAX_COUNT}"),
+    ([("bump", f"k{i}", 1) for i in range(101)], "ValueError: counts: bump('k100'): at most 100 detail counts per run"),
+    ([("bump", "x" * 101, 1)], "ValueError: counts: bump('" + "x" * 100 + "'): a name of 1 to 100 characters"),
 ])
 async def test_counts_the_ledger_cannot_hold_end_the_run_failed_with_a_message_naming_them(
     settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str, calls: list[Any], message: str

@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 
 #: The largest count ``summary_counts`` holds (the ledger's CHECK reads each as at most 18 digits).
 MAX_COUNT = 10**18 - 1
+#: Detail counts (``bump``) one run may keep beside the main three, and the longest name one may have.
+MAX_DETAIL_COUNTS = 100
+MAX_DETAIL_NAME = 100
 
 
 @dataclass
@@ -37,7 +40,22 @@ class Counts:
             # Stored beside the main counts, such a key would be overwritten by them and silently lost.
             raise ValueError(f"counts: bump({key!r}): a detail count needs a name of its own; total, processed and "
                              "failed move through add_total, item_succeeded and item_failed")
+        if key not in self.extra:
+            self._check_new_detail(key)
         self.extra[key] = self._moved(key, self.extra.get(key, 0), n)
+
+    def _check_new_detail(self, key: str) -> None:
+        """A name the ledger's jsonb can hold (no NUL, valid UTF-8), of a sane length and number: the completion
+        would otherwise be refused after the body ran."""
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"counts: bump({key!r}): the name is not valid UTF-8") from None
+        if not key or "\x00" in key or len(key) > MAX_DETAIL_NAME:
+            raise ValueError(f"counts: bump({key[:MAX_DETAIL_NAME]!r}): a name of 1 to {MAX_DETAIL_NAME} characters "
+                             "with no NUL")
+        if len(self.extra) >= MAX_DETAIL_COUNTS:
+            raise ValueError(f"counts: bump({key!r}): at most {MAX_DETAIL_COUNTS} detail counts per run")
 
     @staticmethod
     def _moved(name: str, value: int, n: int) -> int:

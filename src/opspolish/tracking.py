@@ -436,8 +436,8 @@ async def _run_body(
     outcome, code, message = _outcome(counts, error, secrets)
     summary = counts.as_dict()
     try:
-        written = await rt.gate.complete(run_id, lease.owner, outcome=outcome, counts=summary,
-                                         reason_code=code, reason_message=message)
+        written, outcome, code, summary = await _complete(rt, run_id, lease.owner, outcome, code, message, summary,
+                                                          secrets)
     except DbUnavailable as exc:
         # Not written: the run stays ours until the lease goes stale; a redelivery then takes it over.
         bound.warning("run_completion_failed", reason_code=exc.reason_code, message=exc.message)
@@ -450,6 +450,28 @@ async def _run_body(
     bound.info("run_completed", outcome=outcome, reason_code=code, counts=summary, attempt=attempt,
                duration_s=round(time.monotonic() - started, 3))
     return {"decision": "completed", "run_id": run_id, "outcome": outcome, "reason_code": code}
+
+
+async def _complete(
+    rt: Runtime, run_id: int, owner: uuid.UUID, outcome: str, code: str | None, message: str | None,
+    summary: dict[str, int], secrets: tuple[str, ...],
+) -> tuple[bool, str, str | None, dict[str, int]]:
+    """Write the run's outcome (fenced on ``owner``): whether it was written, and the outcome, reason code and counts
+    that were. One the ledger refuses itself (a value it cannot hold) would leave the run running until its lease went
+    stale and reconcile called it orphaned: it is written again as failed, with the main counts only."""
+    try:
+        written = await rt.gate.complete(run_id, owner, outcome=outcome, counts=summary, reason_code=code,
+                                         reason_message=message)
+        return written, outcome, code, summary
+    except DbUnavailable:
+        raise
+    except Exception as exc:
+        summary = {k: summary[k] for k in ("total", "processed", "failed")}
+        message = sanitize_message(f"the ledger refused this run's outcome: {describe_exception(exc)}",
+                                   extra_secrets=secrets)
+        written = await rt.gate.complete(run_id, owner, outcome="failed", counts=summary,
+                                         reason_code="internal.unexpected", reason_message=message)
+        return written, "failed", "internal.unexpected", summary
 
 
 def _outcome(counts: Counts, error: OpsPolishError | None, secrets: tuple[str, ...],
