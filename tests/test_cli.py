@@ -65,6 +65,33 @@ async def test_reset_seed_and_doctor_work_on_a_database_whose_name_needs_quoting
         await conn.close()
 
 
+async def test_an_existing_database_is_upgraded_without_asking_the_servers_postgres_database(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A deployment's role may have no access to the maintenance database: an existing database is found by
+    # connecting to it, and `postgres` is only asked for when there is a database to create.
+    name = f"opspolish_cli_{uuid.uuid4().hex[:10]}"
+    settings = base_settings().with_database(name)
+    asked: list[str | None] = []
+    real_connect = db.connect
+
+    async def recording_connect(s: Settings, database: str | None = None) -> asyncpg.Connection:
+        asked.append(database)
+        return await real_connect(s, database)
+
+    try:
+        await db.upgrade(settings)
+        monkeypatch.setattr(db, "connect", recording_connect)
+        assert await db.ensure_database(settings) is False
+        await db.upgrade(settings)
+        assert asked and "postgres" not in asked, asked
+        await db.drop_database(settings, name)
+        assert await db.ensure_database(settings) is True and "postgres" in asked  # only to create it
+    finally:
+        monkeypatch.undo()
+        await db.drop_database(settings, name)
+
+
 async def test_concurrent_upgrades_of_a_missing_database_all_succeed() -> None:
     name = f"opspolish_cli_{uuid.uuid4().hex[:10]}"
     settings = base_settings().with_database(name)

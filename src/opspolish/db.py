@@ -138,8 +138,18 @@ def quote_ident(name: str) -> str:
 
 
 async def ensure_database(settings: Settings) -> bool:
-    """Create the configured database if it does not exist. Returns True when it was created."""
+    """Create the configured database if it does not exist. Returns True when it was created.
+
+    An existing database is found by connecting to it: the server's ``postgres`` database, which CREATE DATABASE
+    needs a connection to, is only asked for when there is something to create (a deployment's role may well have
+    no access to it)."""
     name = database_name(settings)
+    try:
+        await (await connect(settings)).close()
+        return False
+    except DbUnavailable as exc:
+        if not isinstance(exc.__cause__, asyncpg.InvalidCatalogNameError):  # the server itself is out of reach
+            raise
     conn = await connect(settings, "postgres")
     try:
         exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
