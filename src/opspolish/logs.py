@@ -30,10 +30,22 @@ def _scrub_value(value: Any, secret: bool) -> Any:
         # The same short values (job types, outcomes, tenant ids) recur on every line: sanitize each once.
         return _sanitized(value) if len(value) <= 200 else sanitize_message(value)
     if isinstance(value, dict | Mapping):  # nested values too: a body logging its inputs logs their secrets
-        return {k: _scrub_value(v, isinstance(k, str) and is_secret_key(k)) for k, v in value.items()}
-    if isinstance(value, list | tuple):
+        return {_scrub_key(k): _scrub_value(v, isinstance(k, str) and is_secret_key(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
         return [_scrub_value(v, False) for v in value]
-    return value
+    # Anything else (an exception, a pydantic model, bytes, a UUID) reached the renderer as its repr, unsanitized:
+    # an exception's text or a model's fields carried DSN passwords and tokens into the line. Its repr, sanitized.
+    try:
+        text = repr(value)
+    except Exception:  # a broken __repr__ must not take the log line down
+        return f"<{type(value).__name__}>"
+    return sanitize_message(text)
+
+
+def _scrub_key(key: Any) -> Any:
+    if isinstance(key, str):  # keys of logged mappings are text from anywhere too (a URL as a dict key)
+        return _sanitized(key) if len(key) <= 200 else sanitize_message(key)
+    return key if type(key) in _PLAIN else _scrub_value(key, False)
 
 
 def _scrub(_: Any, __: str, event_dict: structlog.types.EventDict) -> structlog.types.EventDict:

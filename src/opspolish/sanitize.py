@@ -24,7 +24,9 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
         re.compile(
             rf"(?i)([\"']?\b[\w\-]*(?:{_SECRET_WORDS})[\w\-]*[\"']?\s*[:=]\s*)"
             + r"(?!" + re.escape(REDACTED) + r"(?:[\s,;&}\]]|$))"
-            + r"(\"[^\"]*\"|'[^']*'|[^\s,;&}\]]+)"
+            # A value that opens a mapping ({'api_key': ...}) is not taken: its first key was, and the nested secret
+            # after it stayed. A brace that opens no mapping ({x) is a value like any other.
+            + r"(\"[^\"]*\"|'[^']*'|(?:\{(?![\s\"'])|[^\s,;&}\]{])[^\s,;&}\]]*)"
         ),
         rf"\1{REDACTED}",
     ),

@@ -119,7 +119,10 @@ async def secretive(run: RunContext) -> None:
     echoed = [inputs.api_token.get_secret_value() if inputs.api_token else "", inputs.password or "",
               *(str(v) for v in inputs.options.values()), *_process_secrets(run)]
     text = "upstream refused the credentials " + " ".join(echoed)
-    run.log.info("secretive_started", inputs=run.inputs)  # what bodies do: log their inputs
+    # What bodies do: log their inputs, as a dict and as the model (its repr holds every field), and the errors
+    # they catch (their text echoes the inputs).
+    run.log.info("secretive_started", inputs=run.inputs, model=inputs,
+                 caught=RuntimeError(f"upstream refused {inputs.options}"))
     if inputs.leak == "unexpected":
         raise RuntimeError(text)
     if inputs.leak == "rejected":
