@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,10 @@ import structlog.testing
 
 import opspolish
 from opspolish.logs import ARQ_DONE_FORMAT, _OneLinePerRun
+from opspolish.runtime import Runtime
 from opspolish.settings import Settings
-from tests.conftest import WorkerProcess, log_events
+from opspolish.tracking import execute, get_job
+from tests.conftest import WorkerProcess, log_events, wait_until
 from tests.support.jobs import EFFECT_TYPE, WORKSPACE_EFFECT_TYPE
 
 pytestmark = pytest.mark.timeout(90)
@@ -66,3 +69,33 @@ async def test_run_dispatched_names_the_tenant_and_leaves_it_null_for_a_workspac
             await opspolish.dispatch(rt, WORKSPACE_EFFECT_TYPE, workspace_id=tenant["workspace_id"], inputs={})
     dispatched = [e for e in events if e["event"] == "run_dispatched"]
     assert [e["tenant_id"] for e in dispatched] == [str(tenant["id"]), None]  # never the text "None"
+
+
+_END_OF_RUN = {"run_completed", "run_skipped", "run_abandoned", "run_retrying", "run_handed_back", "run_rejected"}
+
+
+async def _started(conn: asyncpg.Connection, tag: str) -> None:
+    async def found() -> bool:
+        return bool(await conn.fetchval("SELECT count(*) FROM test_effects WHERE tag = $1", tag))
+
+    await wait_until(found)
+
+
+async def test_run_lease_lost_carries_the_runs_bound_fields_and_the_run_ends_in_one_line(
+    rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any],
+) -> None:
+    tenant = seeded["tenants"][0]["external_id"]
+    result = await opspolish.dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "lost", "sleep_s": 30})
+    with structlog.testing.capture_logs() as events:
+        task = asyncio.create_task(execute(rt, get_job(EFFECT_TYPE), run_id=result.run_id, tenant=tenant,
+                                           workspace_id=None, inputs={"tag": "lost", "sleep_s": 30},
+                                           job_id=result.job_id, job_try=3))
+        await _started(conn, "lost")
+        await conn.execute("UPDATE operation_runs SET lease_owner = gen_random_uuid()")  # someone took it over
+        await rt.leases.beat()
+        assert (await asyncio.wait_for(task, 5))["decision"] == "lease_lost"
+    [lost] = [e for e in events if e["event"] == "run_lease_lost"]
+    assert {k: lost.get(k) for k in ("run_id", "type", "tenant_id", "job_id", "job_try")} == {
+        "run_id": result.run_id, "type": EFFECT_TYPE, "tenant_id": tenant, "job_id": result.job_id, "job_try": 3}
+    assert [e["event"] for e in events if e["event"] in _END_OF_RUN] == ["run_abandoned"]
+

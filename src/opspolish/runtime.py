@@ -60,6 +60,8 @@ class Lease:
     task: asyncio.Task[Any] | None
     in_body: bool = False
     lost: bool = False
+    #: The delivery's bound logger (run_id, type, tenant_id, job_id, job_try): its run_lease_lost line says whose.
+    log: Any = None
 
 
 class LeaseKeeper:
@@ -76,8 +78,8 @@ class LeaseKeeper:
         self.leases: dict[tuple[int, uuid.UUID], Lease] = {}
         self._task: asyncio.Task[None] | None = None
 
-    def hold(self, run_id: int, owner: uuid.UUID) -> Lease:
-        lease = Lease(run_id, owner, asyncio.current_task())
+    def hold(self, run_id: int, owner: uuid.UUID, bound_log: Any = None) -> Lease:
+        lease = Lease(run_id, owner, asyncio.current_task(), log=bound_log)
         self.leases[(run_id, owner)] = lease
         return lease
 
@@ -94,7 +96,7 @@ class LeaseKeeper:
             key = (lease.run_id, lease.owner)
             if key not in alive and self.leases.get(key) is lease:
                 lease.lost = True
-                log.warning("run_lease_lost", run_id=lease.run_id, reason_code="dedupe.overlap")
+                (lease.log or log.bind(run_id=lease.run_id)).warning("run_lease_lost", reason_code="dedupe.overlap")
                 if lease.in_body and lease.task is not None:
                     lease.task.cancel()
 

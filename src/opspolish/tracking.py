@@ -365,7 +365,7 @@ async def execute(
         data = await rt.ledger.context_of(claim.run_id)  # a re-enqueue without a payload: non-secret inputs
     bound.debug("run_claimed", attempt=claim.attempts, decision=decision)
     rt.metrics[decision] += 1
-    lease = rt.leases.hold(claim.run_id, owner)
+    lease = rt.leases.hold(claim.run_id, owner, bound)
     try:
         return await _run_body(rt, job, claim.run_id, claim.attempts, claim.workspace_id, claim.tenant_id,
                                data, job_id, lease, bound)
