@@ -99,3 +99,19 @@ async def test_run_lease_lost_carries_the_runs_bound_fields_and_the_run_ends_in_
         "run_id": result.run_id, "type": EFFECT_TYPE, "tenant_id": tenant, "job_id": result.job_id, "job_try": 3}
     assert [e["event"] for e in events if e["event"] in _END_OF_RUN] == ["run_abandoned"]
 
+
+async def test_a_failed_attempt_whose_lease_was_taken_before_its_retry_still_ends_in_one_line(
+    rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any],
+) -> None:
+    tenant = seeded["tenants"][0]["external_id"]
+    inputs = {"tag": "gone", "sleep_s": 1.0, "fail_times": 1}
+    result = await opspolish.dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs=inputs)
+    with structlog.testing.capture_logs() as events:
+        task = asyncio.create_task(execute(rt, get_job(EFFECT_TYPE), run_id=result.run_id, tenant=tenant,
+                                           workspace_id=None, inputs=inputs, job_id=result.job_id))
+        await _started(conn, "gone")
+        # Taken over while the body runs, before the lease keeper notices: the transient failure cannot hand it back.
+        await conn.execute("UPDATE operation_runs SET lease_owner = gen_random_uuid()")
+        assert (await asyncio.wait_for(task, 10))["decision"] == "lease_lost"
+    ends = [e for e in events if e["event"] in _END_OF_RUN]
+    assert [(e["event"], e["run_id"], e["job_id"]) for e in ends] == [("run_abandoned", result.run_id, result.job_id)]

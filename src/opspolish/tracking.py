@@ -431,6 +431,8 @@ async def _run_body(
             rt.metrics[f"retried:{error.reason_code}"] += 1
             bound.info("run_retrying", reason_code=error.reason_code, attempt=attempt, defer_s=round(delay, 3))
             raise Retry(defer=delay)
+        # Taken over before the keeper noticed: this end was silent (and the worker drops arq's own end line).
+        bound.warning("run_abandoned", reason_code="dedupe.overlap", message="lease lost before the retry")
         return _skip_result("lease_lost", run_id, "dedupe.overlap", None)
 
     outcome, code, message = _outcome(counts, error, secrets)
