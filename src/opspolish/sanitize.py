@@ -14,8 +14,10 @@ _SECRET_WORDS = (
 _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     # scheme://user:password@host  ->  scheme://user:[redacted]@host
     (re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s:/@]*):([^\s@/]*)@"), rf"\1:{REDACTED}@"),
-    # Authorization: Bearer xxx / Basic xxx
-    (re.compile(r"(?i)\b(bearer|basic|token)\s+[A-Za-z0-9\-._~+/=]{6,}"), rf"\1 {REDACTED}"),
+    # Authorization: Bearer xxx / Basic xxx. The credential is never one of these words itself: in "Basic Bearer xxx"
+    # the match is "Bearer xxx", where taking "Bearer" as Basic's credential left xxx in the text.
+    (re.compile(r"(?i)\b(bearer|basic|token)\s+(?!(?:bearer|basic|token)\b)[A-Za-z0-9\-._~+/=]{6,}"),
+     rf"\1 {REDACTED}"),
     # JWTs anywhere
     (re.compile(r"\beyJ[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]*"), REDACTED),
     # key=value, key: value, "key": "value" for secret-named keys (a value already redacted is left alone, so
@@ -41,7 +43,7 @@ _TRACEBACK = re.compile(r"Traceback \(most recent call last\):.*", re.DOTALL)
 #: also take ordinary words there ("Basic Compliance", "design: v2") and make distinct inputs one identity.
 _CREDENTIAL_SHAPES: tuple[tuple[re.Pattern[str], str], ...] = (
     _PATTERNS[0],  # scheme://user:password@host
-    (re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9\-._~+/=]{6,}"), rf"\1 {REDACTED}"),
+    (re.compile(r"(?i)\b(bearer)\s+(?!bearer\b)[A-Za-z0-9\-._~+/=]{6,}"), rf"\1 {REDACTED}"),
     _PATTERNS[2],  # JWTs
     _PATTERNS[4],  # well-known token prefixes
     # key=value (a query string, a connection string) whose key ends in an unmistakable secret word

@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 from sqlalchemy.engine import make_url
@@ -166,6 +166,7 @@ _noise = st.text(max_size=80)
 
 @settings(max_examples=400)
 @given(parts=st.lists(st.tuples(_noise, _credential()), min_size=1, max_size=4), tail=_noise)
+@example(parts=[("BASIC", ("Bearer QxSecret123", "QxSecret123"))], tail="")  # "Bearer" taken as Basic's credential
 def test_sanitizer_removes_generated_credentials_from_any_text(parts: list[tuple[str, tuple[str, str]]],
                                                                tail: str) -> None:
     text = " ".join(f"{noise} {shape}" for noise, (shape, _) in parts) + " " + tail
@@ -188,9 +189,13 @@ def test_sanitizer_removes_known_secret_values_verbatim(secret: str, before: str
 
 @settings(max_examples=200)
 @given(text=st.text(max_size=2000))
+@example(text="Traceback")
 def test_sanitized_messages_are_one_bounded_printable_line(text: str) -> None:
     out = sanitize_message(f"Error: {text}\nTraceback (most recent call last):\n  File 'x', line 1\n")
-    assert len(out) <= MAX_MESSAGE_CHARS and "\n" not in out and "Traceback" not in out
+    assert len(out) <= MAX_MESSAGE_CHARS and "\n" not in out
+    # The stack trace is gone; the error's own text may say "Traceback" (hypothesis tries the literals it finds in
+    # the code under test, so it does: the check used to fail at random on that word).
+    assert "File 'x', line 1" not in out and ("most recent call last" not in out or "most recent call last" in text)
     assert all(ch.isprintable() for ch in out)
 
 
