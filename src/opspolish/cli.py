@@ -215,8 +215,8 @@ async def seed_cmd(ctx: Ctx, tenants: int, policies: int, as_json: bool) -> None
     """Seed workspaces, tenants and the assignment directory (idempotent)."""
     _check_seed_size(tenants, policies)
     # Rather than a driver error on the first table that is missing or different:
-    await db.check_schema_is_ours(ctx.settings)  # a revision this version does not know: upgrading cannot help
-    revision, head = await db.current_revision(ctx.settings), db.head_revision()
+    # A revision this version does not know, or someone else's tables, is refused here: upgrading cannot help.
+    revision, head = await db.check_schema_is_ours(ctx.settings), db.head_revision()
     if revision != head:
         raise SchemaMismatch(f"database {db.database_name(ctx.settings)} is at {revision or 'no revision'}, not "
                              f"at head {head}: run `opspolish db upgrade` first")

@@ -222,10 +222,11 @@ async def downgrade(settings: Settings, revision: str = "base") -> None:
     await asyncio.to_thread(_alembic, settings, "downgrade", revision)
 
 
-async def check_schema_is_ours(settings: Settings) -> None:
+async def check_schema_is_ours(settings: Settings) -> str | None:
     """Refuse, before alembic touches anything, a database whose schema these migrations did not make: one at a
     revision they do not know (a newer opspolish migrated it, or another application's alembic did), or one with no
-    opspolish revision that already holds tables of the same names (alembic would fail half-way on them)."""
+    opspolish revision that already holds tables of the same names (alembic would fail half-way on them). Returns
+    the database's revision (None: no opspolish schema yet)."""
     from opspolish.models import Base
 
     name = database_name(settings)
@@ -250,11 +251,12 @@ async def check_schema_is_ours(settings: Settings) -> None:
                 f"database {name} is at revision {current}, which this version of opspolish does not know "
                 f"(its head is {head_revision()}; a newer opspolish or another application migrated it): "
                 "upgrade opspolish, or set OPSPOLISH_DATABASE_URL to another database")
-        return
+        return str(current)
     if clashes:
         raise SchemaMismatch(
             f"database {name} has no opspolish revision but already holds {clashes}: nothing was changed; "
             "set OPSPOLISH_DATABASE_URL to a database of its own")
+    return None
 
 
 async def current_revision(settings: Settings) -> str | None:
