@@ -136,12 +136,22 @@ tracked_job("author.unprintable")(_raises_unprintable)
 tracked_job("author.empty_error")(_raises_empty)
 
 
+async def _bumps_a_nul_name(run: RunContext) -> None:
+    run.counts.add_total(1)
+    run.counts.bump("a\x00b")  # jsonb cannot hold it: the completion used to be refused and the run left running
+
+
+tracked_job("author.nul_detail")(_bumps_a_nul_name)
+
+
 @pytest.mark.parametrize(("run_type", "message"), [
     # The broken __str__ raised inside the body's error handling: the run stayed running until its lease went stale.
     ("author.unprintable", "_Unprintable: (its message could not be read: RuntimeError)"),
     ("author.empty_error", "KeyError"),
+    # A detail count the ledger cannot hold, refused by bump() before the completion.
+    ("author.nul_detail", "ValueError: counts: bump('a\\x00b'): a name of 1 to 100 characters with no NUL"),
 ])
-async def test_an_error_with_no_readable_message_still_ends_the_run_naming_its_type(
+async def test_an_error_the_body_cannot_describe_or_the_ledger_cannot_hold_still_ends_the_run(
     settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str, run_type: str, message: str
 ) -> None:
     await dispatch(rt, run_type, tenant=tenant)
@@ -151,29 +161,13 @@ async def test_an_error_with_no_readable_message_still_ends_the_run_naming_its_t
     assert run["reason_message"] == message
 
 
-async def _bumps_a_nul_name(run: RunContext) -> None:
-    run.counts.add_total(1)
-    run.counts.bump("a\x00b")  # jsonb cannot hold it: the completion used to be refused and the run left running
-
-
 async def _bumps_refuse_me(run: RunContext) -> None:
     run.counts.add_total(2)
     run.counts.item_succeeded()
     run.counts.bump("refuse_me")
 
 
-tracked_job("author.nul_detail")(_bumps_a_nul_name)
 tracked_job("author.refused_outcome")(_bumps_refuse_me)
-
-
-async def test_a_detail_count_the_ledger_cannot_hold_ends_the_run_failed_naming_it(
-    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str
-) -> None:
-    await dispatch(rt, "author.nul_detail", tenant=tenant)
-    await drain(settings)
-    [run] = await runs(conn)
-    assert (run["status"], run["outcome"], run["reason_code"]) == ("completed", "failed", "internal.unexpected"), run
-    assert run["reason_message"] == "ValueError: counts: bump('a\\x00b'): a name of 1 to 100 characters with no NUL"
 
 
 async def test_an_outcome_the_ledger_refuses_is_written_again_as_failed_not_left_running(
