@@ -15,7 +15,7 @@ from arq import Retry
 
 from opspolish.counts import Counts
 from opspolish.dispatch import dispatch
-from opspolish.errors import InputInvalid, LeaseLost
+from opspolish.errors import DbUnavailable, InputInvalid, LeaseLost
 from opspolish.fingerprint import fingerprint, identity_hash, lock_key
 from opspolish.ledger import Scope
 from opspolish.runtime import Runtime
@@ -208,6 +208,41 @@ async def test_redelivery_of_a_completed_run_does_nothing(
     assert rt.metrics["skipped:dedupe.already_completed"] == 1
     assert await runs(conn) == before
     assert len(await effects(conn, "r")) == 1
+
+
+async def test_a_reenqueue_whose_stored_inputs_cannot_be_read_hands_the_run_back_and_runs_on_redelivery(
+    rt: Runtime, conn: asyncpg.Connection, tenant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delivery without a payload (reconcile's re-enqueue) reads the run's stored inputs after its claim. The
+    database dropping that one read used to leave the run running, held by nobody, until reconcile called it
+    orphaned: its work was never done. It is handed back and the redelivery runs it."""
+    result = await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "ctx", "items": 2})
+    read = rt.ledger.context_of
+    calls: list[int] = []
+
+    async def dropped_once(run_id: int) -> dict[str, Any]:
+        calls.append(run_id)
+        if len(calls) == 1:  # the fault the driver reports when the connection is cut mid-read
+            raise DbUnavailable("PostgreSQL unavailable: ConnectionDoesNotExistError: connection was closed")
+        return await read(run_id)
+
+    monkeypatch.setattr(rt.ledger, "context_of", dropped_once)
+    job = get_job(EFFECT_TYPE)
+    with pytest.raises(Retry):
+        await execute(rt, job, run_id=result.run_id, tenant=tenant, workspace_id=None, inputs=None,
+                      job_id="requeued")
+    [handed_back] = await runs(conn)
+    assert (handed_back["status"], handed_back["lease_owner"], handed_back["reason_code"]) == (
+        "queued", None, "db.unavailable")
+    assert await effects(conn, "ctx") == []
+
+    outcome = await execute(rt, job, run_id=result.run_id, tenant=tenant, workspace_id=None, inputs=None,
+                            job_id="requeued", job_try=2)
+    assert outcome["outcome"] == "succeeded"
+    [run] = await runs(conn)
+    assert (run["status"], run["outcome"], run["summary_counts"]) == (
+        "completed", "succeeded", {"total": 2, "processed": 2, "failed": 0})
+    assert len(await effects(conn, "ctx")) == 1 and calls == [result.run_id] * 2
 
 
 async def _hold_lease(rt: Runtime, run_id: int, tenant: str, owner: uuid.UUID, ttl: float) -> str:

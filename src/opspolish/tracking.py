@@ -361,8 +361,18 @@ async def execute(
         return _skip_result(decision, claim.run_id, claim.reason_code, claim.dedupe_of)
 
     assert claim.run_id is not None and claim.workspace_id is not None
-    if run_id is not None and inputs is None:
-        data = await rt.ledger.context_of(claim.run_id)  # a re-enqueue without a payload: non-secret inputs
+    if run_id is not None and inputs is None:  # a re-enqueue without a payload: the run's non-secret inputs
+        try:
+            data = await rt.ledger.context_of(claim.run_id)
+        except DbUnavailable as exc:
+            # Claimed but not held by the lease keeper yet: leaving now would strand the run as running until
+            # reconcile called it orphaned, its work never done. Hand it back and come again; if the database is
+            # still away, its lease goes stale and the redelivery takes it over.
+            with contextlib.suppress(DbUnavailable):
+                await rt.ledger.release(claim.run_id, owner, reason_code=exc.reason_code,
+                                        reason_message="its inputs could not be read; handed back for redelivery")
+            bound.warning("gate_unavailable", reason_code=exc.reason_code, message=exc.message)
+            raise Retry(defer=_backoff_s(min(job_try, 5))) from exc
     bound.debug("run_claimed", attempt=claim.attempts, decision=decision)
     rt.metrics[decision] += 1
     lease = rt.leases.hold(claim.run_id, owner, bound)
