@@ -11,6 +11,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+import structlog
 from arq import Retry
 
 from opspolish.counts import Counts
@@ -525,10 +526,14 @@ async def test_a_busy_lock_still_records_skips_that_committed_facts_decide_but_n
         tx = holder.transaction()
         await tx.start()
         assert await holder.fetchval("SELECT pg_try_advisory_xact_lock($1)", lock_key(identity))
-        with pytest.raises(Retry):  # nothing decided yet: the delivery is deferred and nothing is written
+        with structlog.testing.capture_logs() as events, pytest.raises(Retry):
+            # nothing decided yet: the delivery is deferred and nothing is written
             await execute(rt, job, run_id=None, tenant=tenant, workspace_id=None, inputs={"tag": "busy"},
                           job_id="raw-1")
         assert await runs(conn) == []
+        [deferred] = [e for e in events if e["event"] == "run_deferred"]  # a debug line, so a storm stays quiet
+        assert (deferred["log_level"], deferred["decision"], deferred["job_id"]) == ("debug", "busy", "raw-1")
+        assert 0 < deferred["defer_s"] < 1
         active = await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "busy"})  # an active run now
         outcome = await execute(rt, job, run_id=None, tenant=tenant, workspace_id=None, inputs={"tag": "busy"},
                                 job_id="raw-2")

@@ -350,7 +350,9 @@ async def execute(
     decision = claim.decision
     if decision == "busy":
         rt.metrics["deferred:busy"] += 1
-        raise Retry(defer=BUSY_RETRY_S * random.uniform(1.0, 4.0))
+        defer = BUSY_RETRY_S * random.uniform(1.0, 4.0)
+        bound.debug("run_deferred", decision="busy", defer_s=round(defer, 3))  # a storm's many: debug only
+        raise Retry(defer=defer)
     if decision == "overlap":
         rt.metrics["deferred:dedupe.overlap"] += 1
         bound.info("run_deferred", reason_code="dedupe.overlap", defer_s=round(claim.wait_s, 3))
