@@ -10,8 +10,8 @@ import asyncpg
 import pytest
 
 from opspolish.dispatch import dispatch
-from opspolish.errors import ProviderRejected, ProviderUnavailable
-from opspolish.jobs.assignments import FETCH_TYPE, RESTORE_TYPE
+from opspolish.errors import InputInvalid, ProviderRejected, ProviderUnavailable
+from opspolish.jobs.assignments import FETCH_TYPE, MAX_POLICY_IDS, RESTORE_TYPE
 from opspolish.provider import Assignment, DirectoryProvider, PolicyRef
 from opspolish.runtime import Runtime
 from opspolish.settings import Settings
@@ -233,3 +233,20 @@ async def test_fetch_of_selected_policies_counts_only_those(
     assert run is not None
     assert run["outcome"] == "partially_succeeded"  # the unknown policy is a rejected item
     assert run["summary_counts"] == {"total": 2, "processed": 2, "failed": 1}
+
+
+@pytest.mark.parametrize("job_type", [FETCH_TYPE, RESTORE_TYPE])
+async def test_the_most_policy_ids_a_run_takes_fit_the_input_cap_and_one_more_names_the_list(
+    rt: Runtime, conn: asyncpg.Connection, tenant: asyncpg.Record, job_type: str
+) -> None:
+    """The models bound ``policy_ids`` to what fits the 64 KiB cap on canonical inputs. At the old bound of 10,000,
+    1,700 ids were refused as "inputs: larger than 65536 bytes once canonical", naming no field."""
+    ids = [str(uuid.uuid4()) for _ in range(MAX_POLICY_IDS + 1)]
+    largest = await dispatch(rt, job_type, tenant=tenant["external_id"], inputs={"policy_ids": ids[:-1]})
+    assert largest.created
+    for too_many in (ids, ids * 4):  # one over the bound; and far over the byte cap too
+        with pytest.raises(InputInvalid) as err:
+            await dispatch(rt, job_type, tenant=tenant["external_id"], inputs={"policy_ids": too_many})
+        assert err.value.field == "inputs.policy_ids"
+        assert f"at most {MAX_POLICY_IDS} items" in err.value.message
+    assert await conn.fetchval("SELECT count(*) FROM operation_runs") == 1

@@ -118,18 +118,29 @@ class TrackedJob:
         if inputs is not None and not isinstance(inputs, Mapping):
             raise InputInvalid(f"inputs: must be a mapping, got {type(inputs).__name__}", field="inputs")
         data = dict(inputs or {})
-        text = canonical_json(data)  # refuses NaN, naive datetimes, bytes, huge payloads... with the path
+        try:
+            text = canonical_json(data)  # refuses NaN, naive datetimes, bytes, huge payloads... with the path
+        except InputInvalid as exc:
+            if exc.field == "inputs" and self.inputs_model is not None:
+                # Too large as a whole: where the model bounds the field that makes it so (a list's max_length),
+                # its error names that field, which "inputs: larger than ..." does not.
+                self._validated(data)
+            raise
         refuse_nul(data)
         if self.inputs_model is None:
             return data, text
+        valid = self._validated(data).model_dump(mode="python", exclude_unset=True)
+        return valid, canonical_json(valid)
+
+    def _validated(self, data: dict[str, Any]) -> BaseModel:
+        """``data`` checked by the inputs model; InputInvalid names the first bad field."""
+        assert self.inputs_model is not None
         try:
-            model = self.inputs_model.model_validate(data)
+            return self.inputs_model.model_validate(data)
         except ValidationError as exc:
             err = exc.errors()[0]
             path = "inputs" + "".join(f".{p}" if isinstance(p, int) else key_segment(str(p)) for p in err["loc"])
             raise InputInvalid(f"{path}: {err['msg']}", field=path) from None
-        valid = model.model_dump(mode="python", exclude_unset=True)
-        return valid, canonical_json(valid)
 
     def cooldown(self, rt: Runtime) -> float:
         return rt.settings.dedupe_cooldown_s if self.cooldown_s is None else self.cooldown_s

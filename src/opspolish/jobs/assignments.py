@@ -16,16 +16,22 @@ FETCH_TYPE = "assignments.fetch"
 RESTORE_TYPE = "assignments.restore"
 
 
+#: Policy ids one run may name: 1,500 of them (39 bytes each) fit the 64 KiB cap on canonical inputs, which 10,000
+#: (the bound before) did not: past ~1,680 a dispatch failed on the size of "inputs" instead of naming the list.
+#: To cover more policies, name none (the tenant's whole list is read) or dispatch several runs.
+MAX_POLICY_IDS = 1_500
+
+
 class FetchInputs(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    policy_ids: list[uuid.UUID] | None = Field(default=None, max_length=10_000)
+    policy_ids: list[uuid.UUID] | None = Field(default=None, max_length=MAX_POLICY_IDS)
 
 
 class RestoreInputs(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    policy_ids: list[uuid.UUID] | None = Field(default=None, max_length=10_000)
+    policy_ids: list[uuid.UUID] | None = Field(default=None, max_length=MAX_POLICY_IDS)
     source_run_id: int | None = Field(default=None, gt=0, lt=2**63)
 
 
