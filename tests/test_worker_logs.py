@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +15,7 @@ import pytest
 import structlog.testing
 
 import opspolish
-from opspolish.logs import ARQ_DONE_FORMAT, _OneLinePerRun
+from opspolish.logs import ARQ_DONE_FORMAT, _JsonLine, _OneLinePerRun
 from opspolish.runtime import Runtime
 from opspolish.settings import Settings
 from opspolish.tracking import execute, get_job
@@ -34,6 +37,25 @@ def test_only_arqs_completion_line_of_a_tracked_type_is_dropped() -> None:
     assert one_line.filter(_record("%6.2fs → %s(%s)%s", (0.01, "q:run:7:assignments.fetch", "", "")))
     assert one_line.filter(_record("%6.2fs ! %s failed, %s: %s", (0.01, "q:run:7:assignments.fetch", "X", "y")))
     assert _OneLinePerRun([]).filter(_record(ARQ_DONE_FORMAT, (0.01, "q:run:7:assignments.fetch", "{}")))
+
+
+def test_a_json_line_has_level_utc_timestamp_and_scrubbed_values_in_the_order_they_were_given() -> None:
+    render = _JsonLine()
+    lines = []
+    for method in ("info", "warn", "exception"):
+        before = datetime.now(UTC)
+        lines.append(json.loads(render(None, method, {
+            "run_id": 7, "tenant_id": "t", "event": "run_completed", "counts": {"total": 1, "api_key": "k"},
+            "note": "sent Bearer abcdef123456", "stamp": ("a", 1)})))
+        after = datetime.now(UTC)
+        stamp = lines[-1]["timestamp"]
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp), stamp
+        # microseconds are truncated, so the stamp may sit up to 1 us before the clock read just ahead of it
+        assert before - timedelta(microseconds=1) <= datetime.fromisoformat(stamp[:-1] + "+00:00") <= after
+    assert [line["level"] for line in lines] == ["info", "warning", "error"]
+    assert list(lines[0]) == ["run_id", "tenant_id", "event", "counts", "note", "stamp", "level", "timestamp"]
+    assert lines[0]["counts"] == {"total": 1, "api_key": "[redacted]"}
+    assert lines[0]["note"] == "sent Bearer [redacted]" and lines[0]["stamp"] == ["a", 1]
 
 
 async def test_a_tracked_run_prints_arqs_start_line_and_one_run_completed_event_not_arqs_end_line(
