@@ -32,6 +32,10 @@ class InputInvalid(OpsPolishError):
     reason_code = "input.invalid"
 
 
+class InputTooLarge(InputInvalid):
+    """Inputs are larger than the cap on their canonical form (``input.invalid`` like any other bad input)."""
+
+
 class TenantNotFound(OpsPolishError):
     """Tenant not found."""
 

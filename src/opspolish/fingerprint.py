@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, SecretBytes, SecretStr
 
-from opspolish.errors import InputInvalid
+from opspolish.errors import InputInvalid, InputTooLarge
 from opspolish.sanitize import might_hold_secrets, redact_credentials
 
 FINGERPRINT_VERSION = 1
@@ -80,7 +80,7 @@ class _Budget:
     def spend(self, n: int) -> None:
         self.left -= n
         if self.left < 0:
-            raise InputInvalid(f"inputs: larger than {MAX_CANONICAL_BYTES} bytes once canonical", field="inputs")
+            raise InputTooLarge(f"inputs: larger than {MAX_CANONICAL_BYTES} bytes once canonical", field="inputs")
 
 
 def _canonical(value: Any, path: str, depth: int, budget: _Budget) -> Any:  # noqa: C901 - a branch per type
@@ -170,7 +170,7 @@ def canonical_json(inputs: Mapping[str, Any] | None) -> str:
     # Keys are sorted and every number is an int already, unless a Decimal is left: then the slow spelling.
     text = _dumps(tree) if budget.decimals else json.dumps(tree, ensure_ascii=False, separators=(",", ":"))
     if len(text.encode("utf-8")) > MAX_CANONICAL_BYTES:
-        raise InputInvalid(f"inputs: larger than {MAX_CANONICAL_BYTES} bytes once canonical", field="inputs")
+        raise InputTooLarge(f"inputs: larger than {MAX_CANONICAL_BYTES} bytes once canonical", field="inputs")
     return text
 
 

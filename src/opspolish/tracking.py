@@ -32,6 +32,7 @@ from opspolish.counts import Counts as Counts  # re-exported: it lived here befo
 from opspolish.errors import (
     DbUnavailable,
     InputInvalid,
+    InputTooLarge,
     JobTimeout,
     LeaseLost,
     OpsPolishError,
@@ -120,27 +121,33 @@ class TrackedJob:
         data = dict(inputs or {})
         try:
             text = canonical_json(data)  # refuses NaN, naive datetimes, bytes, huge payloads... with the path
-        except InputInvalid as exc:
-            if exc.field == "inputs" and self.inputs_model is not None:
-                # Too large as a whole: where the model bounds the field that makes it so (a list's max_length),
-                # its error names that field, which "inputs: larger than ..." does not.
-                self._validated(data)
+        except InputTooLarge:
+            too_long = self._too_long(data)
+            if too_long is not None:
+                raise too_long from None
             raise
         refuse_nul(data)
         if self.inputs_model is None:
             return data, text
-        valid = self._validated(data).model_dump(mode="python", exclude_unset=True)
+        try:
+            model = self.inputs_model.model_validate(data)
+        except ValidationError as exc:
+            raise _field_error(exc.errors()[0]) from None
+        valid = model.model_dump(mode="python", exclude_unset=True)
         return valid, canonical_json(valid)
 
-    def _validated(self, data: dict[str, Any]) -> BaseModel:
-        """``data`` checked by the inputs model; InputInvalid names the first bad field."""
-        assert self.inputs_model is not None
+    def _too_long(self, data: dict[str, Any]) -> InputInvalid | None:
+        """Inputs too large as a whole: the model's own error for a field longer than it allows (a list's
+        ``max_length``), which names the field that makes them so where "inputs: larger than ..." names none."""
+        if self.inputs_model is None:
+            return None
         try:
-            return self.inputs_model.model_validate(data)
+            self.inputs_model.model_validate(data)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            path = "inputs" + "".join(f".{p}" if isinstance(p, int) else key_segment(str(p)) for p in err["loc"])
-            raise InputInvalid(f"{path}: {err['msg']}", field=path) from None
+            for err in exc.errors():
+                if err["type"] in ("too_long", "string_too_long"):
+                    return _field_error(err)
+        return None
 
     def cooldown(self, rt: Runtime) -> float:
         return rt.settings.dedupe_cooldown_s if self.cooldown_s is None else self.cooldown_s
@@ -163,6 +170,12 @@ class TrackedJob:
 
         entry.__qualname__ = entry.__name__ = self.type
         return func(entry, name=self.type, max_tries=ARQ_MAX_TRIES, timeout=timeout_s + TIMEOUT_MARGIN_S)
+
+
+def _field_error(err: Any) -> InputInvalid:
+    """A pydantic error (one of ``ValidationError.errors()``) as InputInvalid naming its field."""
+    path = "inputs" + "".join(f".{p}" if isinstance(p, int) else key_segment(str(p)) for p in err["loc"])
+    return InputInvalid(f"{path}: {err['msg']}", field=path)
 
 
 REGISTRY: dict[str, TrackedJob] = {}
