@@ -15,7 +15,7 @@ import pytest
 import structlog.testing
 
 import opspolish
-from opspolish.logs import ARQ_DONE_FORMAT, _JsonLine, _OneLinePerRun
+from opspolish.logs import ARQ_DONE_FORMAT, MAX_LOG_DEPTH, TOO_DEEP, _JsonLine, _OneLinePerRun
 from opspolish.runtime import Runtime
 from opspolish.settings import Settings
 from opspolish.tracking import execute, get_job
@@ -56,6 +56,24 @@ def test_a_json_line_has_level_utc_timestamp_and_scrubbed_values_in_the_order_th
     assert list(lines[0]) == ["run_id", "tenant_id", "event", "counts", "note", "stamp", "level", "timestamp"]
     assert lines[0]["counts"] == {"total": 1, "api_key": "[redacted]"}
     assert lines[0]["note"] == "sent Bearer [redacted]" and lines[0]["stamp"] == ["a", 1]
+
+
+def test_a_value_that_contains_itself_is_logged_cut_off_instead_of_raising_out_of_the_log_call() -> None:
+    looped: dict[str, Any] = {"token": "t0p-s3cret", "items": [1, 2]}
+    looped["self"] = looped
+    looped["items"].append(looped["items"])
+    line = json.loads(_JsonLine()(None, "info", {"event": "body_state", "state": looped}))
+    state = line["state"]
+    assert state["token"] == "[redacted]" and state["items"][:2] == [1, 2]
+    depth, inner = 0, state
+    while isinstance(inner, dict):
+        depth, inner = depth + 1, inner["self"]
+    assert inner == TOO_DEEP and depth == MAX_LOG_DEPTH
+    assert "t0p-s3cret" not in json.dumps(line)
+    deep: list[Any] = []
+    for _ in range(5):  # an ordinary nesting well within the bound comes out whole
+        deep = [deep]
+    assert json.loads(_JsonLine()(None, "info", {"event": "e", "deep": deep}))["deep"] == deep
 
 
 async def test_a_tracked_run_prints_arqs_start_line_and_one_run_completed_event_not_arqs_end_line(

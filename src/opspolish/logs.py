@@ -23,7 +23,14 @@ def _sanitized(text: str) -> str:
     return sanitize_message(text)
 
 
-def _scrub_value(value: Any, secret: bool) -> Any:
+#: Containers nested deeper than this in a logged value are logged as ``TOO_DEEP``. A value that contains itself (a
+#: dict holding itself, a list appended to itself) used to recurse until RecursionError, raised out of the logging
+#: call: a job body's log line then failed the run.
+MAX_LOG_DEPTH = 32
+TOO_DEEP = "[nested too deep]"
+
+
+def _scrub_value(value: Any, secret: bool, depth: int = 0) -> Any:
     if type(value) in _PLAIN:  # numbers, flags and None carry no secret text (only a secret key redacts them)
         return REDACTED if secret and value is not None and type(value) is not bool else value
     if secret:
@@ -31,10 +38,13 @@ def _scrub_value(value: Any, secret: bool) -> Any:
     if isinstance(value, str):
         # The same short values (job types, outcomes, tenant ids) recur on every line: sanitize each once.
         return _sanitized(value) if len(value) <= 200 else sanitize_message(value)
+    if isinstance(value, dict | Mapping | list | tuple | set | frozenset) and depth >= MAX_LOG_DEPTH:
+        return TOO_DEEP
     if isinstance(value, dict | Mapping):  # nested values too: a body logging its inputs logs their secrets
-        return {_scrub_key(k): _scrub_value(v, isinstance(k, str) and is_secret_key(k)) for k, v in value.items()}
+        return {_scrub_key(k): _scrub_value(v, isinstance(k, str) and is_secret_key(k), depth + 1)
+                for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
-        return [_scrub_value(v, False) for v in value]
+        return [_scrub_value(v, False, depth + 1) for v in value]
     # Anything else (an exception, a pydantic model, bytes, a UUID) reached the renderer as its repr, unsanitized:
     # an exception's text or a model's fields carried DSN passwords and tokens into the line. Its repr, sanitized.
     try:
