@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import subprocess
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +31,20 @@ async def cli(settings: Settings, *args: str, **env: str) -> subprocess.Complete
                                    capture_output=True, text=True, timeout=90)
 
 
-async def test_reset_seed_works_on_a_missing_database_and_again_right_after() -> None:
-    name = f"opspolish_cli_{uuid.uuid4().hex[:10]}"
+@contextlib.asynccontextmanager
+async def scratch_database(suffix: str = "") -> AsyncIterator[Settings]:
+    """Settings naming a database of this test's own (``opspolish_cli_<random><suffix>``, not created yet); the
+    database is dropped afterwards, whatever the test made of it."""
+    name = f"opspolish_cli_{uuid.uuid4().hex[:10]}{suffix}"
     settings = base_settings().with_database(name)
     try:
+        yield settings
+    finally:
+        await db.drop_database(settings, name)
+
+
+async def test_reset_seed_works_on_a_missing_database_and_again_right_after() -> None:
+    async with scratch_database() as settings:
         for _ in range(2):
             out = await cli(settings, "db", "reset", "--seed")
             assert out.returncode == 0, out.stderr
@@ -44,20 +56,15 @@ async def test_reset_seed_works_on_a_missing_database_and_again_right_after() ->
             assert await conn.fetchval("SELECT version_num FROM alembic_version") == db.head_revision()
         finally:
             await conn.close()
-    finally:
-        await db.drop_database(settings, name)
 
 
 async def test_reset_seed_and_doctor_work_on_a_database_whose_name_needs_quoting() -> None:
-    name = f'opspolish_cli_{uuid.uuid4().hex[:10]}_"quoted" name'
-    settings = base_settings().with_database(name)
-    try:
+    async with scratch_database('_"quoted" name') as settings:
+        name = db.database_name(settings)
         out = await cli(settings, "db", "reset", "--seed")
         assert out.returncode == 0 and f"database {name} reset to" in out.stdout, out.stderr
         doctor = await cli(settings, "doctor", "--json")
         assert {c["name"]: c["verdict"] for c in json.loads(doctor.stdout)}["migrations"] == "ok"
-    finally:
-        await db.drop_database(settings, name)
     conn = await db.connect(settings, "postgres")
     try:
         assert await conn.fetchval("SELECT count(*) FROM pg_database WHERE datname = $1", name) == 0
@@ -70,8 +77,6 @@ async def test_an_existing_database_is_upgraded_without_asking_the_servers_postg
 ) -> None:
     # A deployment's role may have no access to the maintenance database: an existing database is found by
     # connecting to it, and `postgres` is only asked for when there is a database to create.
-    name = f"opspolish_cli_{uuid.uuid4().hex[:10]}"
-    settings = base_settings().with_database(name)
     asked: list[str | None] = []
     real_connect = db.connect
 
@@ -79,43 +84,37 @@ async def test_an_existing_database_is_upgraded_without_asking_the_servers_postg
         asked.append(database)
         return await real_connect(s, database)
 
-    try:
-        await db.upgrade(settings)
-        monkeypatch.setattr(db, "connect", recording_connect)
-        assert await db.ensure_database(settings) is False
-        await db.upgrade(settings)
-        assert asked and "postgres" not in asked, asked
-        await db.drop_database(settings, name)
-        assert await db.ensure_database(settings) is True and "postgres" in asked  # only to create it
-    finally:
-        monkeypatch.undo()
-        await db.drop_database(settings, name)
+    async with scratch_database() as settings:
+        name = db.database_name(settings)
+        try:
+            await db.upgrade(settings)
+            monkeypatch.setattr(db, "connect", recording_connect)
+            assert await db.ensure_database(settings) is False
+            await db.upgrade(settings)
+            assert asked and "postgres" not in asked, asked
+            await db.drop_database(settings, name)
+            assert await db.ensure_database(settings) is True and "postgres" in asked  # only to create it
+        finally:
+            monkeypatch.undo()  # the real connect again, to drop the database
 
 
 async def test_concurrent_upgrades_of_a_missing_database_all_succeed() -> None:
-    name = f"opspolish_cli_{uuid.uuid4().hex[:10]}"
-    settings = base_settings().with_database(name)
-    try:
+    async with scratch_database() as settings:
+        name = db.database_name(settings)
         for _ in range(3):  # each round races the CREATE DATABASE and the first migration run
             await db.drop_database(settings, name)
             outs = await asyncio.gather(*(cli(settings, "db", "upgrade") for _ in range(3)))
             assert [o.returncode for o in outs] == [0, 0, 0], [o.stderr for o in outs]
             assert await db.current_revision(settings) == db.head_revision()
-    finally:
-        await db.drop_database(settings, name)
 
 
 async def test_concurrent_resets_with_seed_run_one_after_the_other() -> None:
-    name = f"opspolish_cli_{uuid.uuid4().hex[:10]}"
-    settings = base_settings().with_database(name)
-    try:
+    async with scratch_database() as settings:
         await db.upgrade(settings)
         for _ in range(2):
             outs = await asyncio.gather(*(cli(settings, "db", "reset", "--seed") for _ in range(2)))
             assert [o.returncode for o in outs] == [0, 0], [o.stderr for o in outs]
             assert all("seeded: 2 workspaces, 6 tenants (6 new)" in o.stdout for o in outs)
-    finally:
-        await db.drop_database(settings, name)
 
 
 def _one_reason_line(out: subprocess.CompletedProcess[str]) -> str:
@@ -141,9 +140,7 @@ async def test_a_database_migrated_by_a_newer_version_is_refused_not_upgraded_or
 
 
 async def test_reset_of_a_database_holding_someone_elses_tables_changes_nothing() -> None:
-    name = f"opspolish_cli_{uuid.uuid4().hex[:10]}"
-    settings = base_settings().with_database(name)
-    try:
+    async with scratch_database() as settings:
         await db.ensure_database(settings)
         conn = await db.connect(settings)
         try:
@@ -162,27 +159,20 @@ async def test_reset_of_a_database_holding_someone_elses_tables_changes_nothing(
             assert await conn.fetchval("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == 1
         finally:
             await conn.close()
-    finally:
-        await db.drop_database(settings, name)
 
 
 async def test_seed_of_a_database_not_at_head_says_to_upgrade_first() -> None:
-    name = f"opspolish_cli_{uuid.uuid4().hex[:10]}"
-    settings = base_settings().with_database(name)
-    try:
+    async with scratch_database() as settings:
         await db.ensure_database(settings)
         out = await cli(settings, "seed")
         reason = _one_reason_line(out)
         assert out.returncode == 1 and reason.startswith("opspolish: db.schema_mismatch:"), out.stderr
         assert "run `opspolish db upgrade` first" in reason, reason
-    finally:
-        await db.drop_database(settings, name)
 
 
 async def test_schema_and_seed_commands_print_json_on_request() -> None:
-    name = f"opspolish_cli_{uuid.uuid4().hex[:10]}"
-    settings = base_settings().with_database(name)
-    try:
+    async with scratch_database() as settings:
+        name = db.database_name(settings)
         upgraded = await cli(settings, "db", "upgrade", "--json")
         assert upgraded.returncode == 0, upgraded.stderr
         assert json.loads(upgraded.stdout) == {"database": name, "revision": db.head_revision()}
@@ -201,8 +191,6 @@ async def test_schema_and_seed_commands_print_json_on_request() -> None:
         await db.drop_database(settings, name)
         created = await cli(settings, "db", "reset")
         assert created.stdout == f"database {name} reset to {head} (created the database)\n"
-    finally:
-        await db.drop_database(settings, name)
 
 
 async def test_reset_refuses_seed_options_without_seed_and_changes_nothing(
