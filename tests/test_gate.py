@@ -145,25 +145,36 @@ async def test_transient_failures_past_max_attempts_end_the_run(
 async def test_cooldown_skips_then_lets_a_new_run_through_and_skips_do_not_extend_it(
     settings: Settings, conn: asyncpg.Connection, tenant: str
 ) -> None:
-    s = settings.model_copy(update={"dedupe_cooldown_s": 1.5})
+    # Timed by the ledger's own clock, with seconds of slack either side: a 1.5 s window with fixed sleeps failed on
+    # a VM that stalled the drain for a second (the duplicate arrived after the window and ran).
+    cooldown = 4.0
+    s = settings.model_copy(update={"dedupe_cooldown_s": cooldown})
     rt = await Runtime.start(s)
+    ledger = rt.ledger.scoped(Scope.operator())
+
+    async def seconds_since(at: Any) -> float:
+        return float(await conn.fetchval("SELECT extract(epoch FROM clock_timestamp() - $1::timestamptz)", at))
+
     try:
         first = await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "c"})
         await drain(s)
-        await asyncio.sleep(0.6)
+        executed = await ledger.get(first.run_id)
+        assert executed is not None and executed.completed_at is not None
+        await asyncio.sleep(2.0)  # the skip comes well after the executed run, and well inside its window
         second = await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "c"})
         await drain(s)
-        skipped = await rt.ledger.scoped(Scope.operator()).get(second.run_id)
-        assert skipped is not None
+        skipped = await ledger.get(second.run_id)
+        assert skipped is not None and skipped.completed_at is not None
         assert (skipped.outcome, skipped.reason_code, skipped.dedupe_of) == ("skipped", "dedupe.cooldown",
                                                                              first.run_id)
         assert skipped.summary_counts == {"total": 0, "processed": 0, "failed": 0}
-        # 1.6 s after the executed run but only 1.0 s after the skip: the skip did not extend the window.
-        await asyncio.sleep(1.0)
+        # Past the executed run's window, inside the window the skip would have opened: the skip did not extend it.
+        await asyncio.sleep(max(0.0, cooldown + 0.2 - await seconds_since(executed.completed_at)))
         third = await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "c"})
         await drain(s)
-        ran = await rt.ledger.scoped(Scope.operator()).get(third.run_id)
-        assert ran is not None and ran.outcome == "succeeded"
+        ran = await ledger.get(third.run_id)
+        assert ran is not None and ran.outcome == "succeeded" and ran.started_at is not None
+        assert (ran.started_at - skipped.completed_at).total_seconds() < cooldown, "ran after the skip's window too"
     finally:
         await rt.close()
     assert [e["run_id"] for e in await effects(conn, "c")] == [first.run_id, third.run_id]
