@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import re
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,10 @@ import pytest
 import structlog.testing
 
 import opspolish
+from opspolish import db
+from opspolish.ledger import Ledger
 from opspolish.logs import ARQ_DONE_FORMAT, MAX_LOG_DEPTH, TOO_DEEP, _JsonLine, _OneLinePerRun
-from opspolish.runtime import Runtime
+from opspolish.runtime import LeaseKeeper, Runtime
 from opspolish.settings import Settings
 from opspolish.tracking import execute, get_job
 from tests.conftest import WorkerProcess, log_events, wait_until
@@ -155,3 +158,20 @@ async def test_a_failed_attempt_whose_lease_was_taken_before_its_retry_still_end
         assert (await asyncio.wait_for(task, 10))["decision"] == "lease_lost"
     ends = [e for e in events if e["event"] in _END_OF_RUN]
     assert [(e["event"], e["run_id"], e["job_id"]) for e in ends] == [("run_abandoned", result.run_id, result.job_id)]
+
+
+async def test_a_failed_heartbeat_names_the_runs_whose_leases_it_could_not_extend(settings: Settings) -> None:
+    pool = await db.create_pool(settings, min_size=1, max_size=1)
+    keeper = LeaseKeeper(Ledger(pool), interval_s=0.02)
+    keeper.hold(11, uuid.uuid4())
+    keeper.hold(5, uuid.uuid4())
+    await pool.close()  # every beat now fails, as when the database is away
+    with structlog.testing.capture_logs() as events:
+        keeper.start()
+
+        async def failed() -> list[dict[str, Any]]:
+            return [e for e in events if e["event"] == "heartbeat_failed"]
+
+        first = (await wait_until(failed, timeout_s=10))[0]
+        await keeper.stop()
+    assert (first["log_level"], first["run_ids"], first["reason_code"]) == ("warning", [5, 11], "db.unavailable")

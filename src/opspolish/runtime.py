@@ -103,10 +103,11 @@ class LeaseKeeper:
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
+            run_ids = sorted({lease.run_id for lease in self.leases.values()})
             try:
                 await self.beat()
-            except DbUnavailable as exc:
-                log.warning("heartbeat_failed", reason_code=exc.reason_code, message=exc.message)
+            except DbUnavailable as exc:  # one line for the beat: the runs whose leases it could not extend
+                log.warning("heartbeat_failed", run_ids=run_ids, reason_code=exc.reason_code, message=exc.message)
 
     def start(self) -> None:
         if self._task is None:

@@ -301,6 +301,16 @@ def _retry_delay_s(error: OpsPolishError, attempt: int) -> float:
     return _backoff_s(attempt)
 
 
+#: The gate's refusals: deliveries that name no run or tenant of their scope, or other inputs than their run's. They
+#: leave no ledger row, so they are logged as ``run_rejected`` warnings (counted ``rejected:<code>``), like deliveries
+#: refused before the gate, not as skips.
+GATE_REFUSALS = {
+    "tenant_not_found": "tenant_id: no such tenant in the delivery's scope",
+    "run_not_found": "run_id: no such run in the delivery's scope",
+    "inputs_mismatch": "inputs: not the inputs this run was dispatched with",
+}
+
+
 def _skip_result(decision: str, run_id: int | None, reason_code: str | None, dedupe_of: int | None) -> dict[str, Any]:
     return {"decision": decision, "run_id": run_id, "reason_code": reason_code, "dedupe_of": dedupe_of}
 
@@ -381,6 +391,11 @@ async def execute(
         rt.metrics["deferred:dedupe.overlap"] += 1
         bound.info("run_deferred", reason_code="dedupe.overlap", defer_s=round(claim.wait_s, 3))
         raise Retry(defer=claim.wait_s + random.uniform(0.05, 0.25))
+    if decision in GATE_REFUSALS:  # no run of this scope to skip: refused like a malformed delivery, visibly
+        rt.metrics[f"rejected:{claim.reason_code}"] += 1
+        bound.warning("run_rejected", reason_code=claim.reason_code, decision=decision,
+                      message=GATE_REFUSALS[decision])
+        return _skip_result(decision, claim.run_id, claim.reason_code, None)
     if decision not in ("claimed", "taken_over"):
         rt.metrics[f"skipped:{claim.reason_code}"] += 1
         bound.info("run_skipped", reason_code=claim.reason_code, dedupe_of=claim.dedupe_of, decision=decision)

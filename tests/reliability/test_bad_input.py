@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+import structlog.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
@@ -187,11 +188,15 @@ async def test_malformed_raw_enqueues_are_rejected_visibly_and_leave_no_state(
     ]
     for payload in payloads:
         await redis.enqueue_job(EFFECT_TYPE, _queue_name=settings.queue_name, **payload)
-    worker = await drain(settings)
+    with structlog.testing.capture_logs() as events:
+        worker = await drain(settings)
     assert (worker.jobs_complete, worker.jobs_failed) == (len(payloads), 0)
+    # Refused before the gate or by it (no tenant of that scope): one warning each, never an info-level skip.
+    ends = sorted((e["event"], e["log_level"], e["reason_code"]) for e in events if e["event"].startswith("run_"))
+    assert ends == [("run_rejected", "warning", "input.invalid")] * 4 + [("run_rejected", "warning", "tenant.not_found")] * 4
     metrics = worker.ctx["opspolish"].metrics
     assert {k: n for k, n in metrics.items() if k.startswith(("rejected:", "skipped:"))} == {
-        "rejected:tenant.not_found": 2, "skipped:tenant.not_found": 2, "rejected:input.invalid": 4}
+        "rejected:tenant.not_found": 4, "rejected:input.invalid": 4}
     await assert_no_state(conn, settings, tables)
 
 
