@@ -169,7 +169,7 @@ async def test_a_failed_heartbeat_names_the_runs_whose_leases_it_could_not_exten
     with structlog.testing.capture_logs() as events:
         keeper.start()
 
-        async def failed() -> list[dict[str, Any]]:
+        async def failed() -> list[Any]:
             return [e for e in events if e["event"] == "heartbeat_failed"]
 
         first = (await wait_until(failed, timeout_s=10))[0]
