@@ -18,7 +18,7 @@ import pytest
 
 from opspolish import db
 from opspolish.settings import Settings
-from tests.conftest import ROOT, base_settings, worker_env
+from tests.conftest import ROOT, WorkerProcess, base_settings, wait_until, worker_env
 
 CLI = str(ROOT / ".venv/bin/opspolish")
 UUID_V4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
@@ -274,6 +274,8 @@ async def test_an_unknown_setting_is_refused(settings: Settings) -> None:
     ("OPSPOLISH_DEDUPE_COOLDOWN_S", "1e300", "less than or equal to"),  # the gate's interval would overflow
     ("OPSPOLISH_LEASE_TTL_S", "1e-300", "greater than or equal to"),
     ("OPSPOLISH_MAX_ATTEMPTS", "99999999999999999999999", "less than or equal to"),
+    ("OPSPOLISH_RECONCILE_INTERVAL_MIN", "7", "must divide 60"),  # :56 then :00 again: uneven passes
+    ("OPSPOLISH_WORKER_HEALTH_S", "0", "greater than or equal to 1"),
 ])
 async def test_an_unusable_setting_is_exit_2_naming_it_in_one_line(
     settings: Settings, env: str, value: str, says: str,
@@ -312,6 +314,35 @@ async def test_the_cli_logs_in_opspolish_log_format_and_refuses_a_bad_one(
     bad = await cli(settings, "runs", "list", OPSPOLISH_LOG_FORMAT="xml")
     [reason] = [line for line in bad.stderr.splitlines() if line.startswith("opspolish:")]
     assert bad.returncode == 2 and "OPSPOLISH_LOG_FORMAT" in reason and "Traceback" not in bad.stderr
+
+
+async def test_doctor_sees_a_killed_worker_as_gone_within_its_health_interval(settings: Settings) -> None:
+    """A worker's health key lives OPSPOLISH_WORKER_HEALTH_S + 1 s: with arq's default (an hour), a SIGKILLed worker
+    was reported ok by doctor for up to an hour."""
+    env = {"OPSPOLISH_WORKER_HEALTH_S": "1"}
+
+    async def worker_verdict() -> str:
+        out = await cli(settings, "doctor", "--json", **env)
+        return str({c["name"]: c for c in json.loads(out.stdout)}["worker"]["verdict"])
+
+    assert await worker_verdict() == "warn"
+    worker = WorkerProcess(settings, OPSPOLISH_WORKER_HEALTH_S="1")
+    try:
+        async def healthy() -> bool:
+            return await worker_verdict() == "ok"
+
+        await wait_until(healthy, timeout_s=30)
+    finally:
+        worker.kill()
+        await worker.wait()
+
+    async def gone() -> bool:
+        return await worker_verdict() == "warn"
+
+    await wait_until(gone, timeout_s=10)  # the key lives 2 s; doctor itself takes about a second
+    out = await cli(settings, "doctor", **env)
+    [line] = [line for line in out.stdout.splitlines() if "worker" in line]
+    assert "in the last 2 s" in line and "make worker" in line, line
 
 
 async def test_doctor_gives_a_verdict_per_service(settings: Settings) -> None:

@@ -53,8 +53,9 @@ async def run_checks(settings: Settings) -> list[Check]:
             if health:
                 checks.append(Check("worker", "ok", health.decode(errors="replace")))
             else:
-                checks.append(Check("worker", "warn", f"no worker heartbeat on queue {settings.queue_name!r} "
-                                    "(start one with `make worker`)"))
+                checks.append(Check("worker", "warn", f"no worker heartbeat on queue {settings.queue_name!r} in "
+                                    f"the last {settings.worker_health_s + 1:g} s (OPSPOLISH_WORKER_HEALTH_S + 1): "
+                                    "none is running, or it stopped; start one with `make worker`"))
         finally:
             await redis.aclose()
     except OpsPolishError as exc:

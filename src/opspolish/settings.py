@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     dedupe_cooldown_s: float = Field(default=900.0, ge=0, le=MAX_SECONDS, allow_inf_nan=False)
     lease_ttl_s: float = Field(default=60.0, ge=0.1, le=MAX_SECONDS, allow_inf_nan=False)
     reconcile_interval_min: int = Field(default=5, ge=1, le=60)
+    #: How often a worker refreshes its health key in Redis (arq's ``health_check_interval``). The key lives one
+    #: second longer, so ``doctor`` sees a worker that died as gone within that; arq's default is an hour.
+    worker_health_s: float = Field(default=60.0, ge=1, le=3_600, allow_inf_nan=False)
     reconcile_grace_s: float = Field(default=10.0, ge=0, le=MAX_SECONDS, allow_inf_nan=False)
     reconcile_max_queued_age_s: float = Field(default=86_400.0, gt=0, le=MAX_SECONDS, allow_inf_nan=False)
     job_timeout_s: float = Field(default=300.0, gt=0, le=MAX_SECONDS, allow_inf_nan=False)
@@ -62,6 +65,15 @@ class Settings(BaseSettings):
         # server picks (named after the user), far from the ledger.
         if not urlsplit(value.get_secret_value()).path.strip("/"):
             raise ValueError("names no database (end it with /DBNAME, e.g. .../opspolish)")
+        return value
+
+    @field_validator("reconcile_interval_min")
+    @classmethod
+    def _divides_the_hour(cls, value: int) -> int:
+        # arq's cron runs at fixed minutes of the hour: with 7, passes would come at :56 and again at :00.
+        if 60 % value:
+            raise ValueError(f"must divide 60 (1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30 or 60), got {value}: the reconcile "
+                             "cron runs at fixed minutes of each hour, so another value gives uneven gaps")
         return value
 
     @field_validator("redis_url")

@@ -69,6 +69,7 @@ def worker_settings(
         "redis_settings": redis_settings(settings),
         "max_jobs": settings.max_jobs,
         "keep_result": 0,  # the ledger is the record of results
+        "health_check_interval": settings.worker_health_s,  # what `opspolish doctor` reads (arq's default: an hour)
         "ctx": {"opspolish_settings": settings,
                 "opspolish_job_types": tuple(job.type for job in tracked)},
         "on_startup": _startup_with_logging if configure_logs else startup,

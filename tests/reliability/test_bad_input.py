@@ -193,7 +193,8 @@ async def test_malformed_raw_enqueues_are_rejected_visibly_and_leave_no_state(
     assert (worker.jobs_complete, worker.jobs_failed) == (len(payloads), 0)
     # Refused before the gate or by it (no tenant of that scope): one warning each, never an info-level skip.
     ends = sorted((e["event"], e["log_level"], e["reason_code"]) for e in events if e["event"].startswith("run_"))
-    assert ends == [("run_rejected", "warning", "input.invalid")] * 4 + [("run_rejected", "warning", "tenant.not_found")] * 4
+    assert ends == [("run_rejected", "warning", "input.invalid")] * 4 + [
+        ("run_rejected", "warning", "tenant.not_found")] * 4
     metrics = worker.ctx["opspolish"].metrics
     assert {k: n for k, n in metrics.items() if k.startswith(("rejected:", "skipped:"))} == {
         "rejected:tenant.not_found": 4, "rejected:input.invalid": 4}
