@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+import structlog.testing
 from arq.cron import cron
 from arq.worker import Worker, get_kwargs
 from pydantic import SecretStr
@@ -221,6 +222,28 @@ def real_worker(settings: Settings) -> Worker:
     kwargs: dict[str, Any] = {**get_kwargs(worker_settings(settings, configure_logs=False)),
                               "burst": True, "poll_delay": 0.02, "handle_signals": False}
     return Worker(**kwargs)
+
+
+async def test_a_reconcile_delivery_naming_a_tenant_is_refused_and_runs_no_pass(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any]
+) -> None:
+    """A workspace job takes no tenant (README, Python API). The reconcile entry ignored one: with a workspace it ran
+    that workspace's pass, with a tenant alone the pass over every workspace."""
+    acme, tenant = seeded["workspaces"][0], seeded["tenants"][0]["external_id"]
+    redis = rt.require_redis()
+    await redis.enqueue_job(RECONCILE_TYPE, tenant_id=tenant, workspace_id=str(acme["id"]),
+                            _queue_name=settings.queue_name)
+    await redis.enqueue_job(RECONCILE_TYPE, tenant_id=tenant, _queue_name=settings.queue_name)
+    worker = real_worker(settings)
+    with structlog.testing.capture_logs() as events:
+        try:
+            await asyncio.wait_for(worker.main(), 30)
+        finally:
+            await worker.close()
+    assert (worker.jobs_complete, worker.jobs_failed) == (2, 0)
+    assert await reconcile_runs(conn) == []
+    rejected = [e for e in events if e["event"] == "run_rejected"]
+    assert [(e["log_level"], e["reason_code"]) for e in rejected] == [("warning", "input.invalid")] * 2
 
 
 async def test_a_reconcile_enqueued_through_the_queue_runs_as_that_workspaces_pass(

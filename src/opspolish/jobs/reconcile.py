@@ -114,14 +114,15 @@ async def reconcile_adapter_runs(run: RunContext) -> None:
 
 async def reconcile_workspace(
     rt: Runtime, workspace_id: uuid.UUID | str, *, job_id: str, run_id: int | None = None,
-    inputs: dict[str, Any] | None = None,
+    inputs: dict[str, Any] | None = None, tenant: str | None = None,
 ) -> dict[str, Any]:
     """Run one tracked pass for a workspace in this process, waiting out a busy gate.
 
     With ``run_id`` (a delivery through the queue) the pass runs as that run. Without one, a pass that finds the
     workspace's reconcile identity held by another run records its skip, then delivers that run: a queued one
     (dispatched, or handed back by a worker that shut down mid-pass) runs now, as this pass, instead of holding
-    the identity and skipping every later pass; a running one is another pass at work, and this one stops."""
+    the identity and skipping every later pass; a running one is another pass at work, and this one stops. A
+    ``tenant`` (a delivery that named one) is refused by the gate's scope check, as for any workspace job."""
     from opspolish.tracking import get_job
 
     job = get_job(RECONCILE_TYPE)
@@ -129,7 +130,7 @@ async def reconcile_workspace(
     skipped: dict[str, Any] | None = None
     while True:
         try:
-            result = await execute(rt, job, run_id=run_id, tenant=None, workspace_id=workspace_id,
+            result = await execute(rt, job, run_id=run_id, tenant=tenant, workspace_id=workspace_id,
                                    inputs={} if inputs is None else inputs, job_id=job_id)
         except Retry as retry:
             if skipped is not None:  # the active run is running (or being claimed) elsewhere: never overlap it
@@ -170,11 +171,13 @@ async def reconcile_cron(
     workspace_id: str | None = None, inputs: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """The arq entry of the type: the cron's pass over every workspace, or, for a job enqueued with a run or a
-    workspace (dispatch, reconcile's own re-enqueue), that workspace's pass. ``tenant_id`` is accepted and
-    ignored, as for any workspace job."""
+    workspace (dispatch, reconcile's own re-enqueue), that workspace's pass. One that names a tenant is refused
+    (``run_rejected``, ``input.invalid``) and runs nothing, as for any workspace job: it used to be ignored, and a
+    delivery naming only a tenant ran the pass over every workspace."""
     rt: Runtime = ctx["opspolish"]
     job_id = str(ctx.get("job_id") or "cron")
-    if run_id is None and workspace_id is None:
+    if run_id is None and workspace_id is None and tenant_id is None:
         return await reconcile_all(rt, job_id=job_id)
-    result = await reconcile_workspace(rt, workspace_id or "", job_id=job_id, run_id=run_id, inputs=inputs)
+    result = await reconcile_workspace(rt, workspace_id or "", job_id=job_id, run_id=run_id, inputs=inputs,
+                                       tenant=tenant_id)
     return [{"workspace_id": workspace_id, **result}]
