@@ -17,8 +17,9 @@ import asyncpg
 import pytest
 
 from opspolish import db
+from opspolish.errors import SchemaMismatch
 from opspolish.settings import Settings
-from tests.conftest import ROOT, WorkerProcess, base_settings, wait_until, worker_env
+from tests.conftest import ROOT, WorkerProcess, base_settings, make_worker, wait_until, worker_env
 
 CLI = str(ROOT / ".venv/bin/opspolish")
 UUID_V4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
@@ -137,6 +138,25 @@ async def test_a_database_migrated_by_a_newer_version_is_refused_not_upgraded_or
     [migrations] = [c for c in json.loads(doctor.stdout) if c["name"] == "migrations"]
     assert doctor.returncode == 1 and migrations["verdict"] == "fail"
     assert "does not know" in migrations["detail"] and "db upgrade" not in migrations["detail"]
+
+
+async def test_commands_and_a_worker_on_a_database_never_migrated_say_to_upgrade() -> None:
+    """Before: `runs list` said `internal.unexpected: UndefinedTableError ...`, dispatch the same of a function, and a
+    worker started and then failed every delivery on a driver error."""
+    async with scratch_database() as settings:
+        await db.ensure_database(settings)  # created, never migrated
+        for args in (("runs", "list"), ("runs", "show", "1"),
+                     ("dispatch", "assignments.fetch", "--tenant", str(uuid.uuid4()))):
+            out = await cli(settings, *args)
+            reason = _one_reason_line(out)
+            assert out.returncode == 1 and reason.startswith("opspolish: db.schema_mismatch:"), (args, out.stderr)
+            assert "run `opspolish db upgrade`" in reason and "Traceback" not in out.stderr, reason
+        worker = make_worker(settings)
+        try:
+            with pytest.raises(SchemaMismatch, match=r"at no revision, not at head .*run `opspolish db upgrade`"):
+                await asyncio.wait_for(worker.main(), 30)
+        finally:
+            await worker.close()
 
 
 async def test_reset_of_a_database_holding_someone_elses_tables_changes_nothing() -> None:

@@ -10,11 +10,12 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
+import asyncpg
 import click
 from pydantic import ValidationError
 
 from opspolish import db
-from opspolish.errors import InputInvalid, OpsPolishError, RunNotFound, SchemaMismatch, TenantNotFound
+from opspolish.errors import InputInvalid, OpsPolishError, RunNotFound, TenantNotFound
 from opspolish.fingerprint import key_segment
 from opspolish.logs import configure_logging
 from opspolish.sanitize import sanitize_message
@@ -80,6 +81,12 @@ def run_async(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
             fail(1, f"{exc.reason_code}: {exc.message}")
         except KeyboardInterrupt:
             fail(1, "interrupted")
+        except (asyncpg.UndefinedTableError, asyncpg.UndefinedFunctionError, asyncpg.UndefinedColumnError) as exc:
+            if verbose:
+                raise
+            # A database behind this version's schema (or never migrated): say what to do, not only what broke.
+            fail(1, f"db.schema_mismatch: {exc} (the database is not at this version's schema: run "
+                    "`opspolish db upgrade`; `opspolish doctor` says where it stands)")
         except Exception as exc:  # a bug or an error no layer translated: still one line, unless -v
             if verbose:
                 raise
@@ -214,12 +221,7 @@ def _seeded(report: SeedReport) -> str:
 async def seed_cmd(ctx: Ctx, tenants: int, policies: int, as_json: bool) -> None:
     """Seed workspaces, tenants and the assignment directory (idempotent)."""
     _check_seed_size(tenants, policies)
-    # Rather than a driver error on the first table that is missing or different:
-    # A revision this version does not know, or someone else's tables, is refused here: upgrading cannot help.
-    revision, head = await db.check_schema_is_ours(ctx.settings), db.head_revision()
-    if revision != head:
-        raise SchemaMismatch(f"database {db.database_name(ctx.settings)} is at {revision or 'no revision'}, not "
-                             f"at head {head}: run `opspolish db upgrade` first")
+    await db.require_head(ctx.settings)
     report = await _seed(ctx.settings, tenants, policies)
     emit(as_json, dataclasses.asdict(report), _seeded(report))
 

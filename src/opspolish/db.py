@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -259,6 +260,15 @@ async def check_schema_is_ours(settings: Settings) -> str | None:
     return None
 
 
+async def require_head(settings: Settings) -> None:
+    """Refuse a database that is not at this version's head (behind it, ahead of it, or someone else's), with what
+    to do, rather than a driver error on the first table or function that is missing or different."""
+    revision, head = await check_schema_is_ours(settings), head_revision()
+    if revision != head:
+        raise SchemaMismatch(f"database {database_name(settings)} is at {revision or 'no revision'}, not at head "
+                             f"{head}: run `opspolish db upgrade` first")
+
+
 async def current_revision(settings: Settings) -> str | None:
     conn = await connect(settings)
     try:
@@ -271,14 +281,16 @@ async def current_revision(settings: Settings) -> str | None:
         await conn.close()
 
 
-def known_revisions() -> set[str]:
+@functools.cache
+def known_revisions() -> frozenset[str]:
     """Every revision the shipped migrations define."""
     from alembic.script import ScriptDirectory
 
     script = ScriptDirectory.from_config(alembic_config(Settings()))
-    return {rev.revision for rev in script.walk_revisions()}
+    return frozenset(rev.revision for rev in script.walk_revisions())
 
 
+@functools.cache  # the shipped migrations do not change while the process runs
 def head_revision() -> str:
     from alembic.script import ScriptDirectory
 

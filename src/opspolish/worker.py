@@ -11,6 +11,7 @@ from typing import Any
 import structlog
 from arq.cron import cron
 
+from opspolish import db
 from opspolish.logs import configure_logging, log_runs_once
 from opspolish.runtime import Runtime
 from opspolish.settings import Settings
@@ -21,6 +22,9 @@ log = structlog.get_logger("opspolish")
 
 async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["opspolish_settings"]
+    # A worker on a database behind (or ahead of) its schema would fail every delivery on a driver error: it refuses
+    # to start instead, saying what to do.
+    await db.require_head(settings)
     ctx["opspolish"] = await Runtime.start(settings, redis=ctx["redis"])
     log.info("worker_started", queue=settings.queue_name)
 
