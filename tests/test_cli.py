@@ -388,3 +388,16 @@ def test_python_dash_m_runs_the_same_cli() -> None:
     out = subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "opspolish", "--help"], capture_output=True,
                          text=True, check=False, env={**os.environ}, cwd=ROOT)
     assert out.returncode == 0 and "dispatch" in out.stdout
+
+
+def test_the_readmes_reason_codes_are_the_librarys() -> None:
+    """The README's table, REASON_CODES and the codes the error classes carry name the same codes."""
+    import opspolish.errors as errors
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Reason codes"):]
+    listed = set(re.findall(r"^\| `([a-z_]+\.[a-z_]+)` \|", table, flags=re.M))
+    classes = {cls.reason_code for cls in vars(errors).values()
+               if isinstance(cls, type) and issubclass(cls, errors.OpsPolishError) and cls is not errors.OpsPolishError}
+    assert listed == set(errors.REASON_CODES)
+    assert classes <= set(errors.REASON_CODES), classes - set(errors.REASON_CODES)

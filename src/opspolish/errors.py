@@ -116,7 +116,8 @@ class ItemsAllFailed(OpsPolishError):
     reason_code = "items.all_failed"
 
 
-#: Every stable reason code, with its meaning. The README table is generated from the same words.
+#: Every stable reason code, with its meaning. The README's table lists the same codes, in words written for it
+#: (tests/test_cli.py holds the two to each other and to every error class's code).
 REASON_CODES: dict[str, str] = {
     "dedupe.already_completed": "a redelivery of a run that already ended; nothing was done (log line + metric)",
     "dedupe.overlap": (
@@ -149,6 +150,10 @@ REASON_CODES: dict[str, str] = {
     ),
     "tenant.not_found": "no tenant with that id or external_id",
     "db.unavailable": "PostgreSQL could not be reached",
+    "db.schema_mismatch": (
+        "the database's schema is not one this version can work with (a revision it does not know, someone else's "
+        "tables, or not at head where that is required); nothing was changed"
+    ),
     "redis.unavailable": "Redis could not be reached",
     "internal.unexpected": "an unexpected error; the message is sanitized",
 }
