@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from typing import Any
 
 import asyncpg
@@ -16,6 +17,7 @@ from pydantic import BaseModel
 from opspolish.counts import MAX_COUNT, Counts
 from opspolish.dispatch import dispatch
 from opspolish.errors import InputInvalid, ProviderThrottled
+from opspolish.fingerprint import fingerprint
 from opspolish.runtime import Runtime
 from opspolish.settings import Settings
 from opspolish.tracking import REGISTRY, RunContext, execute, get_job, tracked_job
@@ -278,3 +280,29 @@ async def test_a_workspace_job_delivered_with_a_tenant_is_refused_by_the_worker_
     control = await execute(rt, get_job(WORKSPACE_EFFECT_TYPE), run_id=None, tenant=None,
                             workspace_id=t["workspace_id"], inputs={}, job_id="raw:workspace")
     assert control["outcome"] == "succeeded", control
+
+
+def test_fingerprint_of_a_job_type_finds_it_through_opspolish_job_modules(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As dispatch does: before, ``fingerprint(..., job_type=...)`` of a type whose module nothing had imported yet
+    was ``unknown job type`` even with the module in OPSPOLISH_JOB_MODULES."""
+    (tmp_path / "fp_lookup_jobs.py").write_text(
+        "from pydantic import BaseModel\n"
+        "from opspolish import tracked_job\n"
+        "class Day(BaseModel):\n"
+        "    model_config = {'extra': 'forbid'}\n"
+        "    day: str\n"
+        "@tracked_job('fp.lookup', inputs=Day)\n"
+        "async def build(run) -> None:\n"
+        "    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("OPSPOLISH_JOB_MODULES", "fp_lookup_jobs")
+    try:
+        assert "fp.lookup" not in REGISTRY
+        assert fingerprint({"day": "2026-12-04"}, job_type="fp.lookup") == fingerprint({"day": "2026-12-04"})
+        with pytest.raises(InputInvalid, match=r"inputs\.day"):
+            fingerprint({"day": 5}, job_type="fp.lookup")
+    finally:
+        REGISTRY.pop("fp.lookup", None)
+        sys.modules.pop("fp_lookup_jobs", None)

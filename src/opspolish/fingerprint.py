@@ -203,13 +203,18 @@ def fingerprint(inputs: Mapping[str, Any] | None, *, job_type: str | None = None
 
     With ``job_type``, the inputs are validated by that job type's inputs model first, as dispatch does (a model
     may normalise them: an upper-case UUID comes out lower-case), so this is the fingerprint a dispatch of that
-    type would record; :class:`InputInvalid` names a bad field. A job type of your own must be registered (its
-    module imported) first. Without ``job_type``, the inputs are hashed as given.
+    type would record; :class:`InputInvalid` names a bad field. A type not registered yet is looked for in the
+    modules of ``OPSPOLISH_JOB_MODULES``, as dispatch does. Without ``job_type``, the inputs are hashed as given.
     """
     if job_type is not None:
-        from opspolish.tracking import get_job  # tracking imports this module
+        from opspolish.tracking import REGISTRY, get_job  # tracking imports this module
 
-        return fingerprint_of(get_job(job_type).canonical(inputs)[1])
+        modules = ""
+        if job_type not in REGISTRY:  # read only when needed: the settings may not be this caller's business
+            from opspolish.settings import Settings
+
+            modules = Settings().job_modules
+        return fingerprint_of(get_job(job_type, modules).canonical(inputs)[1])
     return fingerprint_of(canonical_json(inputs))
 
 
