@@ -32,6 +32,7 @@ from opspolish.fingerprint import (
     is_secret_key,
     lock_key,
 )
+from opspolish.sanitize import redact_credentials, redact_secrets, sanitize_message
 
 SECRET_KEYS = ["password", "client_secret", "api_key", "X-Api-Key", "authorization", "token", "access_token",
                "credentials", "private_key", "cookie", "db_password", "refreshToken"]
@@ -202,3 +203,16 @@ def test_lock_key_is_a_signed_64_bit_integer_from_the_identity() -> None:
     key = lock_key(h)
     assert -(2**63) <= key < 2**63
     assert lock_key("f" * 64) == -1 and lock_key("7" + "f" * 63) == 2**63 - 1
+
+
+@pytest.mark.timeout(30)  # a hang guard, not a speed target: before, the first case alone took minutes
+@pytest.mark.parametrize("unit", ["password-", "a.b+c-", "x://", "password ", "_token_"])
+def test_redaction_of_long_repetitive_text_ends_and_still_redacts(unit: str) -> None:
+    """Repeated words made the redaction patterns backtrack cubically: 5.4 KB of "password-" took 45 s in
+    sanitize_message, and a CLI argument or a raw delivery's tenant id froze the command or the worker."""
+    text = unit * (60_000 // len(unit)) + " api_key=Hunter2Canary postgres://u:PwCanary@h/db"
+    assert len(sanitize_message(text)) == 500  # the whole text redacted first, then cut
+    for redact in (redact_secrets, redact_credentials):
+        out = redact(text)
+        assert "Hunter2Canary" not in out and "PwCanary" not in out, redact.__name__
+        assert out.startswith(unit * 10)

@@ -12,8 +12,10 @@ _SECRET_WORDS = (
     r"apikey|auth(?:orization)?|credentials?|private[_-]?key|cookie|session[_-]?id|signature|sig"
 )
 _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
-    # scheme://user:password@host  ->  scheme://user:[redacted]@host
-    (re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s:/@]*):([^\s@/]*)@"), rf"\1:{REDACTED}@"),
+    # scheme://user:password@host  ->  scheme://user:[redacted]@host. Every pattern here starts only where a token
+    # starts and takes its runs possessively (*+, ++): with \b and backtracking runs, a few KB of repeated words
+    # ("password-password-...") took seconds to minutes (cubic in the length), in the CLI and in the worker.
+    (re.compile(r"(?i)(?<![a-z0-9+.\-])([a-z][a-z0-9+.\-]*+://[^\s:/@]*+):([^\s@/]*+)@"), rf"\1:{REDACTED}@"),
     # Authorization: Bearer xxx / Basic xxx. The credential is never one of these words itself: in "Basic Bearer xxx"
     # the match is "Bearer xxx", where taking "Bearer" as Basic's credential left xxx in the text.
     (re.compile(r"(?i)\b(bearer|basic|token)\s+(?!(?:bearer|basic|token)\b)[A-Za-z0-9\-._~+/=]{6,}"),
@@ -24,7 +26,7 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     # sanitizing a sanitized message changes nothing)
     (
         re.compile(
-            rf"(?i)([\"']?\b[\w\-]*(?:{_SECRET_WORDS})[\w\-]*[\"']?\s*[:=]\s*)"
+            rf"(?i)([\"']?(?<![\w\-])(?=[\w\-]*?(?:{_SECRET_WORDS}))[\w\-]++[\"']?\s*+[:=]\s*+)"
             + r"(?!" + re.escape(REDACTED) + r"(?:[\s,;&}\]]|$))"
             # A value that opens a mapping ({'api_key': ...}) is not taken: its first key was, and the nested secret
             # after it stayed. A brace that opens no mapping ({x) is a value like any other.
@@ -47,7 +49,7 @@ _CREDENTIAL_SHAPES: tuple[tuple[re.Pattern[str], str], ...] = (
     _PATTERNS[2],  # JWTs
     _PATTERNS[4],  # well-known token prefixes
     # key=value (a query string, a connection string) whose key ends in an unmistakable secret word
-    (re.compile(r"(?i)(\b(?:[\w\-]*[_\-])?(?:pass(?:word|wd)?|pwd|secret|token|api[_\-]?key|apikey)\s*=\s*)"
+    (re.compile(r"(?i)((?<![\w\-])(?:[\w\-]*[_\-])?(?:pass(?:word|wd)?|pwd|secret|token|api[_\-]?key|apikey)\s*+=\s*+)"
                 + r"(?!" + re.escape(REDACTED) + r")([^\s,;&\]}\"']+)"), rf"\1{REDACTED}"),
 )
 
