@@ -35,7 +35,8 @@ from opspolish.fingerprint import (
 from opspolish.sanitize import redact_credentials, redact_secrets, sanitize_message
 
 SECRET_KEYS = ["password", "client_secret", "api_key", "X-Api-Key", "authorization", "token", "access_token",
-               "credentials", "private_key", "cookie", "db_password", "refreshToken"]
+               "credentials", "private_key", "cookie", "db_password", "refreshToken", "password2", "passwords",
+               "password_confirmation", "passwordHash", "pwd_hash", "user_pwd", "auth_key", "authKey", "db_pass"]
 # An alphabet that cannot spell a secret-looking key (no c, h, k, o, p, r, s, t, u, w).
 safe_keys = st.text(alphabet="abdefgijlmnqvxyz_", min_size=1, max_size=10)
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.text(max_size=20),
@@ -216,3 +217,14 @@ def test_redaction_of_long_repetitive_text_ends_and_still_redacts(unit: str) -> 
         out = redact(text)
         assert "Hunter2Canary" not in out and "PwCanary" not in out, redact.__name__
         assert out.startswith(unit * 10)
+
+
+@pytest.mark.parametrize("key", ["passenger", "passage_count", "author", "session", "sig_figs", "compass",
+                                 "bypass_cache"])
+def test_a_key_that_only_contains_a_secret_words_letters_is_no_secret(key: str) -> None:
+    assert not is_secret_key(key)
+
+
+def test_keys_that_name_a_secret_in_more_words_are_secret() -> None:
+    """password2, password_confirmation, passwordHash, pwd_hash, auth_key... were kept in fingerprints and context."""
+    assert all(is_secret_key(key) for key in SECRET_KEYS), [k for k in SECRET_KEYS if not is_secret_key(k)]

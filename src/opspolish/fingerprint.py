@@ -32,8 +32,10 @@ MAX_DEPTH = 32
 MAX_CANONICAL_BYTES = 64 * 1024
 
 _SECRET_KEY = re.compile(
-    r"pass(word|wd|phrase)?$|^pwd$|secret|token|api_?key|authorization|^auth$|credential|private_?key|"
-    r"cookie|session_?id|access_?key|signature",
+    # password/passwd/passphrase anywhere (password2, password_confirmation, passwordhash); pass, pwd and auth as a
+    # word of the key (db_pass, pwd_hash, auth_key), never inside another (passenger, passage, author)
+    r"pass(word|wd|phrase)|(^|_)pass(_|$)|(^|_)pwd|secret|token|api_?key|authorization|(^|_)auth(_|$)|auth_?key|"
+    r"credential|private_?key|cookie|session_?id|access_?key|signature",
 )
 
 
