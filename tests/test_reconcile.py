@@ -20,6 +20,7 @@ from arq.worker import Worker, get_kwargs
 from pydantic import SecretStr
 
 from opspolish.dispatch import dispatch
+from opspolish.errors import InputInvalid
 from opspolish.fingerprint import context_and_fingerprint
 from opspolish.jobs.reconcile import RECONCILE_TYPE, reconcile_all, reconcile_cron
 from opspolish.runtime import Runtime
@@ -244,6 +245,63 @@ async def test_a_reconcile_delivery_naming_a_tenant_is_refused_and_runs_no_pass(
     assert await reconcile_runs(conn) == []
     rejected = [e for e in events if e["event"] == "run_rejected"]
     assert [(e["log_level"], e["reason_code"]) for e in rejected] == [("warning", "input.invalid")] * 2
+
+
+async def test_a_reconcile_run_with_inputs_whose_job_vanished_is_requeued_and_runs(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any]
+) -> None:
+    """Reconcile's re-enqueue carries no payload, so the run runs its recorded inputs. For a reconcile run, the
+    delivery was given {} instead, refused as other inputs than the run's, and the run ended run.lost."""
+    globex = seeded["workspaces"][1]
+    queued = await dispatch(rt, RECONCILE_TYPE, workspace_id=globex["id"], inputs={"note": "nightly"})
+    redis = rt.require_redis()
+    await redis.delete(f"arq:job:{queued.job_id}")
+    await redis.zrem(settings.queue_name, queued.job_id)
+    await reconcile_all(rt, workspace_slug="acme")  # another workspace's pass, not globex's own identity
+    await reconcile_all(rt, workspace_slug=globex["slug"])
+    worker = real_worker(settings)
+    try:
+        await asyncio.wait_for(worker.main(), 30)
+    finally:
+        await worker.close()
+    run = await conn.fetchrow("SELECT * FROM operation_runs WHERE id = $1", queued.run_id)
+    assert run is not None
+    assert (run["status"], run["outcome"], run["requeues"]) == ("completed", "succeeded", 1), dict(run)
+
+
+async def test_inputs_arq_cannot_queue_are_input_invalid_and_leave_no_run_queued(
+    rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any]
+) -> None:
+    """A value under a secret key is never canonicalized, so it reached arq's pickling: SerializationError came out
+    raw (exit 1 at the CLI) and the run stayed queued with no job behind it."""
+    acme = seeded["workspaces"][0]
+    nested: list[Any] = []
+    for _ in range(2_000):
+        nested = [nested]
+    for bad in (lambda: 1, nested):
+        with pytest.raises(InputInvalid, match=r"^inputs: cannot be queued"):
+            await dispatch(rt, RECONCILE_TYPE, workspace_id=acme["id"], inputs={"password": bad})
+    rows = await conn.fetch("SELECT status, outcome, reason_code FROM operation_runs WHERE type = $1", RECONCILE_TYPE)
+    assert [tuple(r) for r in rows] == [("completed", "failed", "input.invalid")] * 2  # none left queued
+
+
+async def test_a_secret_input_that_contains_itself_runs_and_ends(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any]
+) -> None:
+    """Collecting the inputs' secret values (for redaction) recursed into it after the claim: RecursionError, and
+    the run stayed running."""
+    cyclic: dict[str, Any] = {"key": "Cyclic-Canary-1"}
+    cyclic["self"] = cyclic
+    queued = await dispatch(rt, RECONCILE_TYPE, workspace_id=seeded["workspaces"][0]["id"],
+                            inputs={"password": cyclic, "case": "x"})
+    worker = real_worker(settings)
+    try:
+        await asyncio.wait_for(worker.main(), 30)
+    finally:
+        await worker.close()
+    assert (worker.jobs_complete, worker.jobs_failed) == (1, 0)
+    run = await conn.fetchrow("SELECT status, outcome FROM operation_runs WHERE id = $1", queued.run_id)
+    assert run is not None and tuple(run) == ("completed", "succeeded")
 
 
 async def test_a_reconcile_enqueued_through_the_queue_runs_as_that_workspaces_pass(

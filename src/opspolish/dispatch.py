@@ -8,11 +8,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
+from arq.connections import ArqRedis
+from arq.jobs import SerializationError
 
 from opspolish.errors import InputInvalid, RedisUnavailable, TenantNotFound
 from opspolish.fingerprint import context_and_fingerprint_of
-from opspolish.ledger import translate_errors
+from opspolish.ledger import Dispatched, translate_errors
 from opspolish.runtime import Runtime
+from opspolish.sanitize import describe_exception, sanitize_message
 from opspolish.tracking import get_job
 
 log = structlog.get_logger("opspolish")
@@ -61,6 +64,30 @@ async def _check_tenant_workspace(rt: Runtime, tenant: str, workspace_id: str | 
         raise TenantNotFound(f"tenant: no tenant {tenant!r} in workspace {expected}", field="tenant")
 
 
+async def _enqueue(rt: Runtime, redis: ArqRedis, run_type: str, result: Dispatched, data: dict[str, Any]) -> None:
+    """Enqueue the run's job. A new run whose job cannot be enqueued is recorded ``failed`` with the reason."""
+    try:
+        await redis.enqueue_job(
+            run_type, run_id=result.run_id, tenant_id=str(result.tenant_id) if result.tenant_id else None,
+            workspace_id=str(result.workspace_id), inputs=data, _job_id=result.job_id,
+            _queue_name=rt.settings.queue_name,
+        )
+    except SerializationError as exc:  # arq cannot pickle the inputs (a local class, a lambda, nesting too deep)
+        said = describe_exception(exc.__cause__ or exc)
+        bad = InputInvalid(f"inputs: cannot be queued ({said})", field="inputs")
+        if result.created:  # no row left queued without a job
+            await rt.ledger.fail_unstarted(result.run_id, reason_code=bad.reason_code,
+                                           reason_message=sanitize_message(bad.message))
+        raise bad from exc
+    except Exception as exc:
+        if not _redis_error(exc):
+            raise
+        err = RedisUnavailable(f"could not enqueue run {result.run_id} to Redis: {type(exc).__name__}")
+        if result.created:
+            await rt.ledger.fail_unstarted(result.run_id, reason_code=err.reason_code, reason_message=err.message)
+        raise err from exc
+
+
 async def dispatch(
     rt: Runtime, run_type: str, *, tenant: str | uuid.UUID | None = None,
     workspace_id: str | uuid.UUID | None = None, inputs: Mapping[str, Any] | None = None,
@@ -103,19 +130,7 @@ async def dispatch(
     )
     if result is None:
         raise TenantNotFound(f"tenant: no tenant with id or external_id {tenant_text!r}", field="tenant")
-    try:
-        await redis.enqueue_job(
-            run_type, run_id=result.run_id, tenant_id=str(result.tenant_id) if result.tenant_id else None,
-            workspace_id=str(result.workspace_id), inputs=data, _job_id=result.job_id,
-            _queue_name=rt.settings.queue_name,
-        )
-    except Exception as exc:
-        if not _redis_error(exc):
-            raise
-        err = RedisUnavailable(f"could not enqueue run {result.run_id} to Redis: {type(exc).__name__}")
-        if result.created:
-            await rt.ledger.fail_unstarted(result.run_id, reason_code=err.reason_code, reason_message=err.message)
-        raise err from exc
+    await _enqueue(rt, redis, run_type, result, data)
     # enqueue_job returns None when the job id is already queued: joining is idempotent.
     log.info("run_dispatched", run_id=result.run_id, type=run_type,
              tenant_id=str(result.tenant_id) if result.tenant_id else None,

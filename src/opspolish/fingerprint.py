@@ -265,16 +265,20 @@ def secret_values(inputs: Any) -> tuple[str, ...]:
     depth - so messages that echo them (a provider's error text, say) can be redacted."""
     found: list[str] = []
 
-    def walk(value: Any, secret: bool) -> None:
+    def walk(value: Any, secret: bool, depth: int = 0) -> None:
+        # Nothing deeper than MAX_DEPTH is collected: a value under a secret key is never canonicalized, so it may
+        # contain itself, and walking it raised RecursionError after the claim (the run stayed running).
+        if depth > MAX_DEPTH:
+            return
         if isinstance(value, SecretStr | SecretBytes):
             raw = value.get_secret_value()
-            walk(raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw, True)
+            walk(raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw, True, depth + 1)
         elif isinstance(value, Mapping):
             for key, item in value.items():
-                walk(item, secret or (isinstance(key, str) and is_secret_key(key)))
+                walk(item, secret or (isinstance(key, str) and is_secret_key(key)), depth + 1)
         elif isinstance(value, list | tuple | set | frozenset):
             for item in value:
-                walk(item, secret)
+                walk(item, secret, depth + 1)
         elif secret and value is not None and not isinstance(value, bool):
             text = str(value)
             if len(text) >= MIN_SECRET_CHARS:

@@ -130,8 +130,10 @@ async def reconcile_workspace(
     skipped: dict[str, Any] | None = None
     while True:
         try:
+            # A pass of its own has no inputs; a delivery of a run without a payload (reconcile's re-enqueue of a
+            # dispatched reconcile run) runs the run's recorded inputs: {} there was refused as other inputs.
             result = await execute(rt, job, run_id=run_id, tenant=tenant, workspace_id=workspace_id,
-                                   inputs={} if inputs is None else inputs, job_id=job_id)
+                                   inputs={} if inputs is None and run_id is None else inputs, job_id=job_id)
         except Retry as retry:
             if skipped is not None:  # the active run is running (or being claimed) elsewhere: never overlap it
                 return skipped
