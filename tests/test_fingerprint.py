@@ -228,3 +228,15 @@ def test_a_key_that_only_contains_a_secret_words_letters_is_no_secret(key: str) 
 def test_keys_that_name_a_secret_in_more_words_are_secret() -> None:
     """password2, password_confirmation, passwordHash, pwd_hash, auth_key... were kept in fingerprints and context."""
     assert all(is_secret_key(key) for key in SECRET_KEYS), [k for k in SECRET_KEYS if not is_secret_key(k)]
+
+
+@pytest.mark.timeout(30)  # a hang guard: Decimal("1e1000000") took 25 s of CPU to become an int
+@pytest.mark.parametrize("number", [Decimal("1e1000000"), Decimal("-1e4300"), 10**4300, -(10**5000)],
+                         ids=["1e1000000", "-1e4300", "10**4300", "-10**5000"])
+def test_an_integer_past_4300_digits_is_refused_naming_the_field(number: Any) -> None:
+    with pytest.raises(InputInvalid, match=r"^inputs\.a\[1\]: number has more than 4300 digits$"):
+        canonical_inputs({"a": [1, number]})
+
+
+def test_integers_up_to_4300_digits_are_inputs_like_any_other() -> None:
+    assert canonical_inputs({"n": 10**4299 + 7, "d": Decimal("9e4299")}) == {"n": 10**4299 + 7, "d": 9 * 10**4299}

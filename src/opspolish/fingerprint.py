@@ -59,9 +59,22 @@ def is_secret_key(key: str) -> bool:
     return bool(_SECRET_KEY.search(key.lower().replace("-", "_")))
 
 
+#: The most digits an integer in the inputs may have: Python's own bound for turning one into text (and so into
+#: JSON). Past it, Decimal("1e1000000") took 25 s of CPU to become an int, and 10**5000 failed as a bare ValueError.
+MAX_DIGITS = 4300
+_TOO_MANY_DIGITS = 10**MAX_DIGITS
+
+
+def _too_many_digits(path: str) -> InputInvalid:
+    return InputInvalid(f"{path}: number has more than {MAX_DIGITS} digits", field=path)
+
+
 def _number(value: Decimal, path: str, budget: _Budget) -> Decimal | int:
     if not value.is_finite():
         raise InputInvalid(f"{path}: non-finite number is not allowed", field=path)
+    if value.adjusted() >= MAX_DIGITS:  # an integer part of more than MAX_DIGITS digits
+        raise _too_many_digits(path)
+    budget.spend(len(value.as_tuple().digits) // 2)
     if value == value.to_integral_value():
         return int(value)
     budget.decimals = True
@@ -94,6 +107,9 @@ def _canonical(value: Any, path: str, depth: int, budget: _Budget) -> Any:  # no
     if isinstance(value, enum.Enum):
         return _canonical(value.value, path, depth, budget)
     if isinstance(value, int):
+        if value >= _TOO_MANY_DIGITS or -value >= _TOO_MANY_DIGITS:
+            raise _too_many_digits(path)
+        budget.spend(value.bit_length() // 4)  # fewer than its digits: never more than it takes once canonical
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
