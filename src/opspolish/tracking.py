@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import asyncpg
 import structlog
 from arq import Retry
 from arq.worker import Function, func
@@ -311,6 +312,52 @@ GATE_REFUSALS = {
 }
 
 
+def _delivery_fields(run_id: Any, tenant: Any, inputs: Any) -> str | None:
+    """A raw delivery's argument types, checked: a list, a number or a string where the gate takes another type was
+    a driver error (DataError) or a TypeError out of the job, a traceback instead of a visible refusal. Returns the
+    tenant reference as text (a UUID object is one)."""
+    if run_id is not None and (isinstance(run_id, bool) or not isinstance(run_id, int) or not 0 < run_id < 2**63):
+        raise InputInvalid("run_id: not a run id (a positive 64-bit integer)", field="run_id")
+    if inputs is not None and not isinstance(inputs, Mapping):
+        raise InputInvalid(f"inputs: must be a mapping, got {type(inputs).__name__}", field="inputs")
+    if tenant is None or isinstance(tenant, str):
+        return tenant
+    if isinstance(tenant, uuid.UUID):
+        return str(tenant)
+    raise TenantNotFound(f"tenant_id: not a tenant id or external_id (got {type(tenant).__name__})",
+                         field="tenant_id")
+
+
+def _checked_delivery(
+    job: TrackedJob, run_id: Any, tenant: Any, workspace_id: Any, inputs: Any,
+) -> tuple[str | None, dict[str, Any], str | None, dict[str, Any] | None, uuid.UUID | None]:
+    """What the gate is asked with: the tenant reference, the inputs (canonical where given), their fingerprint and
+    context, and the workspace. Raises InputInvalid / TenantNotFound / ValueError for a delivery to refuse."""
+    tenant = _delivery_fields(run_id, tenant, inputs)
+    data: dict[str, Any] = dict(inputs or {})
+    fp: str | None = None
+    context: dict[str, Any] | None = None
+    _check_scope(job, tenant, workspace_id)
+    if run_id is None:
+        data, text = job.canonical(inputs)
+        context, fp = context_and_fingerprint_of(text)
+    elif inputs is not None:  # the gate holds them to the run's: a run runs the inputs it was dispatched with
+        data, text = job.canonical(inputs)
+        fp = fingerprint_of(text)
+    if tenant is not None and not _sql_text(tenant):  # a driver error otherwise, and no visible skip
+        raise TenantNotFound("tenant_id: not a tenant id or external_id", field="tenant_id")
+    ws = uuid.UUID(str(workspace_id)) if workspace_id else None
+    return tenant, data, fp, context, ws
+
+
+def _rejected(rt: Runtime, where: dict[str, Any], run_id: Any, exc: Exception) -> dict[str, Any]:
+    code = exc.reason_code if isinstance(exc, OpsPolishError) else "input.invalid"
+    rt.metrics[f"rejected:{code}"] += 1
+    log.warning("run_rejected", **where, run_id=run_id, reason_code=code,
+                message=sanitize_message(str(exc), extra_secrets=rt.secrets))
+    return _skip_result("rejected", run_id if isinstance(run_id, int) else None, code, None)
+
+
 def _skip_result(decision: str, run_id: int | None, reason_code: str | None, dedupe_of: int | None) -> dict[str, Any]:
     return {"decision": decision, "run_id": run_id, "reason_code": reason_code, "dedupe_of": dedupe_of}
 
@@ -351,31 +398,17 @@ async def execute(
 ) -> dict[str, Any]:
     """Run one delivery of a tracked job through the gate. Returns a small summary for arq's result."""
     where = {"type": job.type, "job_id": job_id, "job_try": job_try, "tenant_id": tenant}
-    fp: str | None = None
-    context: dict[str, Any] | None = None
-    data: dict[str, Any] = dict(inputs or {})
     try:
-        _check_scope(job, tenant, workspace_id)
-        if run_id is None:
-            data, text = job.canonical(inputs)
-            context, fp = context_and_fingerprint_of(text)
-        elif inputs is not None:  # the gate holds them to the run's: a run runs the inputs it was dispatched with
-            data, text = job.canonical(inputs)
-            fp = fingerprint_of(text)
-        if tenant is not None and not _sql_text(str(tenant)):  # a driver error otherwise, and no visible skip
-            raise TenantNotFound("tenant_id: not a tenant id or external_id", field="tenant_id")
-        ws = uuid.UUID(str(workspace_id)) if workspace_id else None
+        tenant, data, fp, context, ws = _checked_delivery(job, run_id, tenant, workspace_id, inputs)
     except (InputInvalid, TenantNotFound, ValueError) as exc:
-        code = exc.reason_code if isinstance(exc, OpsPolishError) else "input.invalid"
-        rt.metrics[f"rejected:{code}"] += 1
-        log.warning("run_rejected", **where, run_id=run_id, reason_code=code,
-                    message=sanitize_message(str(exc), extra_secrets=rt.secrets))
-        return _skip_result("rejected", run_id, code, None)
+        return _rejected(rt, where, run_id, exc)
 
     owner = uuid.uuid4()
     try:
         claim = await _ask_gate(rt, job, run_id=run_id, tenant=tenant if job.scope == "tenant" else None,
                                 workspace_id=ws, fingerprint=fp, context=context, job_id=job_id, owner=owner)
+    except asyncpg.ForeignKeyViolationError:  # a raw workspace delivery naming no workspace there is
+        return _rejected(rt, where, run_id, InputInvalid("workspace_id: no such workspace", field="workspace_id"))
     except DbUnavailable as exc:
         log.warning("gate_unavailable", **where, run_id=run_id, reason_code=exc.reason_code, message=exc.message)
         raise Retry(defer=_backoff_s(min(job_try, 5))) from exc

@@ -201,6 +201,41 @@ async def test_malformed_raw_enqueues_are_rejected_visibly_and_leave_no_state(
     await assert_no_state(conn, settings, tables)
 
 
+async def test_raw_enqueues_of_the_wrong_types_are_refused_with_a_reason_not_a_traceback(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str,
+) -> None:
+    """A number, a list or a mapping where a tenant id belongs, a run id that is text or past 64 bits, inputs that are
+    no mapping, a workspace that does not exist: each was a driver error (DataError, ForeignKeyViolationError) or a
+    TypeError out of the job, which arq logged as a failed job with a traceback."""
+    tables = await _table_counts(conn)
+    redis = rt.require_redis()
+    refused: list[tuple[str, dict[str, Any], str]] = [
+        (EFFECT_TYPE, {"tenant_id": -5, "inputs": {}}, "tenant.not_found"),
+        (EFFECT_TYPE, {"tenant_id": [tenant], "inputs": {}}, "tenant.not_found"),
+        (EFFECT_TYPE, {"tenant_id": {"id": tenant}, "inputs": {}}, "tenant.not_found"),
+        (EFFECT_TYPE, {"tenant_id": tenant, "run_id": "1", "inputs": {}}, "input.invalid"),
+        (EFFECT_TYPE, {"tenant_id": tenant, "run_id": 2**70, "inputs": {}}, "input.invalid"),
+        (EFFECT_TYPE, {"tenant_id": tenant, "inputs": [1, 2]}, "input.invalid"),
+        (EFFECT_TYPE, {"tenant_id": tenant, "inputs": "tag=x"}, "input.invalid"),
+        (WORKSPACE_EFFECT_TYPE, {"workspace_id": str(uuid.uuid4()), "inputs": {}}, "input.invalid"),
+    ]
+    for job_type, payload, _ in refused:
+        await redis.enqueue_job(job_type, _queue_name=settings.queue_name, **payload)
+    with structlog.testing.capture_logs() as events:
+        worker = await drain(settings)
+    assert (worker.jobs_complete, worker.jobs_failed) == (len(refused), 0)
+    rejected = sorted(e["reason_code"] for e in events if e["event"] == "run_rejected")
+    assert rejected == sorted(code for _, _, code in refused)
+    await assert_no_state(conn, settings, tables)
+    # A tenant id given as a UUID object (what a Python caller holds) is a tenant id like its text.
+    await redis.enqueue_job(EFFECT_TYPE, tenant_id=uuid.UUID(tenant), inputs={"tag": "uuid-object"},
+                            _queue_name=settings.queue_name)
+    worker = await drain(settings)
+    assert (worker.jobs_complete, worker.jobs_failed) == (1, 0)
+    outcome = await conn.fetchval("SELECT outcome FROM operation_runs WHERE context->>'tag' = 'uuid-object'")
+    assert outcome == "succeeded"
+
+
 @dataclass(frozen=True)
 class CliCase:
     name: str
