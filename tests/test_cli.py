@@ -296,6 +296,7 @@ async def test_an_unknown_setting_is_refused(settings: Settings) -> None:
     ("OPSPOLISH_MAX_ATTEMPTS", "99999999999999999999999", "less than or equal to"),
     ("OPSPOLISH_RECONCILE_INTERVAL_MIN", "7", "must divide 60"),  # :56 then :00 again: uneven passes
     ("OPSPOLISH_WORKER_HEALTH_S", "0", "greater than or equal to 1"),
+    ("OPSPOLISH_REDIS_URL", "redis://:cnryUrlPw@127.0.0.1:6379/abc", "must be a number"),  # was int() at connect
 ])
 async def test_an_unusable_setting_is_exit_2_naming_it_in_one_line(
     settings: Settings, env: str, value: str, says: str,
@@ -304,6 +305,14 @@ async def test_an_unusable_setting_is_exit_2_naming_it_in_one_line(
     assert out.returncode == 2 and out.stdout == "", out
     assert out.stderr.count("\n") == 1 and f"settings: {env}: " in out.stderr and says in out.stderr, out.stderr
     assert "Traceback" not in out.stderr and "cnryUrlPw" not in out.stderr
+
+
+async def test_a_provider_that_cannot_be_built_is_exit_2_naming_opspolish_provider(settings: Settings) -> None:
+    """os:system was called with the runtime: internal.unexpected: TypeError at exit 1, for every command."""
+    for spec, says in (("os:system", "could not be built from the runtime: TypeError"), ("os:sep", "is not callable")):
+        out = await cli(settings, "runs", "list", OPSPOLISH_PROVIDER=spec)
+        assert out.returncode == 2 and out.stderr.startswith(f"opspolish: input.invalid: OPSPOLISH_PROVIDER: '{spec}'")
+        assert says in out.stderr and out.stderr.count("\n") == 1, out.stderr
 
 
 async def test_an_error_no_layer_translated_is_one_line_and_exit_1_without_v(

@@ -7,8 +7,9 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from opspolish.errors import InputInvalid, ProviderRejected, ProviderUnavailable
+from opspolish.errors import InputInvalid, OpsPolishError, ProviderRejected, ProviderUnavailable
 from opspolish.ledger import translate_errors
+from opspolish.sanitize import describe_exception
 
 if TYPE_CHECKING:
     from opspolish.runtime import Runtime
@@ -111,4 +112,12 @@ def load_provider(spec: str, runtime: Runtime) -> Any:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as exc:
         raise InputInvalid(f"OPSPOLISH_PROVIDER: cannot import {spec!r}", field="OPSPOLISH_PROVIDER") from exc
-    return factory(runtime)
+    if not callable(factory):
+        raise InputInvalid(f"OPSPOLISH_PROVIDER: {spec!r} is not callable", field="OPSPOLISH_PROVIDER")
+    try:
+        return factory(runtime)
+    except OpsPolishError:
+        raise
+    except Exception as exc:  # os:system and the like: a TypeError, reported as internal.unexpected at exit 1
+        raise InputInvalid(f"OPSPOLISH_PROVIDER: {spec!r} could not be built from the runtime: "
+                           f"{describe_exception(exc)}", field="OPSPOLISH_PROVIDER") from exc

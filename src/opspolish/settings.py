@@ -79,7 +79,13 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: SecretStr) -> SecretStr:
-        return _check_url(value, _REDIS_SCHEMES)
+        value = _check_url(value, _REDIS_SCHEMES)
+        parts = urlsplit(value.get_secret_value())
+        database = parts.path.strip("/")
+        if parts.scheme.lower() in ("redis", "rediss") and database and not database.isdigit():
+            # arq reads it with int() when it connects: a ValueError then, at exit 1, naming nothing
+            raise ValueError("the database after the host must be a number (redis://host:6379/0)")
+        return value
 
     @model_validator(mode="before")
     @classmethod
