@@ -35,8 +35,8 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
         rf"\1{REDACTED}",
     ),
     # long opaque credentials with well-known prefixes (GitHub, Slack, AWS, Stripe...)
-    (re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{16,}|xox[abpr]-[A-Za-z0-9\-]{10,}|AKIA[0-9A-Z]{16}|"
-                r"sk_(?:live|test)_[A-Za-z0-9]{10,})\b"), REDACTED),
+    (re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{16,}|github_pat_[A-Za-z0-9_]{20,}|xox[abpr]-[A-Za-z0-9\-]{10,}|"
+                r"AKIA[0-9A-Z]{16}|sk_(?:live|test)_[A-Za-z0-9]{10,})\b"), REDACTED),
 )
 _TRACEBACK = re.compile(r"Traceback \(most recent call last\):.*", re.DOTALL)
 
@@ -48,8 +48,13 @@ _CREDENTIAL_SHAPES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"(?i)\b(bearer)\s+(?!bearer\b)[A-Za-z0-9\-._~+/=]{6,}"), rf"\1 {REDACTED}"),
     _PATTERNS[2],  # JWTs
     _PATTERNS[4],  # well-known token prefixes
-    # key=value (a query string, a connection string) whose key ends in an unmistakable secret word
-    (re.compile(r"(?i)((?<![\w\-])(?:[\w\-]*[_\-])?(?:pass(?:word|wd)?|pwd|secret|token|api[_\-]?key|apikey)\s*+=\s*+)"
+    # An HTTP Authorization header's credential, whatever its scheme (the word "Basic" alone is ordinary text)
+    (re.compile(r"(?i)\b(authorization\s*+:\s*+(?:(?:basic|bearer|digest|token)\s++)?)"
+                + r"(?!" + re.escape(REDACTED) + r")[A-Za-z0-9\-._~+/=]{6,}+"), rf"\1{REDACTED}"),
+    # key=value (a query string, a connection string, an environment line) whose key ends in an unmistakable secret
+    # word: password/passwd after anything (PGPASSWORD=), the shorter words after a separator (bypass= is no secret)
+    (re.compile(r"(?i)((?<![\w\-])(?:[\w\-]*?pass(?:word|wd)|(?:[\w\-]*[_\-])?(?:pass(?:word|wd)?|pwd|secret|token|"
+                r"api[_\-]?key|apikey))\s*+=\s*+)"
                 + r"(?!" + re.escape(REDACTED) + r")([^\s,;&\]}\"']+)"), rf"\1{REDACTED}"),
 )
 
@@ -58,7 +63,7 @@ _CREDENTIAL_SHAPES: tuple[tuple[re.Pattern[str], str], ...] = (
 #: every secret word, scheme, token prefix or JWT header. Most log lines have none, and one scan for these
 #: literals costs a microsecond where a case-insensitive alternation of the patterns costs fifteen.
 _HINTS = ("pass", "pwd", "secret", "token", "api", "auth", "credential", "private", "cookie", "session", "sig",
-          "bearer", "basic", "eyj", "://", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "xox", "akia", "sk_")
+          "bearer", "basic", "eyj", "://", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "xox", "akia", "sk_")
 _HINT = re.compile("|".join(re.escape(hint) for hint in _HINTS))
 #: Letters that case-insensitive matching takes for ASCII ones but lower() keeps apart (dotless i, long s).
 _FOLD = str.maketrans({"\u0131": "i", "\u017f": "s"})
