@@ -138,6 +138,12 @@ async def test_a_database_migrated_by_a_newer_version_is_refused_not_upgraded_or
     [migrations] = [c for c in json.loads(doctor.stdout) if c["name"] == "migrations"]
     assert doctor.returncode == 1 and migrations["verdict"] == "fail"
     assert "does not know" in migrations["detail"] and "db upgrade" not in migrations["detail"]
+    worker = make_worker(settings)
+    try:
+        with pytest.raises(SchemaMismatch, match=r"at 9999_from_the_future, .*does not know.*upgrade opspolish"):
+            await asyncio.wait_for(worker.main(), 30)
+    finally:
+        await worker.close()
 
 
 async def test_commands_and_a_worker_on_a_database_never_migrated_say_to_upgrade() -> None:

@@ -32,6 +32,11 @@ def _diff(connection: Connection) -> list[Any]:
     return list(compare_metadata(ctx, Base.metadata))
 
 
+def test_the_workers_schema_head_is_the_migrations_head() -> None:
+    """A worker checks its database against db.SCHEMA_HEAD without loading alembic: a new migration must move it."""
+    assert db.head_revision() == db.SCHEMA_HEAD
+
+
 async def test_upgrade_head_matches_the_models_exactly(settings: Settings) -> None:
     engine = db.create_engine(settings)
     try:

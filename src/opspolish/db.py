@@ -260,6 +260,22 @@ async def check_schema_is_ours(settings: Settings) -> str | None:
     return None
 
 
+#: The newest migration's revision, for a worker to check its database against without loading alembic (its script
+#: directory costs a worker process ~10 MB of memory). tests/test_schema.py holds it to the migrations' head.
+SCHEMA_HEAD = "0004"
+
+
+async def require_schema_head(settings: Settings) -> None:
+    """A worker's start: refuse a database that is not at :data:`SCHEMA_HEAD`, saying what to do."""
+    current = await current_revision(settings)
+    if current == SCHEMA_HEAD:
+        return
+    advice = ("run `opspolish db upgrade` first" if current is None or current < SCHEMA_HEAD
+              else "a revision this version does not know (a newer opspolish migrated it): upgrade opspolish")
+    raise SchemaMismatch(f"database {database_name(settings)} is at {current or 'no revision'}, not at head "
+                         f"{SCHEMA_HEAD}: {advice}")
+
+
 async def require_head(settings: Settings) -> None:
     """Refuse a database that is not at this version's head (behind it, ahead of it, or someone else's), with what
     to do, rather than a driver error on the first table or function that is missing or different."""

@@ -24,7 +24,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["opspolish_settings"]
     # A worker on a database behind (or ahead of) its schema would fail every delivery on a driver error: it refuses
     # to start instead, saying what to do.
-    await db.require_head(settings)
+    await db.require_schema_head(settings)
     ctx["opspolish"] = await Runtime.start(settings, redis=ctx["redis"])
     log.info("worker_started", queue=settings.queue_name)
 
