@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import re
+import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,7 +19,15 @@ import structlog.testing
 import opspolish
 from opspolish import db
 from opspolish.ledger import Ledger
-from opspolish.logs import ARQ_DONE_FORMAT, MAX_LOG_DEPTH, TOO_DEEP, _JsonLine, _OneLinePerRun
+from opspolish.logs import (
+    ARQ_DONE_FORMAT,
+    MAX_LOG_DEPTH,
+    TOO_DEEP,
+    _JsonLine,
+    _JsonRecords,
+    _OneLinePerRun,
+    _RedactRecords,
+)
 from opspolish.runtime import LeaseKeeper, Runtime
 from opspolish.settings import Settings
 from opspolish.tracking import execute, get_job
@@ -91,11 +100,17 @@ async def test_a_tracked_run_prints_arqs_start_line_and_one_run_completed_event_
     worker_processes.append(worker)
     assert await worker.wait() == 0
     text = worker.log()
-    completed = [e for e in log_events([worker]) if e["event"] == "run_completed"]
+    events = log_events([worker])
+    completed = [e for e in events if e["event"] == "run_completed"]
+    arq_lines = [e["event"] for e in events if e.get("logger", "").startswith("arq")]
+    # From the worker's start-up hook on, arq's lines are JSON too (its first lines come before the hook runs).
+    lines = text.splitlines()
+    first_json = next(i for i, line in enumerate(lines) if line.startswith("{"))
+    assert all(line.startswith("{") for line in lines[first_json:] if line.strip()), text
     for run in runs:
         ref = f"{run.job_id}:{EFFECT_TYPE}"
-        assert f"→ {ref}(" in text, text  # arq's start line stays
-        assert f"← {ref}" not in text, text  # its end line gives way to the structured event
+        assert any(f"→ {ref}(" in line for line in arq_lines), text  # arq's start line stays
+        assert not any(f"← {ref}" in line for line in arq_lines), text  # its end line gives way to run_completed
         [event] = [e for e in completed if e["run_id"] == run.run_id]
         assert event["outcome"] == "succeeded" and event["counts"]["processed"] == 2
         assert event["job_id"] == run.job_id and isinstance(event["duration_s"], float)
@@ -175,3 +190,17 @@ async def test_a_failed_heartbeat_names_the_runs_whose_leases_it_could_not_exten
         first = (await wait_until(failed, timeout_s=10))[0]
         await keeper.stop()
     assert (first["log_level"], first["run_ids"], first["reason_code"]) == ("warning", [5, 11], "db.unavailable")
+
+
+def test_an_arq_line_in_the_json_format_is_one_json_object_with_its_redacted_traceback() -> None:
+    try:
+        raise RuntimeError("provider said password=Tb-Canary-9")
+    except RuntimeError:
+        record = logging.LogRecord("arq.jobs", logging.ERROR, __file__, 1, "%6.2fs ! %s failed", (0.5, "q:run:7:x"),
+                                   sys.exc_info())
+    _RedactRecords().filter(record)
+    line = _JsonRecords().format(record)
+    assert "\n" not in line and "Tb-Canary-9" not in line
+    event = json.loads(line)
+    assert (event["logger"], event["level"]) == ("arq.jobs", "error")
+    assert event["event"].startswith("  0.50s ! q:run:7:x failed\nTraceback (most recent call last):"), event

@@ -142,6 +142,25 @@ class _JsonLine:
         return self._encode(_scrub(logger, method_name, event_dict))
 
 
+class _JsonRecords(logging.Formatter):
+    """stdlib records (arq's lines: a job's start, retries, failures, cron) as JSON lines in the JSON format, so that
+    a log pipeline reading the worker's output gets one JSON object per line: ``event`` (the record's message, already
+    redacted by :class:`_RedactRecords`, with its redacted traceback after a newline when it has one), ``logger``,
+    ``level`` and ``timestamp``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._line = _JsonLine()
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact_secrets(self.formatException(record.exc_info))
+        if record.exc_text:  # in the event, which is not cut to one line: a traceback is what a failure line is for
+            text = f"{text}\n{record.exc_text}"
+        return self._line(None, record.levelname.lower(), {"event": text, "logger": record.name})
+
+
 def _json_fallback(value: Any) -> Any:
     # _scrub leaves only JSON types; a key that is not text (a bound tuple key, say) still renders, as its repr.
     return sanitize_message(repr(value))
@@ -169,5 +188,7 @@ def configure_logging(log_format: str, *, verbose: bool = False) -> None:
     for handler in (*logging.getLogger().handlers, *arq_logger.handlers):
         if not any(isinstance(f, _RedactRecords) for f in handler.filters):
             handler.addFilter(_RedactRecords())
+        if log_format == "json":  # arq's lines too: one JSON object per line, none in plain text between them
+            handler.setFormatter(_JsonRecords())
     if not verbose:
         logging.getLogger("alembic").setLevel(logging.WARNING)
