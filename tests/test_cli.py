@@ -124,6 +124,16 @@ def _one_reason_line(out: subprocess.CompletedProcess[str]) -> str:
     return reason
 
 
+async def _worker_refuses_to_start(settings: Settings, says: str) -> None:
+    """A worker on this database raises SchemaMismatch (matching ``says``) from its start-up, before any job."""
+    worker = make_worker(settings)
+    try:
+        with pytest.raises(SchemaMismatch, match=says):
+            await asyncio.wait_for(worker.main(), 30)
+    finally:
+        await worker.close()
+
+
 async def test_a_database_migrated_by_a_newer_version_is_refused_not_upgraded_or_reset(
         settings: Settings, conn: asyncpg.Connection) -> None:
     await conn.execute("INSERT INTO workspaces (slug, name) VALUES ('keep', 'Keep')")
@@ -138,12 +148,7 @@ async def test_a_database_migrated_by_a_newer_version_is_refused_not_upgraded_or
     [migrations] = [c for c in json.loads(doctor.stdout) if c["name"] == "migrations"]
     assert doctor.returncode == 1 and migrations["verdict"] == "fail"
     assert "does not know" in migrations["detail"] and "db upgrade" not in migrations["detail"]
-    worker = make_worker(settings)
-    try:
-        with pytest.raises(SchemaMismatch, match=r"at 9999_from_the_future, .*does not know.*upgrade opspolish"):
-            await asyncio.wait_for(worker.main(), 30)
-    finally:
-        await worker.close()
+    await _worker_refuses_to_start(settings, r"at 9999_from_the_future, .*does not know.*upgrade opspolish")
 
 
 async def test_commands_and_a_worker_on_a_database_never_migrated_say_to_upgrade() -> None:
@@ -157,12 +162,7 @@ async def test_commands_and_a_worker_on_a_database_never_migrated_say_to_upgrade
             reason = _one_reason_line(out)
             assert out.returncode == 1 and reason.startswith("opspolish: db.schema_mismatch:"), (args, out.stderr)
             assert "run `opspolish db upgrade`" in reason and "Traceback" not in out.stderr, reason
-        worker = make_worker(settings)
-        try:
-            with pytest.raises(SchemaMismatch, match=r"at no revision, not at head .*run `opspolish db upgrade`"):
-                await asyncio.wait_for(worker.main(), 30)
-        finally:
-            await worker.close()
+        await _worker_refuses_to_start(settings, r"at no revision, not at head .*run `opspolish db upgrade`")
 
 
 async def test_reset_of_a_database_holding_someone_elses_tables_changes_nothing() -> None:
