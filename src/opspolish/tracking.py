@@ -350,12 +350,20 @@ def _checked_delivery(
     return tenant, data, fp, context, ws
 
 
-def _rejected(rt: Runtime, where: dict[str, Any], run_id: Any, exc: Exception) -> dict[str, Any]:
-    code = exc.reason_code if isinstance(exc, OpsPolishError) else "input.invalid"
+def _rejected(rt: Runtime, logger: Any, run_id: int | None, code: str, message: str,
+              decision: str = "rejected") -> dict[str, Any]:
+    """A delivery refused before the gate or by it: one ``run_rejected`` warning, a ``rejected:<code>`` count."""
     rt.metrics[f"rejected:{code}"] += 1
-    log.warning("run_rejected", **where, run_id=run_id, reason_code=code,
-                message=sanitize_message(str(exc), extra_secrets=rt.secrets))
-    return _skip_result("rejected", run_id if isinstance(run_id, int) else None, code, None)
+    logger.warning("run_rejected", reason_code=code, decision=decision,
+                   message=sanitize_message(message, extra_secrets=rt.secrets))
+    return _skip_result(decision, run_id, code, None)
+
+
+def _refused(rt: Runtime, where: dict[str, Any], run_id: Any, exc: Exception) -> dict[str, Any]:
+    """A delivery refused before the gate, for ``exc``."""
+    code = exc.reason_code if isinstance(exc, OpsPolishError) else "input.invalid"
+    return _rejected(rt, log.bind(**where, run_id=run_id), run_id if isinstance(run_id, int) else None, code,
+                     str(exc))
 
 
 def _skip_result(decision: str, run_id: int | None, reason_code: str | None, dedupe_of: int | None) -> dict[str, Any]:
@@ -401,14 +409,14 @@ async def execute(
     try:
         tenant, data, fp, context, ws = _checked_delivery(job, run_id, tenant, workspace_id, inputs)
     except (InputInvalid, TenantNotFound, ValueError) as exc:
-        return _rejected(rt, where, run_id, exc)
+        return _refused(rt, where, run_id, exc)
 
     owner = uuid.uuid4()
     try:
         claim = await _ask_gate(rt, job, run_id=run_id, tenant=tenant if job.scope == "tenant" else None,
                                 workspace_id=ws, fingerprint=fp, context=context, job_id=job_id, owner=owner)
     except asyncpg.ForeignKeyViolationError:  # a raw workspace delivery naming no workspace there is
-        return _rejected(rt, where, run_id, InputInvalid("workspace_id: no such workspace", field="workspace_id"))
+        return _refused(rt, where, run_id, InputInvalid("workspace_id: no such workspace", field="workspace_id"))
     except DbUnavailable as exc:
         log.warning("gate_unavailable", **where, run_id=run_id, reason_code=exc.reason_code, message=exc.message)
         raise Retry(defer=_backoff_s(min(job_try, 5))) from exc
@@ -425,10 +433,8 @@ async def execute(
         bound.info("run_deferred", reason_code="dedupe.overlap", defer_s=round(claim.wait_s, 3))
         raise Retry(defer=claim.wait_s + random.uniform(0.05, 0.25))
     if decision in GATE_REFUSALS:  # no run of this scope to skip: refused like a malformed delivery, visibly
-        rt.metrics[f"rejected:{claim.reason_code}"] += 1
-        bound.warning("run_rejected", reason_code=claim.reason_code, decision=decision,
-                      message=GATE_REFUSALS[decision])
-        return _skip_result(decision, claim.run_id, claim.reason_code, None)
+        return _rejected(rt, bound, claim.run_id, claim.reason_code or "input.invalid", GATE_REFUSALS[decision],
+                         decision)
     if decision not in ("claimed", "taken_over"):
         rt.metrics[f"skipped:{claim.reason_code}"] += 1
         bound.info("run_skipped", reason_code=claim.reason_code, dedupe_of=claim.dedupe_of, decision=decision)
