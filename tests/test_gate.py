@@ -115,6 +115,35 @@ async def test_all_items_failing_ends_failed_with_items_all_failed(
     assert run["summary_counts"] == {"total": 2, "processed": 2, "failed": 2}
 
 
+
+async def test_items_announced_but_not_processed_never_pass_for_done(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str
+) -> None:
+    cases = {  # inputs -> outcome, reason code, message, counts
+        (4, 0, 2): ("partially_succeeded", "items.unprocessed", "2 of 6 announced items were not processed",
+                    {"total": 6, "processed": 4, "failed": 0}),
+        (4, 1, 2): ("partially_succeeded", "items.partially_failed",
+                    "1 of 4 items failed; 2 of 6 announced items were not processed",
+                    {"total": 6, "processed": 4, "failed": 1}),
+        (0, 0, 3): ("failed", "items.unprocessed", "3 of 3 announced items were not processed",
+                    {"total": 3, "processed": 0, "failed": 0}),
+        (2, 2, 1): ("failed", "items.all_failed", "all 2 items failed; 1 of 3 announced items were not processed",
+                    {"total": 3, "processed": 2, "failed": 2}),
+        (3, 0, 0): ("succeeded", None, None, {"total": 3, "processed": 3, "failed": 0}),
+    }
+    run_ids = {}
+    for case in cases:
+        items, fail_items, unprocessed = case
+        result = await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={
+            "items": items, "fail_items": fail_items, "unprocessed": unprocessed})
+        run_ids[case] = result.run_id
+    await drain(settings)
+    by_id = {run["id"]: run for run in await runs(conn)}
+    for case, (outcome, code, message, counts) in cases.items():
+        run = by_id[run_ids[case]]
+        assert (run["outcome"], run["reason_code"], run["reason_message"], run["summary_counts"]) == (
+            outcome, code, message, counts), case
+
 async def test_retry_overwrites_counts_instead_of_adding(
     settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str
 ) -> None:

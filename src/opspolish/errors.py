@@ -141,6 +141,10 @@ REASON_CODES: dict[str, str] = {
     ),
     "items.all_failed": "every item of the run failed",
     "items.partially_failed": "some items failed (outcome partially_succeeded); the others succeeded",
+    "items.unprocessed": (
+        "the body returned without error, but some items it announced (add_total) neither succeeded nor failed: "
+        "partially_succeeded if any succeeded, failed if none did"
+    ),
     "provider.unavailable": "the assignment provider could not be reached (retried)",
     "provider.throttled": "the assignment provider throttled us (retried after its retry-after)",
     "provider.rejected": "the assignment provider rejected an item (not retried)",

@@ -570,9 +570,17 @@ def _outcome(counts: Counts, error: OpsPolishError | None, secrets: tuple[str, .
              ) -> tuple[str, str | None, str | None]:
     if error is not None:
         return "failed", error.reason_code, sanitize_message(error.message, extra_secrets=secrets)
-    if counts.failed == 0:
+    processed, failed = counts.processed, counts.failed
+    total = max(counts.total, processed)  # as summary_counts holds it
+    unprocessed = total - processed  # announced with add_total, neither succeeded nor failed when the body returned
+    if failed == 0 and unprocessed == 0:
         return "succeeded", None, None
-    if counts.failed < counts.processed:
-        return ("partially_succeeded", "items.partially_failed",
-                f"{counts.failed} of {counts.processed} items failed")
-    return "failed", "items.all_failed", f"all {counts.failed} items failed"
+    parts = []
+    if failed:
+        parts.append(f"all {failed} items failed" if failed == processed else f"{failed} of {processed} items failed")
+    if unprocessed:
+        parts.append(f"{unprocessed} of {total} announced items were not processed")
+    code = "items.unprocessed" if failed == 0 else None
+    if failed == processed:  # not one item succeeded
+        return "failed", code or "items.all_failed", "; ".join(parts)
+    return "partially_succeeded", code or "items.partially_failed", "; ".join(parts)

@@ -45,6 +45,7 @@ class EffectInputs(BaseModel):
     throttle: bool = False
     items: int = 0
     fail_items: int = 0
+    unprocessed: int = 0  # items announced beyond those processed
     crash: bool = False  # raise an unexpected error carrying a secret-looking text
     attempt_items: list[int] | None = None  # attempt n counts attempt_items[n-1] more succeeded items
     attempt_sleep_s: list[float] | None = None  # attempt n sleeps attempt_sleep_s[n-1] (instead of sleep_s)
@@ -57,7 +58,7 @@ async def effect(run: RunContext) -> None:
         "INSERT INTO test_effects (run_id, attempt, tag, pid) VALUES ($1, $2, $3, $4) RETURNING id",
         run.run_id, run.attempt, inputs.tag, os.getpid(),
     )
-    run.counts.add_total(inputs.items)
+    run.counts.add_total(inputs.items + inputs.unprocessed)
     for i in range(inputs.items):
         if i < inputs.fail_items:
             run.counts.item_failed()
