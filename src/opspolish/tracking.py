@@ -500,7 +500,9 @@ async def _run_body(
                  OpsPolishError(sanitize_message(describe_exception(exc), extra_secrets=secrets)))
     except OpsPolishError as exc:
         error = exc
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
+        # SystemExit too (sys.exit() in a body, or in a library it calls): it would stop the whole worker with its
+        # other jobs, and the run, left running, would take down each worker its redelivery reached.
         error = OpsPolishError(sanitize_message(describe_exception(exc), extra_secrets=secrets))
     finally:
         lease.in_body = False

@@ -218,3 +218,25 @@ async def test_a_paused_worker_that_lost_its_lease_writes_nothing_when_it_wakes_
     assert not any(e["event"] == "run_completed" and e.get("run_id") == run.run_id for e in log_events([first]))
     # (Its body's own side effect did happen: fencing guards the ledger, not what a zombie body does outside it.)
     assert [e["attempt"] for e in await effects(conn, "paused")] == [1, 2]
+
+
+async def test_a_body_calling_sys_exit_fails_its_run_and_the_worker_goes_on(
+    settings: Settings, conn: asyncpg.Connection, tenant: str, tmp_path: Path,
+    worker_processes: list[WorkerProcess],
+) -> None:
+    async with opspolish.connect(settings) as rt:
+        exiting = await opspolish.dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "exit", "exit_code": 3})
+        after = await opspolish.dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "after", "items": 2})
+    # One job at a time, the exiting one first: without the catch, sys.exit(3) stops the worker there.
+    worker = WorkerProcess(settings, burst=True, log_path=tmp_path / "w.log", OPSPOLISH_MAX_JOBS="1")
+    worker_processes.append(worker)
+    assert await worker.wait() == 0, worker.log()[-2000:]
+    rows = {r["id"]: r for r in await assert_ledger_settled(conn)}
+    assert (rows[exiting.run_id]["outcome"], rows[exiting.run_id]["reason_code"],
+            rows[exiting.run_id]["reason_message"]) == ("failed", "internal.unexpected", "SystemExit: 3")
+    assert rows[exiting.run_id]["attempts"] == 1
+    assert (rows[after.run_id]["outcome"], rows[after.run_id]["summary_counts"]) == (
+        "succeeded", {"total": 2, "processed": 2, "failed": 0})
+    [completed] = [e for e in log_events([worker]) if e.get("event") == "run_completed"
+                   and e.get("run_id") == exiting.run_id]
+    assert completed["outcome"] == "failed"

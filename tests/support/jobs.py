@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import uuid
 from typing import Any, Literal
 
@@ -46,6 +47,7 @@ class EffectInputs(BaseModel):
     items: int = 0
     fail_items: int = 0
     unprocessed: int = 0  # items announced beyond those processed
+    exit_code: int | None = None  # the body calls sys.exit(exit_code)
     crash: bool = False  # raise an unexpected error carrying a secret-looking text
     attempt_items: list[int] | None = None  # attempt n counts attempt_items[n-1] more succeeded items
     attempt_sleep_s: list[float] | None = None  # attempt n sleeps attempt_sleep_s[n-1] (instead of sleep_s)
@@ -76,6 +78,8 @@ async def effect(run: RunContext) -> None:
         if inputs.throttle:
             raise ProviderThrottled("slow down", retry_after_s=0.05)
         raise ProviderUnavailable("provider down (password=hunter2)")
+    if inputs.exit_code is not None:
+        sys.exit(inputs.exit_code)
     if inputs.crash:
         raise RuntimeError("boom: postgresql://user:s3cret@db/x token=abc123def")
     await pool.execute("UPDATE test_effects SET finished_at = clock_timestamp() WHERE id = $1", effect_id)
