@@ -22,7 +22,7 @@ from opspolish.runtime import Runtime
 from opspolish.settings import Settings
 from opspolish.tracking import REGISTRY, RunContext, execute, get_job, tracked_job
 from tests.conftest import drain
-from tests.support.jobs import WORKSPACE_EFFECT_TYPE
+from tests.support.jobs import ALIASED_TYPE, WORKSPACE_EFFECT_TYPE
 
 
 async def _body(run: RunContext) -> None:
@@ -281,6 +281,30 @@ async def test_a_workspace_job_delivered_with_a_tenant_is_refused_by_the_worker_
                             workspace_id=t["workspace_id"], inputs={}, job_id="raw:workspace")
     assert control["outcome"] == "succeeded", control
 
+
+
+async def test_inputs_under_aliases_and_defaults_run_as_dispatched_and_are_one_identity(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any]
+) -> None:
+    # The worker validated the model's output again: under field names, an aliased field was "Field required" and
+    # the run stayed queued. And inputs given at their defaults were another identity than inputs left out.
+    tenant = str(seeded["tenants"][0]["external_id"])
+    friday = await dispatch(rt, ALIASED_TYPE, tenant=tenant, inputs={"Day": "friday"})
+    default = await dispatch(rt, ALIASED_TYPE, tenant=tenant)
+    spelled_out = await dispatch(rt, ALIASED_TYPE, tenant=tenant, inputs={"Day": "monday", "n": 1})
+    assert (default.created, spelled_out.created, spelled_out.run_id) == (True, False, default.run_id)
+    assert fingerprint({"Day": "monday"}, job_type=ALIASED_TYPE) == fingerprint({}, job_type=ALIASED_TYPE)
+    raw = await rt.require_redis().enqueue_job(ALIASED_TYPE, tenant_id=tenant, inputs={"Day": "sunday", "n": 2},
+                                               _queue_name=settings.queue_name)
+    assert raw is not None
+    await drain(settings)
+    rows = await conn.fetch("SELECT id, outcome, context FROM operation_runs ORDER BY id")
+    assert [(r["outcome"], r["context"]) for r in rows] == [
+        ("succeeded", {"Day": "friday"}), ("succeeded", {}), ("succeeded", {"Day": "sunday", "n": 2})]
+    tags = await conn.fetch("SELECT run_id, tag FROM test_effects ORDER BY run_id")
+    assert [(t["run_id"], t["tag"]) for t in tags] == [
+        (friday.run_id, 'friday/1 {"Day": "friday"}'), (default.run_id, "monday/1 {}"),
+        (rows[2]["id"], 'sunday/2 {"Day": "sunday", "n": 2}')]
 
 def test_fingerprint_of_a_job_type_finds_it_through_opspolish_job_modules(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch,

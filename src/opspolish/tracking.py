@@ -115,8 +115,13 @@ class TrackedJob:
         """Check inputs against the job's model; InputInvalid names the first bad field."""
         return self.canonical(inputs)[0]
 
-    def canonical(self, inputs: Mapping[str, Any] | None) -> tuple[dict[str, Any], str]:
-        """The validated inputs and their canonical JSON text (what the fingerprint and ``context`` come from)."""
+    def canonical(self, inputs: Mapping[str, Any] | None, *, validate: bool = True) -> tuple[dict[str, Any], str]:
+        """The validated inputs and their canonical JSON text (what the fingerprint and ``context`` come from).
+
+        The model's output is what a run records and its body receives: under the fields' aliases (a model reads
+        back what it wrote) and without the fields left at their defaults (inputs given with or without a default
+        value are one identity). ``validate=False`` takes inputs that already are such an output as they are (a
+        dispatched run's payload, which the gate holds to the run's fingerprint)."""
         if inputs is not None and not isinstance(inputs, Mapping):
             raise InputInvalid(f"inputs: must be a mapping, got {type(inputs).__name__}", field="inputs")
         data = dict(inputs or {})
@@ -128,13 +133,13 @@ class TrackedJob:
                 raise too_long from None
             raise
         refuse_nul(data)
-        if self.inputs_model is None:
+        if self.inputs_model is None or not validate:
             return data, text
         try:
             model = self.inputs_model.model_validate(data)
         except ValidationError as exc:
             raise _field_error(exc.errors()[0]) from None
-        valid = model.model_dump(mode="python", exclude_unset=True)
+        valid = model.model_dump(mode="python", by_alias=True, exclude_defaults=True)
         return valid, canonical_json(valid)
 
     def _too_long(self, data: dict[str, Any]) -> InputInvalid | None:
@@ -342,7 +347,9 @@ def _checked_delivery(
         data, text = job.canonical(inputs)
         context, fp = context_and_fingerprint_of(text)
     elif inputs is not None:  # the gate holds them to the run's: a run runs the inputs it was dispatched with
-        data, text = job.canonical(inputs)
+        # Not validated again: dispatch validated them, and a payload whose fingerprint is the run's is that output.
+        # (Validating the model's output again is not always a no-op: an alias, a computed or excluded field.)
+        data, text = job.canonical(inputs, validate=False)
         fp = fingerprint_of(text)
     if tenant is not None and not _sql_text(tenant):  # a driver error otherwise, and no visible skip
         raise TenantNotFound("tenant_id: not a tenant id or external_id", field="tenant_id")

@@ -4,12 +4,13 @@ so executions are counted, not assumed."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from sqlalchemy.engine import make_url
 
 from opspolish.errors import ProviderRejected, ProviderThrottled, ProviderUnavailable
@@ -20,6 +21,7 @@ EFFECT_TYPE = "test.effect"
 WORKSPACE_EFFECT_TYPE = "test.workspace_effect"
 SECRETIVE_TYPE = "test.secretive"
 FENCED_TYPE = "test.fenced"
+ALIASED_TYPE = "test.aliased"
 #: A fenced body waits here, by its tag, between its two writes (absent: it does not wait).
 FENCED_PAUSES: dict[str, asyncio.Event] = {}
 
@@ -193,3 +195,22 @@ class LeakyProvider:
 
     async def apply(self, tenant_id: uuid.UUID, policy_id: uuid.UUID, assignments: list[Assignment]) -> None:
         raise ProviderRejected(self._text("apply"))
+
+
+class AliasedInputs(BaseModel):
+    """Inputs under an alias, with defaults: what the model writes must read back, given or left at a default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    day: str = Field("monday", alias="Day")
+    n: int = 1
+
+
+async def aliased(run: RunContext) -> None:
+    inputs = AliasedInputs.model_validate(run.inputs)  # as a body gets every field
+    await run.runtime.pool.execute(
+        "INSERT INTO test_effects (run_id, attempt, tag, pid) VALUES ($1, $2, $3, $4)",
+        run.run_id, run.attempt, f"{inputs.day}/{inputs.n} {json.dumps(run.inputs, sort_keys=True)}", os.getpid())
+
+
+aliased_job = tracked_job(ALIASED_TYPE, inputs=AliasedInputs)(aliased)
