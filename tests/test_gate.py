@@ -144,6 +144,19 @@ async def test_items_announced_but_not_processed_never_pass_for_done(
         assert (run["outcome"], run["reason_code"], run["reason_message"], run["summary_counts"]) == (
             outcome, code, message, counts), case
 
+
+async def test_a_cancelled_error_raised_inside_the_body_fails_the_run_once_instead_of_coming_back_for_ever(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str
+) -> None:
+    # Taken for a worker shutdown, the run was handed back and arq ran it again at once: 30 attempts in 15 s.
+    await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"inner_cancel": True, "items": 1})
+    await drain(settings, timeout_s=20)
+    [run] = await runs(conn)
+    assert (run["status"], run["outcome"], run["reason_code"], run["attempts"]) == (
+        "completed", "failed", "internal.unexpected", 1)
+    assert run["reason_message"] == "CancelledError raised inside the job body"
+    assert len(await effects(conn)) == 1
+
 async def test_retry_overwrites_counts_instead_of_adding(
     settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str
 ) -> None:

@@ -470,6 +470,20 @@ async def execute(
         rt.leases.drop(lease)
 
 
+async def _cancelled(rt: Runtime, run_id: int, lease: Lease, bound: Any,
+                     cancel: asyncio.CancelledError) -> dict[str, Any]:
+    """A delivery cancelled mid-body: hand its run back so the redelivery claims it at once, and re-raise."""
+    if lease.lost:
+        bound.warning("run_abandoned", reason_code="dedupe.overlap", message="lease taken over; wrote nothing")
+        return _skip_result("lease_lost", run_id, "dedupe.overlap", None)
+    # If the database is down too, the lease goes stale and the redelivery takes the run over.
+    with contextlib.suppress(DbUnavailable):
+        await asyncio.shield(rt.ledger.release(
+            run_id, lease.owner, reason_code="job.cancelled",
+            reason_message="worker shut down during the run; handed back for redelivery"))
+    bound.info("run_handed_back", reason_code="job.cancelled")
+    raise cancel
+
 async def _run_body(
     rt: Runtime, job: TrackedJob, run_id: int, attempt: int, workspace_id: uuid.UUID, tenant_id: uuid.UUID | None,
     data: dict[str, Any], job_id: str, lease: Lease, bound: Any,
@@ -488,19 +502,15 @@ async def _run_body(
     try:
         async with deadline:
             await job.body(run)
-    except asyncio.CancelledError:
+    except asyncio.CancelledError as exc:
         lease.in_body = False
-        if lease.lost:
-            bound.warning("run_abandoned", reason_code="dedupe.overlap", message="lease taken over; wrote nothing")
-            return _skip_result("lease_lost", run_id, "dedupe.overlap", None)
-        # Worker shutdown: hand the run back so the redelivery claims it at once.
-        # If the database is down too, the lease goes stale and the redelivery takes the run over.
-        with contextlib.suppress(DbUnavailable):
-            await asyncio.shield(rt.ledger.release(
-                run_id, lease.owner, reason_code="job.cancelled",
-                reason_message="worker shut down during the run; handed back for redelivery"))
-        bound.info("run_handed_back", reason_code="job.cancelled")
-        raise
+        task = asyncio.current_task()
+        if task is None or task.cancelling():  # this delivery is cancelled (worker shutdown, arq's timeout)
+            return await _cancelled(rt, run_id, lease, bound, exc)
+        # Raised inside the body (it awaited something cancelled): the body's error. Handed back as a shutdown, it
+        # came straight back, again and again, past max_attempts.
+        error = OpsPolishError(sanitize_message(f"{describe_exception(exc)} raised inside the job body",
+                                                extra_secrets=secrets))
     except TimeoutError as exc:
         # Only our deadline is job.timeout: a TimeoutError of the body's own (an HTTP client's) is its error.
         error = (JobTimeout(f"the job exceeded its {job.timeout(rt):g} s timeout") if deadline.expired() else

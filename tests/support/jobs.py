@@ -50,6 +50,7 @@ class EffectInputs(BaseModel):
     fail_items: int = 0
     unprocessed: int = 0  # items announced beyond those processed
     exit_code: int | None = None  # the body calls sys.exit(exit_code)
+    inner_cancel: bool = False  # the body awaits a task that was cancelled (its own CancelledError)
     crash: bool = False  # raise an unexpected error carrying a secret-looking text
     attempt_items: list[int] | None = None  # attempt n counts attempt_items[n-1] more succeeded items
     attempt_sleep_s: list[float] | None = None  # attempt n sleeps attempt_sleep_s[n-1] (instead of sleep_s)
@@ -82,6 +83,10 @@ async def effect(run: RunContext) -> None:
         raise ProviderUnavailable("provider down (password=hunter2)")
     if inputs.exit_code is not None:
         sys.exit(inputs.exit_code)
+    if inputs.inner_cancel:
+        inner = asyncio.ensure_future(asyncio.sleep(10))
+        inner.cancel()
+        await inner
     if inputs.crash:
         raise RuntimeError("boom: postgresql://user:s3cret@db/x token=abc123def")
     await pool.execute("UPDATE test_effects SET finished_at = clock_timestamp() WHERE id = $1", effect_id)
