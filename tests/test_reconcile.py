@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import signal
 import socket
@@ -21,13 +22,13 @@ from pydantic import SecretStr
 
 from opspolish.dispatch import dispatch
 from opspolish.errors import InputInvalid
-from opspolish.fingerprint import context_and_fingerprint
+from opspolish.fingerprint import context_and_fingerprint, fingerprint, identity_hash
 from opspolish.jobs.reconcile import RECONCILE_TYPE, reconcile_all, reconcile_cron
 from opspolish.runtime import Runtime
 from opspolish.settings import Settings
 from opspolish.worker import worker_settings
 from tests.conftest import ROOT, WorkerProcess, drain, make_worker, wait_until, worker_env
-from tests.support.jobs import EFFECT_TYPE
+from tests.support.jobs import EFFECT_TYPE, FREEFORM_TYPE
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -219,9 +220,12 @@ async def test_the_worker_cron_runs_the_tracked_reconcile(
 
 
 def real_worker(settings: Settings) -> Worker:
-    """A burst worker with the production configuration: the built-in jobs and the reconcile cron."""
+    """A burst worker with the production configuration: the built-in jobs and the reconcile cron, moved to half an
+    hour from now (a pass it started at a five-minute mark was one more job in the test's counts)."""
     kwargs: dict[str, Any] = {**get_kwargs(worker_settings(settings, configure_logs=False)),
                               "burst": True, "poll_delay": 0.02, "handle_signals": False}
+    far = (datetime.now().minute + 30) % 60
+    kwargs["cron_jobs"] = [dataclasses.replace(job, minute={far}) for job in kwargs["cron_jobs"]]
     return Worker(**kwargs)
 
 
@@ -251,9 +255,14 @@ async def test_a_reconcile_run_with_inputs_whose_job_vanished_is_requeued_and_ru
     settings: Settings, rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any]
 ) -> None:
     """Reconcile's re-enqueue carries no payload, so the run runs its recorded inputs. For a reconcile run, the
-    delivery was given {} instead, refused as other inputs than the run's, and the run ended run.lost."""
+    delivery was given {} instead, refused as other inputs than the run's, and the run ended run.lost. Reconcile
+    takes no inputs now; a run an earlier version queued with some (made here by hand) still runs."""
     globex = seeded["workspaces"][1]
-    queued = await dispatch(rt, RECONCILE_TYPE, workspace_id=globex["id"], inputs={"note": "nightly"})
+    queued = await dispatch(rt, RECONCILE_TYPE, workspace_id=globex["id"])
+    fp = fingerprint({"note": "nightly"})
+    await conn.execute("UPDATE operation_runs SET context = $2::jsonb, fingerprint = $3, run_identity_hash = $4 "
+                       "WHERE id = $1", queued.run_id, {"note": "nightly"}, fp,
+                       identity_hash(f"workspace:{globex['id']}", RECONCILE_TYPE, fp))
     redis = rt.require_redis()
     await redis.delete(f"arq:job:{queued.job_id}")
     await redis.zrem(settings.queue_name, queued.job_id)
@@ -269,6 +278,31 @@ async def test_a_reconcile_run_with_inputs_whose_job_vanished_is_requeued_and_ru
     assert (run["status"], run["outcome"], run["requeues"]) == ("completed", "succeeded", 1), dict(run)
 
 
+
+async def test_reconcile_takes_no_inputs_so_a_pass_with_some_cannot_run_beside_the_workspaces_own(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any]
+) -> None:
+    # Inputs made another identity, with a lock and an active run of its own: two passes of one workspace ran at
+    # once, and one settled as run.lost a run the other had just re-enqueued.
+    acme = seeded["workspaces"][0]
+    with pytest.raises(InputInvalid, match=r"^inputs\.note: ") as caught:
+        await dispatch(rt, RECONCILE_TYPE, workspace_id=acme["id"], inputs={"note": "x"})
+    assert caught.value.field == "inputs.note"
+    raw = await rt.require_redis().enqueue_job(RECONCILE_TYPE, workspace_id=str(acme["id"]), inputs={"note": "x"},
+                                               _queue_name=settings.queue_name)
+    assert raw is not None
+    worker = real_worker(settings)
+    with structlog.testing.capture_logs() as logs:
+        try:
+            await asyncio.wait_for(worker.main(), 30)
+        finally:
+            await worker.close()
+    assert worker.jobs_complete == 1
+    assert await reconcile_runs(conn) == []
+    [rejected] = [e for e in logs if e["event"] == "run_rejected"]
+    assert rejected["reason_code"] == "input.invalid" and "inputs.note" in rejected["message"]
+
+
 async def test_inputs_arq_cannot_queue_are_input_invalid_and_leave_no_run_queued(
     rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any]
 ) -> None:
@@ -280,8 +314,8 @@ async def test_inputs_arq_cannot_queue_are_input_invalid_and_leave_no_run_queued
         nested = [nested]
     for bad in (lambda: 1, nested):
         with pytest.raises(InputInvalid, match=r"^inputs: cannot be queued"):
-            await dispatch(rt, RECONCILE_TYPE, workspace_id=acme["id"], inputs={"password": bad})
-    rows = await conn.fetch("SELECT status, outcome, reason_code FROM operation_runs WHERE type = $1", RECONCILE_TYPE)
+            await dispatch(rt, FREEFORM_TYPE, workspace_id=acme["id"], inputs={"password": bad})
+    rows = await conn.fetch("SELECT status, outcome, reason_code FROM operation_runs WHERE type = $1", FREEFORM_TYPE)
     assert [tuple(r) for r in rows] == [("completed", "failed", "input.invalid")] * 2  # none left queued
 
 
@@ -292,7 +326,7 @@ async def test_a_secret_input_that_contains_itself_runs_and_ends(
     the run stayed running."""
     cyclic: dict[str, Any] = {"key": "Cyclic-Canary-1"}
     cyclic["self"] = cyclic
-    queued = await dispatch(rt, RECONCILE_TYPE, workspace_id=seeded["workspaces"][0]["id"],
+    queued = await dispatch(rt, FREEFORM_TYPE, workspace_id=seeded["workspaces"][0]["id"],
                             inputs={"password": cyclic, "case": "x"})
     worker = real_worker(settings)
     try:

@@ -22,6 +22,7 @@ WORKSPACE_EFFECT_TYPE = "test.workspace_effect"
 SECRETIVE_TYPE = "test.secretive"
 FENCED_TYPE = "test.fenced"
 ALIASED_TYPE = "test.aliased"
+FREEFORM_TYPE = "test.freeform"
 #: A fenced body waits here, by its tag, between its two writes (absent: it does not wait).
 FENCED_PAUSES: dict[str, asyncio.Event] = {}
 
@@ -219,3 +220,10 @@ async def aliased(run: RunContext) -> None:
 
 
 aliased_job = tracked_job(ALIASED_TYPE, inputs=AliasedInputs)(aliased)
+
+
+async def freeform(run: RunContext) -> None:
+    """A workspace job with no inputs model: any inputs the canonical form takes are its own."""
+
+
+freeform_job = tracked_job(FREEFORM_TYPE, scope="workspace")(freeform)

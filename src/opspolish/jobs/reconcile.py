@@ -15,6 +15,7 @@ from typing import Any
 import structlog
 from arq import Retry
 from arq.jobs import Job, JobStatus
+from pydantic import BaseModel, ConfigDict
 
 from opspolish.errors import DbUnavailable, RedisUnavailable
 from opspolish.ledger import Run, Scope, translate_errors
@@ -83,7 +84,14 @@ async def _settle(rt: Runtime, redis: Any, run: Run, scoped: Any, ctx: RunContex
     return ok
 
 
-@tracked_job(RECONCILE_TYPE, scope="workspace", cooldown_s=0.0, max_attempts=1)
+class ReconcileInputs(BaseModel):
+    """None: a pass is its workspace's, whatever asked for it. Inputs would make it another identity, with its own
+    lock and active run, and two passes of one workspace could then run at once (and settle each other's work)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@tracked_job(RECONCILE_TYPE, inputs=ReconcileInputs, scope="workspace", cooldown_s=0.0, max_attempts=1)
 async def reconcile_adapter_runs(run: RunContext) -> None:
     """One workspace's pass: every candidate is counted; settled ones are processed."""
     rt = run.runtime
