@@ -19,6 +19,7 @@ from tests.reliability.faults import (
     RedisServer,
     assert_ledger_settled,
     assert_never_concurrent,
+    closed_port,
     effects,
     run_cli,
     run_rows,
@@ -154,3 +155,34 @@ async def test_reconcile_with_redis_down_is_recorded_failed_and_settles_nothing(
     up = await run_cli(s, "reconcile", "--json")
     assert up.code == 0, up
     assert await private_redis.job_ids(s.queue_name) == {run.job_id}
+
+
+async def test_a_re_enqueue_redis_refused_is_not_counted_and_the_next_pass_re_enqueues(
+    settings: Settings, private_redis: RedisServer, conn: asyncpg.Connection, tenant: str,
+) -> None:
+    # Marked before the enqueue, a refused enqueue used up the run's one re-enqueue: the next pass called it run.lost.
+    s = private_redis.settings_for(settings)
+    client = private_redis.client()
+    try:
+        async with opspolish.connect(s) as rt:
+            run = await opspolish.dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "refused", "items": 1})
+            await _flush(private_redis)
+            # A replica of a primary that is not there (a failover gone wrong): reads answer, writes are refused.
+            await client.replicaof("127.0.0.1", closed_port())
+            [refused] = await reconcile_all(rt, workspace_slug=await _slug_of(conn, run.workspace_id))
+            assert (refused["outcome"], refused["reason_code"]) == ("failed", "redis.unavailable"), refused
+            row = await conn.fetchrow("SELECT status, requeues FROM operation_runs WHERE id = $1", run.run_id)
+            assert row is not None and tuple(row) == ("queued", 0)
+            await client.replicaof("NO", "ONE")
+            [again] = await reconcile_all(rt, workspace_slug=await _slug_of(conn, run.workspace_id))
+            assert again["outcome"] == "succeeded", again
+            assert await private_redis.job_ids(s.queue_name) == {run.job_id}
+            await drain(s)
+    finally:
+        await client.aclose()
+    row = await conn.fetchrow("SELECT outcome, requeues, attempts FROM operation_runs WHERE id = $1", run.run_id)
+    assert row is not None and tuple(row) == ("succeeded", 1, 1)
+
+
+async def _slug_of(conn: asyncpg.Connection, workspace_id: object) -> str:
+    return str(await conn.fetchval("SELECT slug FROM workspaces WHERE id = $1", workspace_id))

@@ -63,8 +63,10 @@ async def _settle(rt: Runtime, redis: Any, run: Run, scoped: Any, ctx: RunContex
         return ok
     age_s = (datetime.now(UTC) - run.created_at).total_seconds()
     if run.requeues == 0 and age_s < rt.settings.reconcile_max_queued_age_s:
-        if not await scoped.mark_requeued(run.id):
-            return False
+        # The job first, then the mark: marked first, a failed enqueue (Redis refusing writes, the pass cut short
+        # in between) used up the run's one re-enqueue, and the next pass called it lost. Enqueued but not marked
+        # (the pass died in between), the run is backed again, and could at worst be re-enqueued once more. The
+        # job id is the run's: never two jobs for it.
         try:
             await redis.enqueue_job(
                 run.type, run_id=run.id, tenant_id=str(run.tenant_id) if run.tenant_id else None,
@@ -73,8 +75,11 @@ async def _settle(rt: Runtime, redis: Any, run: Run, scoped: Any, ctx: RunContex
             )
         except Exception as exc:
             if _is_redis_error(exc):
-                raise RedisUnavailable(f"Redis unavailable while re-enqueueing run {run.id}") from exc
+                raise RedisUnavailable(f"Redis unavailable while re-enqueueing run {run.id}: "
+                                       f"{type(exc).__name__}") from exc
             raise
+        if not await scoped.mark_requeued(run.id):
+            return False  # claimed or settled meanwhile: the gate decides what the job's delivery does
         ctx.counts.bump("requeued")
         return True
     why = "re-enqueued once already" if run.requeues else f"older than {rt.settings.reconcile_max_queued_age_s:g} s"
