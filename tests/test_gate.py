@@ -6,6 +6,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 import uuid
 from typing import Any
 
@@ -156,6 +157,26 @@ async def test_a_cancelled_error_raised_inside_the_body_fails_the_run_once_inste
         "completed", "failed", "internal.unexpected", 1)
     assert run["reason_message"] == "CancelledError raised inside the job body"
     assert len(await effects(conn)) == 1
+
+
+async def test_a_retry_due_in_days_keeps_its_job_in_redis_until_it_is_due(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str
+) -> None:
+    # arq's job key expires a day after the job was first due, and a Retry does not renew it: a retry due in two days
+    # found its job gone ("job expired") and the run, queued with nothing behind it, ended run.lost.
+    two_days = 2 * 86_400
+    queued = await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={
+        "fail_times": 1, "throttle": True, "retry_after_s": two_days})
+    redis = rt.require_redis()
+    assert await redis.pttl(f"arq:job:{queued.job_id}") <= 86_400_000  # as arq enqueued it
+    await drain(settings, max_burst_jobs=1)
+    [run] = await runs(conn)
+    assert (run["status"], run["reason_code"], run["attempts"]) == ("queued", "provider.throttled", 1)
+    due_ms = await redis.zscore(settings.queue_name, queued.job_id)
+    now_ms = time.time() * 1000
+    assert due_ms is not None and abs(due_ms - now_ms - two_days * 1000) < 60_000
+    ttl_ms = await redis.pttl(f"arq:job:{queued.job_id}")
+    assert ttl_ms > due_ms - now_ms + 86_000_000  # still there a day after it is due
 
 async def test_retry_overwrites_counts_instead_of_adding(
     settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import asyncpg
 import structlog
 from arq import Retry
+from arq.constants import job_key_prefix
 from arq.worker import Function, func
 from pydantic import BaseModel, ValidationError
 
@@ -484,6 +485,29 @@ async def _cancelled(rt: Runtime, run_id: int, lease: Lease, bound: Any,
     bound.info("run_handed_back", reason_code="job.cancelled")
     raise cancel
 
+#: How long arq keeps a job's key past the time the job is due (``Worker.expires_extra_ms``, one day).
+JOB_KEY_EXTRA_S = 86_400.0
+
+
+async def _keep_job_for(rt: Runtime, job_id: str, delay_s: float) -> None:
+    """Keep the job's key in Redis until a day past its retry's due time (never shorter than it is).
+
+    arq sets the key to expire a day after the job was first due and a ``Retry`` does not renew it: a retry due
+    later than that (a provider's ``retry_after_s`` of days, or retries that add up to more than a day) found its
+    job gone, arq logged "job expired", and the run, queued with no job behind it, ended ``run.lost``."""
+    if rt.redis is None:
+        return
+    key = job_key_prefix + job_id
+    want_ms = int((delay_s + JOB_KEY_EXTRA_S) * 1000)
+    try:
+        ttl_ms = await rt.redis.pttl(key)
+        if 0 <= ttl_ms < want_ms:
+            await rt.redis.pexpire(key, want_ms)
+    except Exception as exc:  # Redis away: arq's Retry will meet it too; reconcile is the net
+        if not type(exc).__module__.startswith("redis") and not isinstance(exc, OSError):
+            raise
+        log.warning("job_key_not_extended", job_id=job_id, message=describe_exception(exc))
+
 async def _run_body(
     rt: Runtime, job: TrackedJob, run_id: int, attempt: int, workspace_id: uuid.UUID, tenant_id: uuid.UUID | None,
     data: dict[str, Any], job_id: str, lease: Lease, bound: Any,
@@ -539,6 +563,7 @@ async def _run_body(
         if released:
             rt.metrics[f"retried:{error.reason_code}"] += 1
             bound.info("run_retrying", reason_code=error.reason_code, attempt=attempt, defer_s=round(delay, 3))
+            await _keep_job_for(rt, job_id, delay)
             raise Retry(defer=delay)
         # Taken over before the keeper noticed: this end was silent (and the worker drops arq's own end line).
         bound.warning("run_abandoned", reason_code="dedupe.overlap", message="lease lost before the retry")

@@ -47,6 +47,7 @@ class EffectInputs(BaseModel):
     sleep_attempts: int = 1_000  # only attempts up to this one sleep
     fail_times: int = 0  # attempts 1..fail_times raise a transient error
     throttle: bool = False
+    retry_after_s: float = 0.05  # a throttled attempt's retry_after_s
     items: int = 0
     fail_items: int = 0
     unprocessed: int = 0  # items announced beyond those processed
@@ -80,7 +81,7 @@ async def effect(run: RunContext) -> None:
         await asyncio.sleep(inputs.sleep_s)
     if run.attempt <= inputs.fail_times:
         if inputs.throttle:
-            raise ProviderThrottled("slow down", retry_after_s=0.05)
+            raise ProviderThrottled("slow down", retry_after_s=inputs.retry_after_s)
         raise ProviderUnavailable("provider down (password=hunter2)")
     if inputs.exit_code is not None:
         sys.exit(inputs.exit_code)
