@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 import pytest
 import structlog
+import structlog.testing
 from arq import Retry
 
 from opspolish.counts import Counts
@@ -177,6 +178,45 @@ async def test_a_retry_due_in_days_keeps_its_job_in_redis_until_it_is_due(
     assert due_ms is not None and abs(due_ms - now_ms - two_days * 1000) < 60_000
     ttl_ms = await redis.pttl(f"arq:job:{queued.job_id}")
     assert ttl_ms > due_ms - now_ms + 86_000_000  # still there a day after it is due
+
+
+async def test_a_raw_job_id_enqueued_again_after_its_job_ended_is_a_new_request_and_a_redelivery_is_not(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str
+) -> None:
+    # arq takes a new job under a job id whose job has ended (a _job_id reused for uniqueness). The gate took any run
+    # of that job id and identity for the job's own: every later one was already_completed, and never ran again.
+    redis = rt.require_redis()
+    job_id = f"{settings.queue_name}:nightly-report"  # arq's job keys are global: this test's, cleaned up with it
+
+    async def enqueue() -> None:
+        job = await redis.enqueue_job(EFFECT_TYPE, tenant_id=tenant, inputs={"tag": "nightly"},
+                                      _job_id=job_id, _queue_name=settings.queue_name)
+        assert job is not None  # taken: the job of that id has ended
+
+    no_cooldown = settings.model_copy(update={"dedupe_cooldown_s": 0.0})
+    await enqueue()
+    saved = await redis.get(f"arq:job:{job_id}")  # the job as queued, to deliver it again below
+    assert saved is not None
+    await drain(no_cooldown)
+    await enqueue()
+    await drain(no_cooldown)
+    first, second = await runs(conn)
+    assert [(r["outcome"], r["job_id"]) for r in (first, second)] == [("succeeded", job_id)] * 2
+    # With the type's cooldown, a third is a visible skip of its own, pointing at the run that made it redundant.
+    await enqueue()
+    await drain(settings)
+    skipped = (await runs(conn))[2]
+    assert (skipped["outcome"], skipped["reason_code"], skipped["dedupe_of"]) == (
+        "skipped", "dedupe.cooldown", second["id"])
+    # A redelivery of the first job (a worker died after writing its outcome, before arq's acknowledgement) is that
+    # job, enqueued before its run completed: already completed, no new run, whatever the cooldown.
+    await redis.set(f"arq:job:{job_id}", saved)
+    await redis.zadd(settings.queue_name, {job_id: int(time.time() * 1000)})
+    with structlog.testing.capture_logs() as logs:
+        await drain(no_cooldown)
+    assert len(await runs(conn)) == 3
+    assert [e["reason_code"] for e in logs if e["event"] == "run_skipped"] == ["dedupe.already_completed"]
+    assert [e["tag"] for e in await effects(conn)] == ["nightly", "nightly"]
 
 async def test_retry_overwrites_counts_instead_of_adding(
     settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -27,7 +28,7 @@ HISTORY_ROWS = 1_000_000
 
 async def _claim(conn: asyncpg.Connection, tenant: str, tag: str) -> Any:
     return await conn.fetchrow(
-        "SELECT * FROM opspolish_claim(NULL, $1, NULL, $2, $3, '{}'::jsonb, $4, 'q', $5, 900, 60)",
+        "SELECT * FROM opspolish_claim(NULL, $1, NULL, $2, $3, '{}'::jsonb, $4, 'q', $5, 900, 60, now())",
         tenant, EFFECT_TYPE, tag * 64, f"job-{uuid.uuid4()}", uuid.uuid4())
 
 
@@ -37,7 +38,7 @@ async def _dispatch_and_claim(conn: asyncpg.Connection, tenant: str, tag: str) -
                               tenant, EFFECT_TYPE, (tag * 64)[:64])
     assert run is not None
     return await conn.fetchrow(
-        "SELECT * FROM opspolish_claim($1, $2, NULL, $3, NULL, NULL, $4, 'q', $5, 900, 60)",
+        "SELECT * FROM opspolish_claim($1, $2, NULL, $3, NULL, NULL, $4, 'q', $5, 900, 60, NULL)",
         run["run_id"], tenant, EFFECT_TYPE, run["job_id"], uuid.uuid4())
 
 
@@ -49,7 +50,7 @@ async def _flush(stmt: Any, tenant: str, tag: str, done: tuple[int, uuid.UUID] |
     owner = uuid.uuid4()
     rows: list[Any] = await stmt.fetch(
         *completions, [None], [tenant], [None], [EFFECT_TYPE], [(tag * 64)[:64]], ["{}"],
-        [f"job-{uuid.uuid4()}"], ["q"], [owner], [900.0], [60.0])
+        [f"job-{uuid.uuid4()}"], ["q"], [owner], [900.0], [60.0], [datetime.now(UTC)])
     return [*rows, owner]
 
 
@@ -57,7 +58,7 @@ async def _one_by_one(claim_one: Any, complete_one: Any, tenant: str, tag: str) 
     """The batcher's statements for a lone claim and a lone completion: one raw claim, then its completion."""
     owner = uuid.uuid4()
     claimed = await claim_one.fetchrow(None, tenant, None, EFFECT_TYPE, (tag * 64)[:64], "{}",
-                                       f"job-{uuid.uuid4()}", "q", owner, 900.0, 60.0)
+                                       f"job-{uuid.uuid4()}", "q", owner, 900.0, 60.0, datetime.now(UTC))
     assert claimed["decision"] == "claimed", claimed
     return await complete_one.fetchrow(claimed["run_id"], owner, "succeeded",
                                        '{"total": 0, "processed": 0, "failed": 0}', None, None)

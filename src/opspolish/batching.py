@@ -26,6 +26,7 @@ import json
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -52,12 +53,12 @@ WITH done AS (
 ), claims AS (
     SELECT a.n, g.*
     FROM unnest($7::bigint[], $8::text[], $9::uuid[], $10::text[], $11::text[], $12::text[], $13::text[],
-                $14::text[], $15::uuid[], $16::float8[], $17::float8[])
+                $14::text[], $15::uuid[], $16::float8[], $17::float8[], $18::timestamptz[])
          WITH ORDINALITY AS a(run_id, tenant, workspace_id, type, fingerprint, context, job_id, queue_name,
-                              lease_owner, cooldown_s, lease_ttl_s, n)
+                              lease_owner, cooldown_s, lease_ttl_s, enqueued_at, n)
     CROSS JOIN LATERAL opspolish_claim(a.run_id, a.tenant, a.workspace_id, a.type, a.fingerprint,
                                        a.context::jsonb, a.job_id, a.queue_name, a.lease_owner, a.cooldown_s,
-                                       a.lease_ttl_s) AS g
+                                       a.lease_ttl_s, a.enqueued_at) AS g
 )
 SELECT 0::bigint AS n, NULL::text AS decision, id AS run_id, NULL::integer AS attempts, NULL::bigint AS dedupe_of,
        NULL::text AS reason_code, NULL::float8 AS wait_s, NULL::uuid AS workspace_id, NULL::uuid AS tenant_id
@@ -69,10 +70,10 @@ SELECT n, decision, run_id, attempts, dedupe_of, reason_code, wait_s, workspace_
 # A flush of one operation (most of them when jobs arrive one at a time) skips the batch machinery: scalar
 # parameters, no array unnesting and no empty half (an UPDATE with nothing to update still opens every index of
 # the ledger). Same rows as _FLUSH. Server CPU per statement, measured here (schema 0003), _FLUSH -> these: a lone
-# claim ~220 -> ~190 us, a lone completion ~185 -> ~155 us; the client encodes 6 or 11 scalars instead of 17 arrays.
+# claim ~220 -> ~190 us, a lone completion ~185 -> ~155 us; the client encodes 6 or 12 scalars instead of 18 arrays.
 _CLAIM_ONE = """
 SELECT 1::bigint AS n, decision, run_id, attempts, dedupe_of, reason_code, wait_s, workspace_id, tenant_id
-FROM opspolish_claim($1, $2, $3, $4, $5, $6::text::jsonb, $7, $8, $9, $10, $11)
+FROM opspolish_claim($1, $2, $3, $4, $5, $6::text::jsonb, $7, $8, $9, $10, $11, $12)
 """
 _COMPLETE_ONE = """
 UPDATE operation_runs o SET status = 'completed', outcome = $3, summary_counts = $4::text::jsonb, reason_code = $5,
@@ -109,6 +110,7 @@ class _Claim:
     lease_owner: uuid.UUID
     cooldown_s: float
     lease_ttl_s: float
+    enqueued_at: datetime | None
     done: asyncio.Future[Claim]
 
 
@@ -168,12 +170,13 @@ class GateBatcher:
     async def claim(
         self, *, run_id: int | None, tenant: str | None, workspace_id: uuid.UUID | None, run_type: str,
         fingerprint: str | None, context: dict[str, Any] | None, job_id: str, queue_name: str,
-        lease_owner: uuid.UUID, cooldown_s: float, lease_ttl_s: float,
+        lease_owner: uuid.UUID, cooldown_s: float, lease_ttl_s: float, enqueued_at: datetime | None = None,
     ) -> Claim:
-        """The gate's decision for one delivery (see ``opspolish_claim``)."""
+        """The gate's decision for one delivery (see ``opspolish_claim``); ``enqueued_at``, when arq enqueued the
+        job, tells a later job under a reused job id from a redelivery."""
         done: asyncio.Future[Claim] = asyncio.get_running_loop().create_future()
         op = _Claim(run_id, tenant, workspace_id, run_type, fingerprint, context, job_id, queue_name, lease_owner,
-                    cooldown_s, lease_ttl_s, done)
+                    cooldown_s, lease_ttl_s, enqueued_at, done)
         self._claims.append(op)
         self._kick()
         # The claim goes ahead even if this delivery is cancelled meanwhile (cancelling it cancels ``done``); a
@@ -318,7 +321,7 @@ def _statement(claims: Sequence[_Claim], completions: Sequence[_Completion]) -> 
     if not claims and len(completions) == 1:
         return _COMPLETE_ONE, _completion_row(completions[0])
     return _FLUSH, [*_columns([_completion_row(c) for c in completions], 6),
-                    *_columns([_claim_row(c) for c in claims], 11)]
+                    *_columns([_claim_row(c) for c in claims], 12)]
 
 
 def _completion_row(c: _Completion) -> list[Any]:
@@ -328,7 +331,7 @@ def _completion_row(c: _Completion) -> list[Any]:
 def _claim_row(c: _Claim) -> list[Any]:
     return [c.run_id, c.tenant, c.workspace_id, c.run_type, c.fingerprint,
             None if c.context is None else json.dumps(c.context), c.job_id, c.queue_name, c.lease_owner,
-            c.cooldown_s, c.lease_ttl_s]
+            c.cooldown_s, c.lease_ttl_s, c.enqueued_at]
 
 
 def _columns(rows: list[list[Any]], width: int) -> list[list[Any]]:

@@ -423,3 +423,47 @@ if any(CLAIM_V2.count(old) != 1 for old in (_TENANT_FOUND_V2, _RUN_FOUND_V2, _RU
     raise AssertionError("v2 text changed: v3 is derived from it")
 CLAIM_V3 = (CLAIM_V2.replace(_TENANT_FOUND_V2, _TENANT_FOUND_V3).replace(_RUN_FOUND_V2, _RUN_FOUND_V3)
             .replace(_RUN_INPUTS_V2, _RUN_INPUTS_V3))
+
+# --- v4 (migration 0005): a job id reused by a later enqueue is a new job; a workspace must exist ---------------------
+#
+# A raw delivery's run is found again by its arq job id (a redelivery after a worker died), and v3 took any run with
+# that job id and identity for this job's. But arq accepts a new job under an id whose job has ended (a
+# `_job_id` reused for uniqueness, as arq suggests): v3 answered every later one already_completed, and the identity
+# never ran again, whatever its cooldown. v4 is passed the time arq enqueued the job (`p_enqueued_at`, NULL when
+# unknown) and takes a completed run for this job's only if it completed after this job was enqueued: a later
+# enqueue of the same id goes through the identity's checks (active run, cooldown) like a new request.
+# A raw workspace delivery naming a workspace that does not exist is answered workspace_not_found (input.invalid),
+# where v3 failed on the ledger's foreign key.
+
+_SIGNATURE_V3 = """    p_lease_ttl_s double precision
+) RETURNS TABLE"""
+_SIGNATURE_V4 = """    p_lease_ttl_s double precision,
+    p_enqueued_at timestamptz   -- when arq enqueued the job (raw deliveries); NULL when unknown
+) RETURNS TABLE"""
+_RAW_MATCH_V3 = """        WHERE o.job_id = p_job_id AND o.run_identity_hash = v_identity
+"""
+_RAW_MATCH_V4 = """        WHERE o.job_id = p_job_id AND o.run_identity_hash = v_identity
+          AND (o.status <> 'completed' OR p_enqueued_at IS NULL OR o.completed_at >= p_enqueued_at)
+"""
+_RAW_SCOPE_V3 = """        IF v_ws IS NULL THEN
+            RAISE EXCEPTION 'opspolish_claim: a raw delivery needs a tenant or a workspace' USING ERRCODE = '22023';
+        END IF;
+"""
+_RAW_SCOPE_V4 = _RAW_SCOPE_V3 + """\
+        IF v_tenant IS NULL AND NOT EXISTS (SELECT 1 FROM workspaces w WHERE w.id = v_ws) THEN
+            decision := 'workspace_not_found';
+            reason_code := 'input.invalid';
+            RETURN NEXT;
+            RETURN;
+        END IF;
+"""
+if any(CLAIM_V3.count(old) != 1 for old in (_SIGNATURE_V3, _RAW_MATCH_V3, _RAW_SCOPE_V3)):
+    raise AssertionError("v3 text changed: v4 is derived from it")
+CLAIM_V4 = (CLAIM_V3.replace(_SIGNATURE_V3, _SIGNATURE_V4).replace(_RAW_MATCH_V3, _RAW_MATCH_V4)
+            .replace(_RAW_SCOPE_V3, _RAW_SCOPE_V4))
+#: v4 has one more argument: a new function beside v3's, which goes (two would make every call ambiguous).
+DROP_CLAIM_V3 = (
+    "DROP FUNCTION opspolish_claim(bigint, text, uuid, text, text, jsonb, text, text, uuid, float8, float8)")
+DROP_CLAIM_V4 = (
+    "DROP FUNCTION opspolish_claim(bigint, text, uuid, text, text, jsonb, text, text, uuid, float8, float8, "
+    "timestamptz)")

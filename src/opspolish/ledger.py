@@ -110,7 +110,7 @@ RUN_COLUMNS = ", ".join(Run.__slots__)
 
 # --- hot path -------------------------------------------------------------------------------------------
 
-_CLAIM = "SELECT * FROM opspolish_claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+_CLAIM = "SELECT * FROM opspolish_claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
 
 # A transient failure or a worker shutdown hands the run back to the queue (running -> queued).
 _RELEASE = """
@@ -154,12 +154,12 @@ class Ledger:
     async def claim(
         self, *, run_id: int | None, tenant: str | None, workspace_id: uuid.UUID | None, run_type: str,
         fingerprint: str | None, context: dict[str, Any] | None, job_id: str, queue_name: str,
-        lease_owner: uuid.UUID, cooldown_s: float, lease_ttl_s: float,
+        lease_owner: uuid.UUID, cooldown_s: float, lease_ttl_s: float, enqueued_at: datetime | None = None,
     ) -> Claim:
         async with translate_errors():
             row = await self.pool.fetchrow(
                 _CLAIM, run_id, tenant, workspace_id, run_type, fingerprint, context, job_id, queue_name,
-                lease_owner, cooldown_s, lease_ttl_s,
+                lease_owner, cooldown_s, lease_ttl_s, enqueued_at,
             )
         assert row is not None
         return Claim(*row)

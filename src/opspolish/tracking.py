@@ -21,9 +21,9 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
-import asyncpg
 import structlog
 from arq import Retry
 from arq.constants import job_key_prefix
@@ -173,7 +173,8 @@ class TrackedJob:
                         workspace_id: str | None = None, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
             rt: Runtime = ctx["opspolish"]
             return await execute(rt, job, run_id=run_id, tenant=tenant_id, workspace_id=workspace_id,
-                                 inputs=inputs, job_id=ctx["job_id"], job_try=ctx.get("job_try", 1))
+                                 inputs=inputs, job_id=ctx["job_id"], job_try=ctx.get("job_try", 1),
+                                 enqueued_at=ctx.get("enqueue_time"))
 
         entry.__qualname__ = entry.__name__ = self.type
         return func(entry, name=self.type, max_tries=ARQ_MAX_TRIES, timeout=timeout_s + TIMEOUT_MARGIN_S)
@@ -315,6 +316,7 @@ GATE_REFUSALS = {
     "tenant_not_found": "tenant_id: no such tenant in the delivery's scope",
     "run_not_found": "run_id: no such run in the delivery's scope",
     "inputs_mismatch": "inputs: not the inputs this run was dispatched with",
+    "workspace_not_found": "workspace_id: no such workspace",
 }
 
 
@@ -381,6 +383,7 @@ def _skip_result(decision: str, run_id: int | None, reason_code: str | None, ded
 async def _ask_gate(
     rt: Runtime, job: TrackedJob, *, run_id: int | None, tenant: str | None, workspace_id: uuid.UUID | None,
     fingerprint: str | None, context: dict[str, Any] | None, job_id: str, owner: uuid.UUID,
+    enqueued_at: datetime | None,
 ) -> Claim:
     """The gate's decision. A busy identity lock is held for one short transaction, so it is asked again
     in a few ms here before the delivery is deferred through arq (what a duplicate storm would otherwise do)."""
@@ -388,7 +391,7 @@ async def _ask_gate(
         claim = await rt.gate.claim(
             run_id=run_id, tenant=tenant, workspace_id=workspace_id, run_type=job.type, fingerprint=fingerprint,
             context=context, job_id=job_id, queue_name=rt.settings.queue_name, lease_owner=owner,
-            cooldown_s=job.cooldown(rt), lease_ttl_s=rt.settings.lease_ttl_s,
+            cooldown_s=job.cooldown(rt), lease_ttl_s=rt.settings.lease_ttl_s, enqueued_at=enqueued_at,
         )
         if claim.decision != "busy" or spin == BUSY_SPINS:
             break
@@ -410,9 +413,12 @@ def _check_scope(job: TrackedJob, tenant: str | None, workspace_id: str | uuid.U
 
 async def execute(
     rt: Runtime, job: TrackedJob, *, run_id: int | None, tenant: str | None, workspace_id: str | uuid.UUID | None,
-    inputs: Mapping[str, Any] | None, job_id: str, job_try: int = 1,
+    inputs: Mapping[str, Any] | None, job_id: str, job_try: int = 1, enqueued_at: datetime | None = None,
 ) -> dict[str, Any]:
-    """Run one delivery of a tracked job through the gate. Returns a small summary for arq's result."""
+    """Run one delivery of a tracked job through the gate. Returns a small summary for arq's result.
+
+    ``enqueued_at`` (arq's ``enqueue_time``) tells a raw job enqueued again under a job id already used (after that
+    job ended) from a redelivery of that job: the first is a new request of its identity, the second is not."""
     where = {"type": job.type, "job_id": job_id, "job_try": job_try, "tenant_id": tenant}
     try:
         tenant, data, fp, context, ws = _checked_delivery(job, run_id, tenant, workspace_id, inputs)
@@ -422,9 +428,8 @@ async def execute(
     owner = uuid.uuid4()
     try:
         claim = await _ask_gate(rt, job, run_id=run_id, tenant=tenant if job.scope == "tenant" else None,
-                                workspace_id=ws, fingerprint=fp, context=context, job_id=job_id, owner=owner)
-    except asyncpg.ForeignKeyViolationError:  # a raw workspace delivery naming no workspace there is
-        return _refused(rt, where, run_id, InputInvalid("workspace_id: no such workspace", field="workspace_id"))
+                                workspace_id=ws, fingerprint=fp, context=context, job_id=job_id, owner=owner,
+                                enqueued_at=enqueued_at if run_id is None else None)
     except DbUnavailable as exc:
         log.warning("gate_unavailable", **where, run_id=run_id, reason_code=exc.reason_code, message=exc.message)
         raise Retry(defer=_backoff_s(min(job_try, 5))) from exc
