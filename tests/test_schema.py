@@ -56,7 +56,8 @@ async def test_downgrade_to_base_then_upgrade_round_trips(settings: Settings, co
     await db.upgrade(settings)
     assert await db.current_revision(settings) == db.head_revision()
     await test_upgrade_head_matches_the_models_exactly(settings)
-    assert await conn.fetchval("SELECT count(*) FROM pg_proc WHERE proname LIKE 'opspolish_%'") == 6
+    # The gate's five, the counts check's (0003) and the tenant-reference trigger's (0006).
+    assert await conn.fetchval("SELECT count(*) FROM pg_proc WHERE proname LIKE 'opspolish_%'") == 7
 
 
 async def test_seeded_tenants_have_v4_external_ids_and_a_workspace(conn: asyncpg.Connection) -> None:

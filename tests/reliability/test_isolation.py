@@ -160,6 +160,27 @@ async def test_the_database_refuses_a_run_outside_its_tenants_workspace_on_updat
     assert (row["workspace_id"], row["tenant_id"]) == (a["workspace_id"], a["id"])
 
 
+
+async def test_no_tenant_can_take_another_tenants_id_as_its_external_id(
+    rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any],
+) -> None:
+    # A reference is looked up by id first: a tenant whose external_id was another's id could not be reached by its
+    # own external_id, and a dispatch naming it made a run of the other tenant (another workspace's, here).
+    a, c = _pick(seeded)
+    collides = str(uuid.UUID(str(a["id"]))).lower()
+    with pytest.raises(asyncpg.UniqueViolationError, match="another tenant's external_id or id"):
+        await conn.execute("INSERT INTO tenants (id, workspace_id, external_id, name) VALUES ($1, $2, $3, 'x')",
+                           uuid.uuid4(), c["workspace_id"], collides)
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await conn.execute("UPDATE tenants SET external_id = $2 WHERE id = $1", c["id"], collides)
+    with pytest.raises(asyncpg.UniqueViolationError):  # nor the other way round: an id that is an external_id
+        await conn.execute("INSERT INTO tenants (id, workspace_id, external_id, name) VALUES ($1, $2, $3, 'x')",
+                           uuid.UUID(c["external_id"]), a["workspace_id"], str(uuid.uuid4()))
+    fresh = await conn.fetchval("INSERT INTO tenants (id, workspace_id, external_id, name) VALUES ($1, $2, $3, 'y') "
+                                "RETURNING external_id", uuid.uuid4(), c["workspace_id"], str(uuid.uuid4()))
+    run = await opspolish.dispatch(rt, EFFECT_TYPE, tenant=fresh, inputs={})
+    assert run.workspace_id == c["workspace_id"]
+
 async def test_cli_listing_for_a_tenant_shows_only_that_tenants_runs(
     settings: Settings, rt: Runtime, seeded: dict[str, Any],
 ) -> None:
