@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -34,15 +34,23 @@ async def translate_errors() -> AsyncIterator[None]:
 
 @dataclass(frozen=True, slots=True)
 class Scope:
-    """Whose runs a repository sees. ``tenant_id`` None with a workspace = the workspace's runs."""
+    """Whose runs a repository sees. ``tenant_id`` None with a workspace = the workspace's runs.
+
+    Every workspace is :meth:`operator`, asked for by name: ``Scope(None)`` (a look-up that found no workspace, say)
+    is refused rather than read as every workspace."""
 
     workspace_id: uuid.UUID | None
     tenant_id: uuid.UUID | None = None
+    every_workspace: bool = field(default=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.workspace_id is None and self.tenant_id is None and not self.every_workspace:
+            raise ValueError("Scope: no workspace and no tenant; Scope.operator() is the view of every workspace")
 
     @classmethod
     def operator(cls) -> Scope:
         """Every workspace: the operator's view (CLI listing). Never handed to job code."""
-        return cls(None, None)
+        return cls(None, None, every_workspace=True)
 
 
 @dataclass(frozen=True, slots=True)

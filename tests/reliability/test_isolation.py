@@ -86,6 +86,15 @@ async def test_scoped_repositories_cannot_list_read_update_claim_or_settle_runs_
         own.run_id, sibling.run_id, own_ws.run_id}
 
 
+
+def test_a_scope_with_no_workspace_and_no_tenant_is_refused_not_read_as_every_workspace() -> None:
+    # Scope(None) was the operator's view: a scope built from a look-up that found nothing saw every tenant's runs.
+    with pytest.raises(ValueError, match=r"Scope\.operator\(\)"):
+        Scope(None)
+    with pytest.raises(ValueError, match=r"Scope\.operator\(\)"):
+        Scope(None, None)
+    assert Scope.operator().workspace_id is None and Scope(None, uuid.uuid4()).workspace_id is None
+
 async def test_a_forged_delivery_of_another_tenants_run_runs_nothing_and_changes_nothing(
     rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any],
 ) -> None:
