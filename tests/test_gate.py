@@ -218,6 +218,22 @@ async def test_a_raw_job_id_enqueued_again_after_its_job_ended_is_a_new_request_
     assert [e["reason_code"] for e in logs if e["event"] == "run_skipped"] == ["dedupe.already_completed"]
     assert [e["tag"] for e in await effects(conn)] == ["nightly", "nightly"]
 
+
+async def test_a_body_that_swallows_its_timeout_or_raises_lease_lost_itself_still_ends_its_run_failed(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str
+) -> None:
+    # Swallowing the cancellation its deadline sent, the body returned and the run ended succeeded; raising
+    # LeaseLost while it held its lease, it wrote nothing and the run stayed running until reconcile.
+    swallowed = await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"sleep_s": 5, "swallow_cancel": True})
+    raised = await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"raise_lease_lost": True})
+    await drain(settings.model_copy(update={"job_timeout_s": 0.3}))
+    rows = {r["id"]: r for r in await runs(conn)}
+    assert (rows[swallowed.run_id]["outcome"], rows[swallowed.run_id]["reason_code"],
+            rows[swallowed.run_id]["reason_message"]) == ("failed", "job.timeout", "the job exceeded its 0.3 s timeout")
+    assert (rows[raised.run_id]["status"], rows[raised.run_id]["outcome"], rows[raised.run_id]["reason_code"]) == (
+        "completed", "failed", "internal.unexpected")
+    assert "raised LeaseLost" in rows[raised.run_id]["reason_message"]
+
 async def test_retry_overwrites_counts_instead_of_adding(
     settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str
 ) -> None:

@@ -476,6 +476,35 @@ async def execute(
         rt.leases.drop(lease)
 
 
+async def _body_error(rt: Runtime, job: TrackedJob, run: RunContext, secrets: tuple[str, ...]) -> OpsPolishError | None:
+    """Run the body under the type's timeout: None, or the error it ends with. A cancellation of the delivery itself
+    (worker shutdown, arq's timeout) propagates."""
+    deadline = asyncio.timeout(job.timeout(rt))
+    try:
+        async with deadline:
+            await job.body(run)
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise
+        # Raised inside the body (it awaited something cancelled): the body's error. Handed back as a shutdown, it
+        # came straight back, again and again, past max_attempts.
+        return OpsPolishError(sanitize_message(f"{describe_exception(exc)} raised inside the job body",
+                                               extra_secrets=secrets))
+    except TimeoutError as exc:
+        # Only our deadline is job.timeout: a TimeoutError of the body's own (an HTTP client's) is its error.
+        return (JobTimeout(f"the job exceeded its {job.timeout(rt):g} s timeout") if deadline.expired() else
+                OpsPolishError(sanitize_message(describe_exception(exc), extra_secrets=secrets)))
+    except OpsPolishError as exc:
+        return exc
+    except (Exception, SystemExit) as exc:
+        # SystemExit too (sys.exit() in a body, or in a library it calls): it would stop the whole worker with its
+        # other jobs, and the run, left running, would take down each worker its redelivery reached.
+        return OpsPolishError(sanitize_message(describe_exception(exc), extra_secrets=secrets))
+    if deadline.expired():  # the body caught the cancellation its deadline sent, and returned: still too late
+        return JobTimeout(f"the job exceeded its {job.timeout(rt):g} s timeout")
+    return None
+
 async def _cancelled(rt: Runtime, run_id: int, lease: Lease, bound: Any,
                      cancel: asyncio.CancelledError) -> dict[str, Any]:
     """A delivery cancelled mid-body: hand its run back so the redelivery claims it at once, and re-raise."""
@@ -524,38 +553,24 @@ async def _run_body(
     counts = Counts()
     run = RunContext(run_id, job.type, workspace_id, tenant_id, attempt, data, counts, rt, job_id, bound,
                      lease_owner=lease.owner)
-    error: OpsPolishError | None = None
     lease.in_body = True
     started = time.monotonic()
-    deadline = asyncio.timeout(job.timeout(rt))
     try:
-        async with deadline:
-            await job.body(run)
-    except asyncio.CancelledError as exc:
+        error = await _body_error(rt, job, run, secrets)
+    except asyncio.CancelledError as exc:  # this delivery is cancelled (worker shutdown, arq's timeout)
         lease.in_body = False
-        task = asyncio.current_task()
-        if task is None or task.cancelling():  # this delivery is cancelled (worker shutdown, arq's timeout)
-            return await _cancelled(rt, run_id, lease, bound, exc)
-        # Raised inside the body (it awaited something cancelled): the body's error. Handed back as a shutdown, it
-        # came straight back, again and again, past max_attempts.
-        error = OpsPolishError(sanitize_message(f"{describe_exception(exc)} raised inside the job body",
-                                                extra_secrets=secrets))
-    except TimeoutError as exc:
-        # Only our deadline is job.timeout: a TimeoutError of the body's own (an HTTP client's) is its error.
-        error = (JobTimeout(f"the job exceeded its {job.timeout(rt):g} s timeout") if deadline.expired() else
-                 OpsPolishError(sanitize_message(describe_exception(exc), extra_secrets=secrets)))
-    except OpsPolishError as exc:
-        error = exc
-    except (Exception, SystemExit) as exc:
-        # SystemExit too (sys.exit() in a body, or in a library it calls): it would stop the whole worker with its
-        # other jobs, and the run, left running, would take down each worker its redelivery reached.
-        error = OpsPolishError(sanitize_message(describe_exception(exc), extra_secrets=secrets))
+        return await _cancelled(rt, run_id, lease, bound, exc)
     finally:
         lease.in_body = False
 
-    if lease.lost or isinstance(error, LeaseLost):  # a fenced write may find the takeover before the keeper
+    if lease.lost:
         bound.warning("run_abandoned", reason_code="dedupe.overlap", message="lease taken over; wrote nothing")
         return _skip_result("lease_lost", run_id, "dedupe.overlap", None)
+    if isinstance(error, LeaseLost):
+        # From run.fenced, which can meet a takeover before the keeper does: then the fenced completion below writes
+        # nothing, and the run is abandoned. Raised by the body while the lease was still held, it used to be taken
+        # at its word: nothing written, the run left running until reconcile called it orphaned.
+        error = OpsPolishError("the job body raised LeaseLost while its delivery still held the run's lease")
 
     if error is not None and error.transient and attempt < job.attempts_allowed(rt):
         delay = _retry_delay_s(error, attempt)

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from sqlalchemy.engine import make_url
 
-from opspolish.errors import ProviderRejected, ProviderThrottled, ProviderUnavailable
+from opspolish.errors import LeaseLost, ProviderRejected, ProviderThrottled, ProviderUnavailable
 from opspolish.provider import Assignment, PolicyRef
 from opspolish.tracking import RunContext, tracked_job
 
@@ -53,10 +53,36 @@ class EffectInputs(BaseModel):
     unprocessed: int = 0  # items announced beyond those processed
     exit_code: int | None = None  # the body calls sys.exit(exit_code)
     inner_cancel: bool = False  # the body awaits a task that was cancelled (its own CancelledError)
+    swallow_cancel: bool = False  # the body's sleep catches a cancellation (its deadline's) and returns
+    raise_lease_lost: bool = False  # the body raises LeaseLost itself, holding its lease
     crash: bool = False  # raise an unexpected error carrying a secret-looking text
     attempt_items: list[int] | None = None  # attempt n counts attempt_items[n-1] more succeeded items
     attempt_sleep_s: list[float] | None = None  # attempt n sleeps attempt_sleep_s[n-1] (instead of sleep_s)
 
+
+async def _sleep(inputs: EffectInputs, attempt: int) -> None:
+    if inputs.attempt_sleep_s:
+        await asyncio.sleep(inputs.attempt_sleep_s[min(attempt, len(inputs.attempt_sleep_s)) - 1])
+    elif inputs.sleep_s and attempt <= inputs.sleep_attempts:
+        try:
+            await asyncio.sleep(inputs.sleep_s)
+        except asyncio.CancelledError:
+            if not inputs.swallow_cancel:
+                raise
+
+
+async def _misbehave(inputs: EffectInputs) -> None:
+    """The ways a body ends other than by its own errors: what the worker must survive and record."""
+    if inputs.raise_lease_lost:
+        raise LeaseLost()
+    if inputs.exit_code is not None:
+        sys.exit(inputs.exit_code)
+    if inputs.inner_cancel:
+        inner = asyncio.ensure_future(asyncio.sleep(10))
+        inner.cancel()
+        await inner
+    if inputs.crash:
+        raise RuntimeError("boom: postgresql://user:s3cret@db/x token=abc123def")
 
 async def effect(run: RunContext) -> None:
     inputs = EffectInputs.model_validate(run.inputs)
@@ -75,22 +101,12 @@ async def effect(run: RunContext) -> None:
         n = inputs.attempt_items[min(run.attempt, len(inputs.attempt_items)) - 1]
         run.counts.add_total(n)
         run.counts.item_succeeded(n)
-    if inputs.attempt_sleep_s:
-        await asyncio.sleep(inputs.attempt_sleep_s[min(run.attempt, len(inputs.attempt_sleep_s)) - 1])
-    elif inputs.sleep_s and run.attempt <= inputs.sleep_attempts:
-        await asyncio.sleep(inputs.sleep_s)
+    await _sleep(inputs, run.attempt)
     if run.attempt <= inputs.fail_times:
         if inputs.throttle:
             raise ProviderThrottled("slow down", retry_after_s=inputs.retry_after_s)
         raise ProviderUnavailable("provider down (password=hunter2)")
-    if inputs.exit_code is not None:
-        sys.exit(inputs.exit_code)
-    if inputs.inner_cancel:
-        inner = asyncio.ensure_future(asyncio.sleep(10))
-        inner.cancel()
-        await inner
-    if inputs.crash:
-        raise RuntimeError("boom: postgresql://user:s3cret@db/x token=abc123def")
+    await _misbehave(inputs)
     await pool.execute("UPDATE test_effects SET finished_at = clock_timestamp() WHERE id = $1", effect_id)
 
 
