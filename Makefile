@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install services test test-reliability lint demo reset-seed worker bench clean
+.PHONY: install services services-stop test test-reliability lint demo reset-seed worker bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ install: $(STAMP)
 
 services:
 	@$(PYTHON) scripts/ensure_services.py
+
+services-stop:
+	@$(PYTHON) scripts/ensure_services.py --stop
 
 lint: install
 	$(BIN)/ruff check src tests scripts migrations

@@ -1,51 +1,112 @@
 #!/usr/bin/env python3
 """Make sure PostgreSQL and Redis answer, for `make test` and `make demo` (stdlib only).
 
-1. The configured ones (OPSPOLISH_DATABASE_URL / OPSPOLISH_REDIS_URL, else the defaults) answer: done.
-2. Else, when the server binaries are installed, start throwaway ones on the configured port
-   (data under $TMPDIR/opspolish-services, nothing persisted) and wait until they answer.
-3. Else stop with one line naming what to install.
+1. The configured ones (OPSPOLISH_DATABASE_URL / OPSPOLISH_REDIS_URL, else the defaults) answer: done. Any reply
+   counts: a Redis that wants a password (NOAUTH) answers too.
+2. Else, when the server binaries are installed and the address is on this machine (loopback TCP), start throwaway
+   ones on the configured port (data under $TMPDIR/opspolish-services, fsync off, nothing kept from run to run), with
+   the URL's user as PostgreSQL's superuser, and wait until they answer. They keep running for the next command;
+   `--stop` (`make services-stop`) stops them.
+3. Else stop with one line: what to install, or why nothing was started (an address elsewhere, a server that would
+   not start and its log).
 """
 
 from __future__ import annotations
 
+import argparse
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from urllib.parse import urlsplit
+from dataclasses import dataclass
+from urllib.parse import parse_qs, unquote, urlsplit
 
 BASE = os.path.join(tempfile.gettempdir(), "opspolish-services")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def endpoint(url: str, default_port: int) -> tuple[str, int]:
-    parts = urlsplit(url.replace("+asyncpg", ""))
-    return parts.hostname or "127.0.0.1", parts.port or default_port
+@dataclass(frozen=True)
+class Endpoint:
+    host: str  # a TCP host, or "" for a Unix socket
+    port: int
+    socket_path: str = ""
+    user: str = ""
+
+    def __str__(self) -> str:
+        return self.socket_path or f"{self.host}:{self.port}"
+
+    @property
+    def local_tcp(self) -> bool:
+        return not self.socket_path and self.host in LOOPBACK
 
 
-def answers(host: str, port: int, probe: bytes | None = None, expect: bytes | None = None) -> bool:
+def postgres_endpoint(url: str) -> Endpoint:
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    port = parts.port or int((query.get("port") or ["5432"])[0])
+    user = unquote(parts.username or "") or "postgres"
+    host = parts.hostname or (query.get("host") or [""])[0]
+    if host.startswith("/"):  # libpq's socket directory
+        return Endpoint("", port, os.path.join(host, f".s.PGSQL.{port}"), user)
+    return Endpoint(host or "127.0.0.1", port, user=user)
+
+
+def redis_endpoint(url: str) -> Endpoint:
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return Endpoint("", 0, parts.path)
+    return Endpoint(parts.hostname or "127.0.0.1", parts.port or 6379)
+
+
+def answers(at: Endpoint, probe: bytes | None = None, replies: tuple[bytes, ...] = ()) -> bool:
+    """Whether something listens at ``at`` (and, with ``probe``, replies with one of ``replies``)."""
     try:
-        with socket.create_connection((host, port), timeout=1.0) as sock:
+        if at.socket_path:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(1.0)
+            sock.connect(at.socket_path)
+        else:
+            sock = socket.create_connection((at.host, at.port), timeout=1.0)
+        with sock:
             if probe is None:
                 return True
             sock.sendall(probe)
             sock.settimeout(2.0)
-            return expect is None or sock.recv(64).startswith(expect)
+            return sock.recv(64).startswith(replies)
     except OSError:
         return False
 
 
-def wait_for(check: object, what: str, seconds: float = 30.0) -> None:
+def redis_answers(at: Endpoint) -> bool:
+    # "+PONG", or an error such as "-NOAUTH Authentication required": either way a Redis is there.
+    return answers(at, b"PING\r\n", (b"+", b"-"))
+
+
+def wait_for(check: object, what: str, log: str, seconds: float = 30.0) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if check():  # type: ignore[operator]
             return
         time.sleep(0.2)
-    sys.exit(f"opspolish: started a throwaway {what} but it did not answer within {seconds:.0f} s")
+    sys.exit(f"opspolish: started a throwaway {what} but it did not answer within {seconds:.0f} s (see {log})")
+
+
+def run(args: list[str], what: str, log: str) -> None:
+    try:
+        subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        sys.exit(f"opspolish: could not start a throwaway {what} ({os.path.basename(args[0])} failed: "
+                 f"{type(exc).__name__}; see {log})")
+
+
+def not_here(what: str, at: Endpoint, variable: str) -> None:
+    sys.exit(f"opspolish: {what} does not answer at {at}; throwaway servers are started only on this machine's "
+             f"loopback (127.0.0.1), so start it or point {variable} elsewhere")
 
 
 def postgres_bin(name: str) -> str | None:
@@ -56,47 +117,84 @@ def postgres_bin(name: str) -> str | None:
     return candidates[0] if candidates else None
 
 
-def start_postgres(host: str, port: int) -> None:
+def as_postgres_user() -> list[str]:
+    if os.geteuid() != 0:
+        return []
+    # PostgreSQL refuses to run as root: run it as the postgres account, in a directory it may write.
+    os.makedirs(BASE, exist_ok=True)
+    os.chmod(BASE, 0o777)
+    return ["runuser", "-u", "postgres", "--"]
+
+
+def start_postgres(at: Endpoint) -> None:
+    if not at.local_tcp:
+        not_here("PostgreSQL", at, "OPSPOLISH_DATABASE_URL")
     initdb, pg_ctl = postgres_bin("initdb"), postgres_bin("pg_ctl")
     if not initdb or not pg_ctl:
-        sys.exit(f"opspolish: PostgreSQL does not answer on {host}:{port} and no server is installed "
+        sys.exit(f"opspolish: PostgreSQL does not answer at {at} and no server is installed "
                  "(apt-get install postgresql)")
-    data = os.path.join(BASE, f"pg-{port}")
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # postgres refuses to run as root
-        as_user = ["runuser", "-u", "postgres", "--"]
-        os.makedirs(BASE, exist_ok=True)
-        os.chmod(BASE, 0o777)
-    if not os.path.isdir(data):
-        subprocess.run([*as_user, initdb, "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8"],
-                       check=True, stdout=subprocess.DEVNULL)
-    subprocess.run([*as_user, pg_ctl, "-D", data, "-l", os.path.join(data, "server.log"), "-w", "start",
-                    "-o", f"-h {host} -p {port} -k {data} -c fsync=off -c max_connections=300"],
-                   check=True, stdout=subprocess.DEVNULL)
-    wait_for(lambda: answers(host, port), "PostgreSQL")
-    print(f"opspolish: started a throwaway PostgreSQL on {host}:{port} ({data})")
+    as_user = as_postgres_user()
+    os.makedirs(BASE, exist_ok=True)
+    data = os.path.join(BASE, f"pg-{at.port}")
+    log = os.path.join(BASE, f"pg-{at.port}.log")
+    if not os.path.isfile(os.path.join(data, "PG_VERSION")):  # none, or an initdb that did not finish
+        shutil.rmtree(data, ignore_errors=True)
+        run([*as_user, initdb, "-D", data, "-U", at.user, "--auth=trust", "-E", "UTF8"], "PostgreSQL", log)
+    run([*as_user, pg_ctl, "-D", data, "-l", log, "-w", "start",
+         "-o", f"-h {at.host} -p {at.port} -k {data} -c fsync=off -c max_connections=300"], "PostgreSQL", log)
+    wait_for(lambda: answers(at), "PostgreSQL", log)
+    print(f"opspolish: started a throwaway PostgreSQL at {at} (user {at.user}, data {data}; make services-stop "
+          "stops it)")
 
 
-def start_redis(host: str, port: int) -> None:
+def start_redis(at: Endpoint) -> None:
+    if not at.local_tcp:
+        not_here("Redis", at, "OPSPOLISH_REDIS_URL")
     server = shutil.which("redis-server")
     if not server:
-        sys.exit(f"opspolish: Redis does not answer on {host}:{port} and no server is installed "
-                 "(apt-get install redis-server)")
+        sys.exit(f"opspolish: Redis does not answer at {at} and no server is installed (apt-get install redis-server)")
     os.makedirs(BASE, exist_ok=True)
-    subprocess.run([server, "--daemonize", "yes", "--bind", host, "--port", str(port), "--save", "",
-                    "--appendonly", "no", "--dir", BASE, "--logfile", os.path.join(BASE, f"redis-{port}.log")],
-                   check=True, stdout=subprocess.DEVNULL)
-    wait_for(lambda: answers(host, port, b"PING\r\n", b"+PONG"), "Redis")
-    print(f"opspolish: started a throwaway Redis on {host}:{port}")
+    log = os.path.join(BASE, f"redis-{at.port}.log")
+    run([server, "--daemonize", "yes", "--bind", at.host, "--port", str(at.port), "--save", "", "--appendonly", "no",
+         "--dir", BASE, "--logfile", log, "--pidfile", os.path.join(BASE, f"redis-{at.port}.pid")], "Redis", log)
+    wait_for(lambda: redis_answers(at), "Redis", log)
+    print(f"opspolish: started a throwaway Redis at {at} (make services-stop stops it)")
+
+
+def stop() -> None:
+    """Stop the throwaway servers this script started, and remove their data."""
+    pg_ctl = postgres_bin("pg_ctl")
+    for data in glob.glob(os.path.join(BASE, "pg-*")):
+        if os.path.isdir(data) and pg_ctl:
+            subprocess.run([*as_postgres_user(), pg_ctl, "-D", data, "-m", "fast", "stop"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            print(f"opspolish: stopped the throwaway PostgreSQL of {data}")
+    for pidfile in glob.glob(os.path.join(BASE, "redis-*.pid")):
+        try:
+            with open(pidfile) as f:
+                os.kill(int(f.read().strip()), signal.SIGTERM)
+            print(f"opspolish: stopped the throwaway Redis of {pidfile}")
+        except (OSError, ValueError):
+            pass
+    shutil.rmtree(BASE, ignore_errors=True)
 
 
 def main() -> None:
-    pg_host, pg_port = endpoint(os.environ.get("OPSPOLISH_DATABASE_URL", "postgresql://127.0.0.1:5432/x"), 5432)
-    redis_host, redis_port = endpoint(os.environ.get("OPSPOLISH_REDIS_URL", "redis://127.0.0.1:6379/0"), 6379)
-    if not answers(pg_host, pg_port):
-        start_postgres(pg_host, pg_port)
-    if not answers(redis_host, redis_port, b"PING\r\n", b"+PONG"):
-        start_redis(redis_host, redis_port)
+    global BASE
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stop", action="store_true", help="stop the throwaway servers and remove their data")
+    parser.add_argument("--dir", default=BASE, help=f"where throwaway servers keep their data (default {BASE})")
+    args = parser.parse_args()
+    BASE = os.path.abspath(args.dir)
+    if args.stop:
+        stop()
+        return
+    pg = postgres_endpoint(os.environ.get("OPSPOLISH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/x"))
+    redis = redis_endpoint(os.environ.get("OPSPOLISH_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    if not answers(pg):
+        start_postgres(pg)
+    if not redis_answers(redis):
+        start_redis(redis)
 
 
 if __name__ == "__main__":
