@@ -44,6 +44,17 @@ async def scratch_database(suffix: str = "") -> AsyncIterator[Settings]:
         await db.drop_database(settings, name)
 
 
+
+@pytest.mark.parametrize("scheme", ["postgres", "postgresql"])
+async def test_db_upgrade_takes_every_accepted_url_scheme(scheme: str) -> None:
+    # postgres:// passed the settings, and the CLI's asyncpg paths took it, but migrations went through SQLAlchemy:
+    # "Can't load plugin: sqlalchemy.dialects:postgres".
+    async with scratch_database() as settings:
+        url = settings.database_url.get_secret_value().replace("postgresql+asyncpg://", f"{scheme}://")
+        out = await cli(settings, "db", "upgrade", OPSPOLISH_DATABASE_URL=url)
+        assert out.returncode == 0, out.stderr
+        assert await db.current_revision(settings) == db.SCHEMA_HEAD
+
 async def test_reset_seed_works_on_a_missing_database_and_again_right_after() -> None:
     async with scratch_database() as settings:
         for _ in range(2):
@@ -303,6 +314,7 @@ async def test_an_unknown_setting_is_refused(settings: Settings) -> None:
     ("OPSPOLISH_RECONCILE_INTERVAL_MIN", "7", "must divide 60"),  # :56 then :00 again: uneven passes
     ("OPSPOLISH_WORKER_HEALTH_S", "0", "greater than or equal to 1"),
     ("OPSPOLISH_REDIS_URL", "redis://:cnryUrlPw@127.0.0.1:6379/abc", "must be a number"),  # was int() at connect
+    ("OPSPOLISH_REDIS_URL", "redis://:cnryUrlPw@127.0.0.1:6379/0?db=x", "?db= must be a database number"),
 ])
 async def test_an_unusable_setting_is_exit_2_naming_it_in_one_line(
     settings: Settings, env: str, value: str, says: str,

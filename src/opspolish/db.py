@@ -54,7 +54,9 @@ CONNECT_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def sqlalchemy_url(settings: Settings) -> URL:
-    return make_url(settings.database_url.get_secret_value())
+    """The ledger's URL for SQLAlchemy, always with the asyncpg driver: ``postgres://`` (a name SQLAlchemy no longer
+    knows) and ``postgresql://`` are accepted settings too."""
+    return make_url(settings.database_url.get_secret_value()).set(drivername="postgresql+asyncpg")
 
 
 def asyncpg_dsn(settings: Settings, database: str | None = None) -> str:

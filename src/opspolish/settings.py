@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -85,6 +85,9 @@ class Settings(BaseSettings):
         if parts.scheme.lower() in ("redis", "rediss") and database and not database.isdigit():
             # arq reads it with int() when it connects: a ValueError then, at exit 1, naming nothing
             raise ValueError("the database after the host must be a number (redis://host:6379/0)")
+        for db in parse_qs(parts.query).get("db", []):  # read before the path, with int() too
+            if not db.isdigit():
+                raise ValueError(f"?db= must be a database number, got {db!r}")
         return value
 
     @model_validator(mode="before")
