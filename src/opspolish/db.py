@@ -103,6 +103,14 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     the gate's advisory lock is transaction-scoped and no code sets session state on pooled connections."""
 
 
+def _unreachable(exc: BaseException) -> DbUnavailable:
+    """``cannot connect to PostgreSQL: <why>``, with a why even for errors whose text is empty (a timeout)."""
+    if isinstance(exc, TimeoutError):
+        why = "no PostgreSQL answer within 10 s (is something else listening on that port?)"
+    else:
+        why = str(exc) or type(exc).__name__
+    return DbUnavailable(f"cannot connect to PostgreSQL: {why}")
+
 async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
     """asyncpg pool for the hot path (gate, heartbeat, completion)."""
     try:
@@ -112,7 +120,7 @@ async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 
             reset=_keep_session,
         )
     except CONNECT_ERRORS as exc:
-        raise DbUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+        raise _unreachable(exc) from exc
     assert pool is not None
     return pool
 
@@ -122,7 +130,7 @@ async def connect_gate(settings: Settings) -> asyncpg.Connection:
     try:
         conn = await asyncpg.connect(asyncpg_dsn(settings), timeout=10, server_settings=GATE_SERVER_SETTINGS)
     except CONNECT_ERRORS as exc:
-        raise DbUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+        raise _unreachable(exc) from exc
     await init_connection(conn)
     return conn
 
@@ -132,7 +140,7 @@ async def connect(settings: Settings, database: str | None = None) -> asyncpg.Co
         return await asyncpg.connect(asyncpg_dsn(settings, database), timeout=10,
                                      server_settings=SERVER_SETTINGS)
     except CONNECT_ERRORS as exc:
-        raise DbUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+        raise _unreachable(exc) from exc
 
 
 def quote_ident(name: str) -> str:

@@ -8,6 +8,7 @@ import asyncpg
 
 from opspolish import db
 from opspolish.errors import OpsPolishError, SchemaMismatch
+from opspolish.sanitize import describe_exception, sanitize_message
 from opspolish.settings import Settings
 
 
@@ -42,6 +43,8 @@ async def run_checks(settings: Settings) -> list[Check]:
         missing = isinstance(exc.__cause__, asyncpg.InvalidCatalogNameError)  # the server answers; no database yet
         checks.append(Check("postgres", "fail", exc.message + (": create it with `opspolish db upgrade`"
                                                                if missing else "")))
+    except Exception as exc:  # each check keeps its own verdict: one odd failure must not hide the others
+        checks.append(Check("postgres", "fail", _unexpected(settings, exc)))
     try:
         from opspolish.runtime import connect_redis
 
@@ -60,4 +63,12 @@ async def run_checks(settings: Settings) -> list[Check]:
             await redis.aclose()
     except OpsPolishError as exc:
         checks.append(Check("redis", "fail", exc.message))
+    except Exception as exc:  # a Redis user not allowed PING or GET, say
+        # Which check it failed in: Redis itself, or (Redis answered) reading the worker's heartbeat.
+        name = "worker" if any(c.name == "redis" for c in checks) else "redis"
+        checks.append(Check(name, "fail", _unexpected(settings, exc)))
     return checks
+
+
+def _unexpected(settings: Settings, exc: Exception) -> str:
+    return sanitize_message(describe_exception(exc), extra_secrets=db.secrets_of(settings))

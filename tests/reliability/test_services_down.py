@@ -4,6 +4,7 @@ naming the service, nothing queued without a ledger row, and no ledger row witho
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
 import asyncpg
@@ -126,3 +127,36 @@ async def test_redis_dying_between_ledger_row_and_enqueue_leaves_a_failed_run_wi
         "completed", "failed", "redis.unavailable", 0)
     assert lost["summary_counts"] == {"total": 0, "processed": 0, "failed": 0}
     assert (rows["kept"]["id"], rows["kept"]["status"], rows["kept"]["reason_code"]) == (kept.run_id, "queued", None)
+
+
+async def test_doctor_keeps_each_verdict_when_one_check_fails_oddly(
+    settings: Settings, private_redis: RedisServer,
+) -> None:
+    # A Redis user allowed PING but not GET: doctor printed only "internal.unexpected: NoPermissionError" and lost
+    # the Postgres and migrations verdicts.
+    admin = private_redis.client()
+    try:
+        await admin.acl_setuser("mon", enabled=True, passwords=[f"+{REDIS_CANARY}"], commands=["+ping", "+hello"],
+                                keys=["*"])
+    finally:
+        await admin.aclose()
+    url = f"redis://mon:{REDIS_CANARY}@127.0.0.1:{private_redis.port}/0"
+    out = await run_cli(settings, "doctor", "--json", OPSPOLISH_REDIS_URL=url)
+    verdicts = {c["name"]: (c["verdict"], c["detail"]) for c in json.loads(out.stdout)}
+    assert out.code == 1, out
+    assert [verdicts[name][0] for name in ("postgres", "migrations", "redis", "worker")] == ["ok", "ok", "ok", "fail"]
+    assert "NoPermissionError" in verdicts["worker"][1] and REDIS_CANARY not in out.stdout + out.stderr
+
+
+async def test_doctor_names_a_postgres_port_that_never_answers(settings: Settings) -> None:
+    # Something listening that never speaks PostgreSQL: "cannot connect to PostgreSQL:" with no reason, after 10 s.
+    server = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        out = await run_cli(settings, "doctor", OPSPOLISH_DATABASE_URL=f"postgresql://postgres@127.0.0.1:{port}/x")
+    finally:
+        server.close()
+    assert out.code == 1
+    first = out.stdout.splitlines()[0].split()
+    assert first[:2] == ["FAIL", "postgres"], out.stdout
+    assert " ".join(first[2:]).startswith("cannot connect to PostgreSQL: no PostgreSQL answer within 10 s"), out.stdout
