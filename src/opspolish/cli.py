@@ -348,10 +348,11 @@ def _counts_text(counts: dict[str, Any] | None) -> str:
 
 @runs_group.command("list")
 @click.option("--tenant", help="Only this tenant's runs (id or external_id).")
-@click.option("--type", "run_type")
-@click.option("--status", type=click.Choice(["queued", "running", "completed"]))
-@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--type", "run_type", help="Only runs of this type (assignments.fetch, ...).")
+@click.option("--status", type=click.Choice(["queued", "running", "completed"]), help="Only runs in this status.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True,
+              help="At most this many runs, newest first.")
+@click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON.")
 @pass_ctx
 @run_async
 async def runs_list(ctx: Ctx, tenant: str | None, run_type: str | None, status: str | None, limit: int,
@@ -374,7 +375,7 @@ async def runs_list(ctx: Ctx, tenant: str | None, run_type: str | None, status: 
 
 @runs_group.command("show")
 @click.argument("run_id", type=click.IntRange(1, 2**63 - 1))
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the run as JSON.")
 @pass_ctx
 @run_async
 async def runs_show(ctx: Ctx, run_id: int, as_json: bool) -> None:
@@ -395,7 +396,7 @@ async def runs_show(ctx: Ctx, run_id: int, as_json: bool) -> None:
 
 @main.command("reconcile")
 @click.option("--workspace", help="Only this workspace (slug).")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print each workspace's result as JSON.")
 @pass_ctx
 @run_async
 async def reconcile_cmd(ctx: Ctx, workspace: str | None, as_json: bool) -> None:
@@ -419,7 +420,7 @@ async def reconcile_cmd(ctx: Ctx, workspace: str | None, as_json: bool) -> None:
 
 
 @main.command("doctor")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
 @pass_ctx
 @run_async
 async def doctor_cmd(ctx: Ctx, as_json: bool) -> None:
