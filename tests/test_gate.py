@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import MutableMapping
 from typing import Any
 
 import asyncpg
@@ -24,7 +26,7 @@ from opspolish.ledger import Scope
 from opspolish.runtime import Runtime
 from opspolish.settings import Settings
 from opspolish.tracking import RunContext, execute, get_job
-from tests.conftest import ROOT, drain, worker_env
+from tests.conftest import ROOT, drain, wait_until, worker_env
 from tests.support.jobs import EFFECT_TYPE, FENCED_PAUSES, FENCED_TYPE
 
 
@@ -500,12 +502,13 @@ async def test_a_fenced_write_holds_off_a_takeover_until_it_commits(
 ) -> None:
     result = await dispatch(rt, FENCED_TYPE, tenant=tenant, inputs={"tag": "h"})
     owner = uuid.uuid4()
+    # A running run whose lease has gone stale: a redelivery's claim takes it over.
     await conn.execute("UPDATE operation_runs SET status = 'running', attempts = 1, lease_owner = $2, "
-                       "heartbeat_at = now() WHERE id = $1", result.run_id, owner)
+                       "heartbeat_at = now() - interval '1 hour' WHERE id = $1", result.run_id, owner)
     [row] = await runs(conn)
     run = RunContext(result.run_id, FENCED_TYPE, row["workspace_id"], row["tenant_id"], 1, {}, Counts(), rt,
                      result.job_id, None, lease_owner=owner)
-    # A slow fenced write (it sleeps inside its transaction); a takeover's UPDATE comes while it runs.
+    # A slow fenced write (it sleeps inside its transaction); the takeover's claim comes while it runs.
     write = asyncio.create_task(run.fenced(
         "INSERT INTO test_effects (run_id, attempt, tag, pid) SELECT $1, 1, 'slow', (SELECT 0 FROM pg_sleep(1.5))",
         result.run_id))
@@ -518,23 +521,138 @@ async def test_a_fenced_write_holds_off_a_takeover_until_it_commits(
 
         from tests.conftest import wait_until
         await wait_until(sleeping, timeout_s=1.0, interval_s=0.01)
-        taking_over = asyncio.create_task(takeover.execute(
-            "UPDATE operation_runs SET lease_owner = gen_random_uuid() WHERE id = $1", result.run_id))
+        taking_over = asyncio.create_task(takeover.fetchrow(
+            "SELECT decision FROM opspolish_claim($1, $2, NULL, $3, NULL, NULL, $4, 'q', $5, 900, 5, NULL)",
+            result.run_id, str(row["tenant_id"]), FENCED_TYPE, result.job_id, uuid.uuid4()))
 
         async def blocked() -> bool:
             return bool(await conn.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'UPDATE operation_runs SET lease_owner%'"
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%opspolish_claim%'"
                 " AND wait_event_type = 'Lock'"))
 
         await wait_until(blocked, timeout_s=1.0, interval_s=0.01)  # it waits for the fenced write's row lock
         assert not write.done()
-        assert await write == "INSERT 0 1" and await taking_over == "UPDATE 1"
+        claimed = await taking_over
+        assert await write == "INSERT 0 1" and claimed is not None and claimed["decision"] == "taken_over"
     finally:
         await takeover.close()
     with pytest.raises(LeaseLost):
         await run.fenced("INSERT INTO test_effects (run_id, attempt, tag, pid) VALUES ($1, 1, 'late', 0)",
                          result.run_id)
     assert [e["tag"] for e in await effects(conn)] == ["slow"]
+
+
+
+async def test_a_takeover_that_meets_a_fresh_heartbeat_under_the_row_lock_leaves_the_live_lease_alone(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str
+) -> None:
+    # The claim read a stale lease, then waited for the row while the lease's heartbeat committed: v3 took the live
+    # lease over anyway (its UPDATE checked only the id), and two deliveries ran the body at once.
+    result = await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "live"})
+    owner = uuid.uuid4()
+    await conn.execute("UPDATE operation_runs SET status = 'running', attempts = 1, lease_owner = $2, "
+                       "heartbeat_at = now() - interval '1 hour' WHERE id = $1", result.run_id, owner)
+    tenant_id = str(await conn.fetchval("SELECT tenant_id FROM operation_runs WHERE id = $1", result.run_id))
+    dsn = settings.database_url.get_secret_value().replace("+asyncpg", "")
+    keeper, claimer = await asyncpg.connect(dsn), await asyncpg.connect(dsn)
+    try:
+        beat = keeper.transaction()
+        await beat.start()
+        await keeper.execute("UPDATE operation_runs SET heartbeat_at = now() WHERE id = $1", result.run_id)
+        claim = asyncio.create_task(claimer.fetchrow(
+            "SELECT decision FROM opspolish_claim($1, $2, NULL, $3, NULL, NULL, $4, 'q', $5, 900, 5, NULL)",
+            result.run_id, tenant_id, EFFECT_TYPE, result.job_id, uuid.uuid4()))
+
+        async def waiting() -> bool:
+            return bool(await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE query LIKE "
+                                            "'%opspolish_claim%' AND wait_event_type = 'Lock'"))
+
+        await wait_until(waiting, timeout_s=5, interval_s=0.01)
+        await beat.commit()
+        decided = await asyncio.wait_for(claim, 5)
+    finally:
+        await keeper.close()
+        await claimer.close()
+    assert decided is not None and decided["decision"] == "busy"
+    assert await conn.fetchval("SELECT lease_owner FROM operation_runs WHERE id = $1", result.run_id) == owner
+
+async def test_heartbeats_go_on_beside_a_fenced_write_and_a_row_someone_holds(
+    rt: Runtime, conn: asyncpg.Connection, tenant: str
+) -> None:
+    # A fenced write (FOR SHARE then) or an operator's lock on one run held up the beat of every lease of the worker:
+    # their heartbeats aged past the TTL, and a redelivery could take a live run over.
+    runs_held = []
+    for tag in ("fenced", "locked", "free"):
+        result = await dispatch(rt, FENCED_TYPE, tenant=tenant, inputs={"tag": tag})
+        owner = uuid.uuid4()
+        await conn.execute("UPDATE operation_runs SET status = 'running', attempts = 1, lease_owner = $2, "
+                           "heartbeat_at = now() - interval '10 seconds' WHERE id = $1", result.run_id, owner)
+        runs_held.append((result.run_id, owner))
+    [row, *_] = await runs(conn)
+    fenced = RunContext(runs_held[0][0], FENCED_TYPE, row["workspace_id"], row["tenant_id"], 1, {}, Counts(), rt,
+                        "job", None, lease_owner=runs_held[0][1])
+    write = asyncio.create_task(fenced.fenced("SELECT pg_sleep(2)"))
+    operator = await asyncpg.connect(dsn=rt.settings.database_url.get_secret_value().replace("+asyncpg", ""))
+    try:
+        async with operator.transaction():
+            await operator.execute("SELECT 1 FROM operation_runs WHERE id = $1 FOR UPDATE", runs_held[1][0])
+            await asyncio.sleep(0.3)  # the fenced write holds its row
+            started = time.monotonic()
+            alive = await asyncio.wait_for(rt.ledger.heartbeat(runs_held), 5)  # it waited for the lock: for ever
+            took = time.monotonic() - started
+            assert not write.done()
+        assert took < 1.0 and alive == set(runs_held)  # the locked run counted held this beat; nothing waited
+        ages: dict[int, float] = {r[0]: float(r[1]) for r in await conn.fetch(
+            "SELECT id, extract(epoch FROM now() - heartbeat_at) FROM operation_runs ORDER BY id")}
+        assert ages[runs_held[0][0]] < 2 and ages[runs_held[2][0]] < 2  # beaten, the fenced one too
+        assert ages[runs_held[1][0]] > 9  # skipped, not waited for
+    finally:
+        await operator.close()
+    assert await write == "SELECT 1"
+
+
+async def test_the_lease_keeper_outlives_a_beat_the_database_refuses(
+    rt: Runtime, conn: asyncpg.Connection, tenant: str
+) -> None:
+    # Any refusal other than a lost connection (a statement_timeout, a deadlock; a trigger here) ended the keeper
+    # for good: no beat again, every lease of the worker going stale, and nothing logged.
+    result = await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "kept"})
+    owner = uuid.uuid4()
+    await conn.execute("UPDATE operation_runs SET status = 'running', attempts = 1, lease_owner = $2, "
+                       "heartbeat_at = now() - interval '10 seconds' WHERE id = $1", result.run_id, owner)
+    await conn.execute("""
+        CREATE FUNCTION test_refuse_beats() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'beats refused for this test'; END $$;
+        CREATE TRIGGER test_refuse_beats BEFORE UPDATE OF heartbeat_at ON operation_runs
+        FOR EACH ROW EXECUTE FUNCTION test_refuse_beats();""")
+    lease = rt.leases.hold(result.run_id, owner)
+    rt.leases.start()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await wait_until_logged(logs, "heartbeat_failed")
+        [failed] = [e for e in logs if e["event"] == "heartbeat_failed"][:1]
+        assert failed["reason_code"] == "internal.unexpected" and "beats refused" in failed["message"]
+        await conn.execute("DROP TRIGGER test_refuse_beats ON operation_runs")
+
+        async def beaten() -> bool:
+            age = await conn.fetchval("SELECT extract(epoch FROM now() - heartbeat_at) FROM operation_runs "
+                                      "WHERE id = $1", result.run_id)
+            return bool(age < 2)
+
+        await wait_until(beaten, timeout_s=10)
+        assert not lease.lost
+    finally:
+        await conn.execute("DROP TRIGGER IF EXISTS test_refuse_beats ON operation_runs")
+        rt.leases.drop(lease)
+        with contextlib.suppress(Exception):  # a keeper that died re-raises its error here
+            await rt.leases.stop()
+
+
+async def wait_until_logged(logs: list[MutableMapping[str, Any]], event: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not any(e["event"] == event for e in logs):
+        assert time.monotonic() < deadline, f"no {event} within {timeout_s} s"
+        await asyncio.sleep(0.05)
 
 
 async def test_a_run_id_delivery_carrying_other_inputs_than_its_runs_runs_nothing(

@@ -1,4 +1,5 @@
-"""gate function v4: a job id reused by a later enqueue is a new job; a raw delivery's workspace must exist
+"""gate function v4: a job id reused by a later enqueue is a new job; a raw delivery's workspace must exist; a
+claim re-checks under the row's lock what it decided on, and a takeover waits for a fenced write
 
 Revision ID: 0005
 Revises: 0004

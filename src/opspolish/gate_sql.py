@@ -424,7 +424,7 @@ if any(CLAIM_V2.count(old) != 1 for old in (_TENANT_FOUND_V2, _RUN_FOUND_V2, _RU
 CLAIM_V3 = (CLAIM_V2.replace(_TENANT_FOUND_V2, _TENANT_FOUND_V3).replace(_RUN_FOUND_V2, _RUN_FOUND_V3)
             .replace(_RUN_INPUTS_V2, _RUN_INPUTS_V3))
 
-# --- v4 (migration 0005): a job id reused by a later enqueue is a new job; a workspace must exist ---------------------
+# --- v4 (migration 0005): a job id reused by a later enqueue is a new job; a workspace must exist; claims re-check --
 #
 # A raw delivery's run is found again by its arq job id (a redelivery after a worker died), and v3 took any run with
 # that job id and identity for this job's. But arq accepts a new job under an id whose job has ended (a
@@ -457,10 +457,40 @@ _RAW_SCOPE_V4 = _RAW_SCOPE_V3 + """\
             RETURN;
         END IF;
 """
-if any(CLAIM_V3.count(old) != 1 for old in (_SIGNATURE_V3, _RAW_MATCH_V3, _RAW_SCOPE_V3)):
+# The claim's write re-checks, under the row's lock, what the decision read: another transaction may have changed
+# the run in between (a heartbeat that commits while the takeover waits for the row: v3 took over a live lease, and
+# two deliveries ran at once). Changed, the delivery is answered busy and decides again shortly. A takeover first
+# locks the row FOR UPDATE: a fenced write holds it FOR KEY SHARE (which heartbeats, plain UPDATEs, do not wait for,
+# so a long fenced write no longer stalls its lease), and the takeover must wait for that write to commit.
+_TAKEOVER_V3 = """\
+        UPDATE operation_runs o SET status = 'running', attempts = o.attempts + 1, lease_owner = p_lease_owner,
+               heartbeat_at = now(), started_at = coalesce(o.started_at, now()),
+               job_id = coalesce(o.job_id, p_job_id), queue_name = coalesce(o.queue_name, p_queue_name)
+        WHERE o.id = r.id
+        RETURNING o.attempts INTO r.attempts;
+"""
+_TAKEOVER_V4 = """        IF r.status = 'running' THEN
+            PERFORM 1 FROM operation_runs o WHERE o.id = r.id FOR UPDATE;
+        END IF;
+        UPDATE operation_runs o SET status = 'running', attempts = o.attempts + 1, lease_owner = p_lease_owner,
+               heartbeat_at = now(), started_at = coalesce(o.started_at, now()),
+               job_id = coalesce(o.job_id, p_job_id), queue_name = coalesce(o.queue_name, p_queue_name)
+        WHERE o.id = r.id AND o.status = r.status AND o.lease_owner IS NOT DISTINCT FROM r.lease_owner
+          AND (o.status = 'queued' OR o.heartbeat_at <= now() - make_interval(secs => p_lease_ttl_s))
+        RETURNING o.attempts INTO r.attempts;
+        IF NOT FOUND THEN
+            decision := 'busy';
+            run_id := r.id;
+            workspace_id := r.workspace_id;
+            tenant_id := r.tenant_id;
+            RETURN NEXT;
+            RETURN;
+        END IF;
+"""
+if any(CLAIM_V3.count(old) != 1 for old in (_SIGNATURE_V3, _RAW_MATCH_V3, _RAW_SCOPE_V3, _TAKEOVER_V3)):
     raise AssertionError("v3 text changed: v4 is derived from it")
 CLAIM_V4 = (CLAIM_V3.replace(_SIGNATURE_V3, _SIGNATURE_V4).replace(_RAW_MATCH_V3, _RAW_MATCH_V4)
-            .replace(_RAW_SCOPE_V3, _RAW_SCOPE_V4))
+            .replace(_RAW_SCOPE_V3, _RAW_SCOPE_V4).replace(_TAKEOVER_V3, _TAKEOVER_V4))
 #: v4 has one more argument: a new function beside v3's, which goes (two would make every call ambiguous).
 DROP_CLAIM_V3 = (
     "DROP FUNCTION opspolish_claim(bigint, text, uuid, text, text, jsonb, text, text, uuid, float8, float8)")

@@ -127,17 +127,29 @@ WHERE id = $1 AND lease_owner = $2 AND status = 'running'
 """
 
 # One statement refreshes every lease this process holds; the ids it does not return were lost.
+# Never waits for a row lock: a row someone holds (an operator's open transaction, a takeover being decided) is skipped
+# and its lease counted as still held this beat; the next beat tells. Waiting, one locked row held up every lease of
+# the worker (and the beat could deadlock with the gate's batched completions, which lock rows in their own order).
 _HEARTBEAT = """
-UPDATE operation_runs o SET heartbeat_at = now()
-FROM unnest($1::bigint[], $2::uuid[]) AS l(id, owner)
-WHERE o.id = l.id AND o.lease_owner = l.owner AND o.status = 'running'
-RETURNING o.id, o.lease_owner
+WITH free AS (
+    SELECT o.id FROM operation_runs o WHERE o.id = ANY($1::bigint[]) ORDER BY o.id FOR NO KEY UPDATE SKIP LOCKED
+), beat AS (
+    UPDATE operation_runs o SET heartbeat_at = now()
+    FROM unnest($1::bigint[], $2::uuid[]) AS l(id, owner)
+    WHERE o.id = l.id AND o.id IN (SELECT id FROM free) AND o.lease_owner = l.owner AND o.status = 'running'
+    RETURNING o.id, o.lease_owner
+)
+SELECT id, lease_owner FROM beat
+UNION ALL
+SELECT l.id, l.owner FROM unnest($1::bigint[], $2::uuid[]) AS l(id, owner)
+WHERE l.id NOT IN (SELECT id FROM free) AND EXISTS (SELECT 1 FROM operation_runs o WHERE o.id = l.id)
 """
 
-#: A fenced write's guard (RunContext.fenced): the lease still held, and the row share-locked so that no takeover
-#: commits until the write does.
+#: A fenced write's guard (RunContext.fenced): the lease still held, and the row locked FOR KEY SHARE, so that no
+#: takeover (which locks it FOR UPDATE first, gate v4) commits until the write does, while the lease keeper's beats
+#: (plain UPDATEs) go on: FOR SHARE held them up, and a fenced write longer than the lease let the lease go stale.
 HOLDS_LEASE = """
-SELECT true FROM operation_runs WHERE id = $1 AND lease_owner = $2 AND status = 'running' FOR SHARE
+SELECT true FROM operation_runs WHERE id = $1 AND lease_owner = $2 AND status = 'running' FOR KEY SHARE
 """
 
 _DISPATCH = "SELECT * FROM opspolish_dispatch($1, $2, $3, $4, $5, $6)"

@@ -108,6 +108,10 @@ class LeaseKeeper:
                 await self.beat()
             except DbUnavailable as exc:  # one line for the beat: the runs whose leases it could not extend
                 log.warning("heartbeat_failed", run_ids=run_ids, reason_code=exc.reason_code, message=exc.message)
+            except Exception as exc:  # any other refusal (a statement_timeout, a trigger...): the next beat tries again
+                # It ended the keeper: no beat ever again, and every lease of the worker went stale, silently.
+                log.warning("heartbeat_failed", run_ids=run_ids, reason_code="internal.unexpected",
+                            message=sanitize_message(describe_exception(exc)))
 
     def start(self) -> None:
         if self._task is None:
