@@ -172,10 +172,18 @@ def stop() -> None:
     for pidfile in glob.glob(os.path.join(BASE, "redis-*.pid")):
         try:
             with open(pidfile) as f:
-                os.kill(int(f.read().strip()), signal.SIGTERM)
-            print(f"opspolish: stopped the throwaway Redis of {pidfile}")
+                pid = int(f.read().strip())
+            os.kill(pid, signal.SIGTERM)
         except (OSError, ValueError):
-            pass
+            continue
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # gone before its data goes: it logs its last lines into BASE
+            try:
+                os.kill(pid, 0)
+            except OSError:
+                break
+            time.sleep(0.05)
+        print(f"opspolish: stopped the throwaway Redis of {pidfile}")
     shutil.rmtree(BASE, ignore_errors=True)
 
 

@@ -150,12 +150,16 @@ async def test_doctor_keeps_each_verdict_when_one_check_fails_oddly(
 
 async def test_doctor_names_a_postgres_port_that_never_answers(settings: Settings) -> None:
     # Something listening that never speaks PostgreSQL: "cannot connect to PostgreSQL:" with no reason, after 10 s.
-    server = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+    accepted: list[asyncio.StreamWriter] = []
+    server = await asyncio.start_server(lambda reader, writer: accepted.append(writer), "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
         out = await run_cli(settings, "doctor", OPSPOLISH_DATABASE_URL=f"postgresql://postgres@127.0.0.1:{port}/x")
     finally:
+        for writer in accepted:
+            writer.close()
         server.close()
+        await server.wait_closed()
     assert out.code == 1
     first = out.stdout.splitlines()[0].split()
     assert first[:2] == ["FAIL", "postgres"], out.stdout
