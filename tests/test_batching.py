@@ -50,6 +50,38 @@ async def test_concurrent_completions_share_flushes_and_each_is_fenced_on_its_le
             assert rows[run_id]["summary_counts"] == {"total": i, "processed": i, "failed": 0}
 
 
+async def test_two_completions_of_one_run_in_one_batch_only_the_lease_holder_is_told_written(
+    rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any]
+) -> None:
+    # A stale delivery and the one that took its run over finish in the same flush: the row takes the holder's
+    # write, and the stale one must hear "not written" (it logs run_abandoned), not its run id's success.
+    tenant = seeded["tenants"][0]["external_id"]
+    run = await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "pair"})
+    stale, holder = uuid.uuid4(), uuid.uuid4()
+    await conn.execute("UPDATE operation_runs SET status = 'running', attempts = 2, lease_owner = $2, "
+                       "heartbeat_at = now() WHERE id = $1", run.run_id, holder)
+    writer = GateBatcher(lambda: db.connect_gate(rt.settings), rt.ledger)
+    try:
+        for first, second in ((stale, holder), (holder, stale)):  # either order within the batch
+            await conn.execute("UPDATE operation_runs SET status = 'running', outcome = 'pending', summary_counts = NULL, "
+                               "reason_code = NULL, completed_at = NULL WHERE id = $1", run.run_id)
+            flushes = writer.flushes
+            done = await asyncio.gather(*[
+                writer.complete(run.run_id, owner, outcome="failed" if owner == stale else "succeeded",
+                                counts={"total": 9, "processed": 9, "failed": 9} if owner == stale
+                                else {"total": 1, "processed": 1, "failed": 0},
+                                reason_code="items.all_failed" if owner == stale else None,
+                                reason_message=None)
+                for owner in (first, second)])
+            assert writer.flushes == flushes + 1  # both in one statement
+            assert dict(zip((first, second), done, strict=True)) == {stale: False, holder: True}
+            row = await conn.fetchrow("SELECT outcome, summary_counts FROM operation_runs WHERE id = $1", run.run_id)
+            assert row["outcome"] == "succeeded"
+            assert row["summary_counts"] == {"total": 1, "processed": 1, "failed": 0}
+    finally:
+        await writer.close()
+
+
 async def test_a_failed_flush_reaches_every_waiter(rt: Runtime) -> None:
     async def refused() -> asyncpg.Connection:
         raise DbUnavailable("cannot connect to PostgreSQL: refused")

@@ -38,7 +38,7 @@ from opspolish.ledger import Claim, Ledger, translate_errors
 log = structlog.get_logger("opspolish")
 
 # Completions first (fenced on lease_owner per row: a delivery that lost its lease is not among the returned
-# ids), then the claims, one opspolish_claim call per element in order.
+# (id, lease_owner) pairs), then the claims, one opspolish_claim call per element in order.
 _FLUSH = """
 WITH done AS (
     UPDATE operation_runs o SET status = 'completed', outcome = c.outcome, summary_counts = c.counts::jsonb,
@@ -49,7 +49,7 @@ WITH done AS (
     -- NOT IN ('queued', 'completed') is status = 'running' (CHECK constraint) in a form no partial index on
     -- active runs matches: the plan, generic, has only the primary key to reach a row by (tests/test_plans.py).
     WHERE o.id = c.id AND o.lease_owner = c.owner AND o.status NOT IN ('queued', 'completed')
-    RETURNING o.id
+    RETURNING o.id, o.lease_owner
 ), claims AS (
     SELECT a.n, g.*
     FROM unnest($7::bigint[], $8::text[], $9::uuid[], $10::text[], $11::text[], $12::text[], $13::text[],
@@ -61,10 +61,12 @@ WITH done AS (
                                        a.lease_ttl_s, a.enqueued_at) AS g
 )
 SELECT 0::bigint AS n, NULL::text AS decision, id AS run_id, NULL::integer AS attempts, NULL::bigint AS dedupe_of,
-       NULL::text AS reason_code, NULL::float8 AS wait_s, NULL::uuid AS workspace_id, NULL::uuid AS tenant_id
+       NULL::text AS reason_code, NULL::float8 AS wait_s, NULL::uuid AS workspace_id, NULL::uuid AS tenant_id,
+       lease_owner
 FROM done
 UNION ALL
-SELECT n, decision, run_id, attempts, dedupe_of, reason_code, wait_s, workspace_id, tenant_id FROM claims
+SELECT n, decision, run_id, attempts, dedupe_of, reason_code, wait_s, workspace_id, tenant_id, NULL::uuid
+FROM claims
 """
 
 # A flush of one operation (most of them when jobs arrive one at a time) skips the batch machinery: scalar
@@ -72,7 +74,8 @@ SELECT n, decision, run_id, attempts, dedupe_of, reason_code, wait_s, workspace_
 # the ledger). Same rows as _FLUSH. Server CPU per statement, measured here (schema 0003), _FLUSH -> these: a lone
 # claim ~220 -> ~190 us, a lone completion ~185 -> ~155 us; the client encodes 6 or 12 scalars instead of 18 arrays.
 _CLAIM_ONE = """
-SELECT 1::bigint AS n, decision, run_id, attempts, dedupe_of, reason_code, wait_s, workspace_id, tenant_id
+SELECT 1::bigint AS n, decision, run_id, attempts, dedupe_of, reason_code, wait_s, workspace_id, tenant_id,
+       NULL::uuid AS lease_owner
 FROM opspolish_claim($1, $2, $3, $4, $5, $6::text::jsonb, $7, $8, $9, $10, $11, $12)
 """
 _COMPLETE_ONE = """
@@ -82,7 +85,7 @@ UPDATE operation_runs o SET status = 'completed', outcome = $3, summary_counts =
 WHERE o.id = $1 AND o.lease_owner = $2 AND o.status NOT IN ('queued', 'completed')
 RETURNING 0::bigint AS n, NULL::text AS decision, o.id AS run_id, NULL::integer AS attempts,
           NULL::bigint AS dedupe_of, NULL::text AS reason_code, NULL::float8 AS wait_s, NULL::uuid AS workspace_id,
-          NULL::uuid AS tenant_id
+          NULL::uuid AS tenant_id, o.lease_owner
 """
 
 
@@ -257,13 +260,15 @@ class GateBatcher:
         self._settle(rows, claims, completions)
 
     def _settle(self, rows: Sequence[Any], claims: Sequence[_Claim], completions: Sequence[_Completion]) -> None:
-        written = {row[2] for row in rows if row[0] == 0}
+        # A completion is written when its own (run, lease owner) pair came back: two completions of one run in a
+        # batch (a stale delivery and the one that took its run over) are not settled by the run id alone.
+        written = {(row[2], row[9]) for row in rows if row[0] == 0}
         decided = {row[0]: row for row in rows if row[0] != 0}
         for c in completions:
             if not c.done.done():
-                c.done.set_result(c.run_id in written)
+                c.done.set_result((c.run_id, c.owner) in written)
         for n, op in enumerate(claims, start=1):
-            self._settle_claim(op, Claim(*decided[n][1:]))
+            self._settle_claim(op, Claim(*decided[n][1:9]))
 
     async def _replay_one_by_one(self, claims: list[_Claim], completions: list[_Completion]) -> None:
         """Each operation in a statement of its own (the same statement, on the pool), all at once: one blocked
