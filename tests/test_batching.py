@@ -63,8 +63,9 @@ async def test_two_completions_of_one_run_in_one_batch_only_the_lease_holder_is_
     writer = GateBatcher(lambda: db.connect_gate(rt.settings), rt.ledger)
     try:
         for first, second in ((stale, holder), (holder, stale)):  # either order within the batch
-            await conn.execute("UPDATE operation_runs SET status = 'running', outcome = 'pending', summary_counts = NULL, "
-                               "reason_code = NULL, completed_at = NULL WHERE id = $1", run.run_id)
+            await conn.execute("UPDATE operation_runs SET status = 'running', outcome = 'pending', "
+                               "summary_counts = NULL, reason_code = NULL, completed_at = NULL WHERE id = $1",
+                               run.run_id)
             flushes = writer.flushes
             done = await asyncio.gather(*[
                 writer.complete(run.run_id, owner, outcome="failed" if owner == stale else "succeeded",
@@ -76,7 +77,7 @@ async def test_two_completions_of_one_run_in_one_batch_only_the_lease_holder_is_
             assert writer.flushes == flushes + 1  # both in one statement
             assert dict(zip((first, second), done, strict=True)) == {stale: False, holder: True}
             row = await conn.fetchrow("SELECT outcome, summary_counts FROM operation_runs WHERE id = $1", run.run_id)
-            assert row["outcome"] == "succeeded"
+            assert row is not None and row["outcome"] == "succeeded"
             assert row["summary_counts"] == {"total": 1, "processed": 1, "failed": 0}
     finally:
         await writer.close()
