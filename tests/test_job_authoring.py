@@ -10,6 +10,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from arq import Retry
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import BaseModel
@@ -253,6 +254,33 @@ async def test_a_retry_after_that_is_no_delay_falls_back_to_the_backoff_and_the_
     [run] = await runs(conn)
     assert (run["status"], run["outcome"], run["reason_code"], run["attempts"]) == (
         "completed", "failed", "provider.throttled", 2)
+
+
+async def _asks_for_a_retry(run: RunContext) -> None:
+    run.counts.add_total(3)
+    run.counts.item_succeeded(run.attempt)
+    if run.attempt == 1 or run.inputs.get("always"):
+        raise Retry(defer=0.1)
+    run.counts.item_succeeded(3 - run.attempt)
+
+
+tracked_job("author.arq_retry", max_attempts=2)(_asks_for_a_retry)
+
+
+async def test_arq_retry_raised_by_a_body_retries_the_run_and_its_counts_are_the_last_attempts(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str
+) -> None:
+    # arq's own way to ask for a retry ended the run failed / internal.unexpected ("Retry: <Retry defer 0.10s>").
+    await dispatch(rt, "author.arq_retry", tenant=tenant)
+    await dispatch(rt, "author.arq_retry", tenant=tenant, inputs={"always": True})
+    await drain(settings, timeout_s=30)
+    retried, exhausted = await runs(conn)
+    assert (retried["status"], retried["outcome"], retried["reason_code"], retried["attempts"]) == (
+        "completed", "succeeded", None, 2)
+    assert retried["summary_counts"] == {"total": 3, "processed": 3, "failed": 0}
+    assert (exhausted["outcome"], exhausted["reason_code"], exhausted["attempts"]) == ("failed", "job.retry", 2)
+    assert exhausted["reason_message"] == "the job body asked for a retry (Retry: <Retry defer 0.10s>)"
+    assert exhausted["summary_counts"] == {"total": 3, "processed": 2, "failed": 0}
 
 
 async def test_a_workspace_job_dispatched_with_a_tenant_is_refused_not_run_for_the_whole_workspace(

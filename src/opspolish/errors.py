@@ -104,6 +104,18 @@ class JobTimeout(OpsPolishError):
     reason_code = "job.timeout"
 
 
+class JobRetry(OpsPolishError):
+    """The job body asked for a retry (arq's Retry)."""
+
+    reason_code = "job.retry"
+    transient = True
+
+    def __init__(self, message: str | None = None, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        #: arq's ``defer``, in seconds; None (no defer given) retries with the usual backoff.
+        self.retry_after_s = retry_after_s
+
+
 class JobCancelled(OpsPolishError):
     """The job was cancelled."""
 
@@ -138,6 +150,10 @@ REASON_CODES: dict[str, str] = {
         "a delivery was cancelled mid-run (worker shutdown, or arq's timeout cutting a long reconcile cron pass) "
         "or while its claim was in flight, and handed its run back as queued for redelivery; the run carries the "
         "code until a later attempt ends it. No run ends cancelled: nothing writes that outcome"
+    ),
+    "job.retry": (
+        "the job body raised arq's Retry: the run went back to queued and was retried after its defer (or the "
+        "usual backoff), like any transient error; it ends failed with this code once its attempts run out"
     ),
     "items.all_failed": "every item of the run failed",
     "items.partially_failed": "some items failed (outcome partially_succeeded); the others succeeded",

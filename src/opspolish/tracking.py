@@ -35,6 +35,7 @@ from opspolish.errors import (
     DbUnavailable,
     InputInvalid,
     InputTooLarge,
+    JobRetry,
     JobTimeout,
     LeaseLost,
     OpsPolishError,
@@ -497,6 +498,13 @@ async def _body_error(rt: Runtime, job: TrackedJob, run: RunContext, secrets: tu
                 OpsPolishError(sanitize_message(describe_exception(exc), extra_secrets=secrets)))
     except OpsPolishError as exc:
         return exc
+    except Retry as exc:
+        # arq's way for a job to ask for a retry: a transient error of the run (released to queued, attempts counted,
+        # retried after its defer). Caught as any other exception, it ended the run failed / internal.unexpected.
+        defer_ms = exc.defer_score
+        return JobRetry(sanitize_message(f"the job body asked for a retry ({describe_exception(exc)})",
+                                         extra_secrets=secrets),
+                        retry_after_s=None if defer_ms is None else defer_ms / 1000)
     except (Exception, SystemExit) as exc:
         # SystemExit too (sys.exit() in a body, or in a library it calls): it would stop the whole worker with its
         # other jobs, and the run, left running, would take down each worker its redelivery reached.
