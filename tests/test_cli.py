@@ -45,12 +45,17 @@ async def scratch_database(suffix: str = "") -> AsyncIterator[Settings]:
 
 
 
-@pytest.mark.parametrize("scheme", ["postgres", "postgresql"])
-async def test_db_upgrade_takes_every_accepted_url_scheme(scheme: str) -> None:
+@pytest.mark.parametrize(("scheme", "query"), [
+    ("postgres", ""), ("postgresql", ""),
+    # Given to SQLAlchemy's dialect, each parameter became a keyword of asyncpg.connect(): "unexpected keyword
+    # argument 'sslmode'", internal.unexpected, while every other command took the URL.
+    ("postgresql", "?sslmode=disable&application_name=opspolish-upgrade"),
+])
+async def test_db_upgrade_takes_every_accepted_url_scheme(scheme: str, query: str) -> None:
     # postgres:// passed the settings, and the CLI's asyncpg paths took it, but migrations went through SQLAlchemy:
     # "Can't load plugin: sqlalchemy.dialects:postgres".
     async with scratch_database() as settings:
-        url = settings.database_url.get_secret_value().replace("postgresql+asyncpg://", f"{scheme}://")
+        url = settings.database_url.get_secret_value().replace("postgresql+asyncpg://", f"{scheme}://") + query
         out = await cli(settings, "db", "upgrade", OPSPOLISH_DATABASE_URL=url)
         assert out.returncode == 0, out.stderr
         assert await db.current_revision(settings) == db.SCHEMA_HEAD
@@ -306,6 +311,9 @@ async def test_an_unknown_setting_is_refused(settings: Settings) -> None:
     ("OPSPOLISH_DATABASE_URL", "postgresql://app:cnryUrlPw@[::1/x", "Invalid IPv6 URL"),
     ("OPSPOLISH_DATABASE_URL", "postgresql://app:cnryUrlPw@127.0.0.1:5432", "names no database"),
     ("OPSPOLISH_DATABASE_URL", "postgresql://app:cnryUrlPw@127.0.0.1:5432/", "names no database"),
+    # Sent to the server as a setting, refused on every connection: internal.unexpected from every command.
+    ("OPSPOLISH_DATABASE_URL", "postgresql://app:cnryUrlPw@127.0.0.1:5432/x?connect_timeout=5",
+     "?connect_timeout= is a libpq parameter"),
     ("OPSPOLISH_REDIS_URL", "http://:cnryUrlPw@x", "got 'http'"),
     ("OPSPOLISH_REDIS_URL", "redis://:cnryUrlPw@x:99999/0", "Port out of range"),
     ("OPSPOLISH_DEDUPE_COOLDOWN_S", "1e300", "less than or equal to"),  # the gate's interval would overflow

@@ -88,8 +88,12 @@ def secrets_of(settings: Settings) -> tuple[str, ...]:
 
 
 def create_engine(settings: Settings, **kwargs: Any) -> AsyncEngine:
-    """SQLAlchemy engine for cold paths (CLI, seed, reconcile queries, migrations)."""
-    return create_async_engine(sqlalchemy_url(settings), pool_pre_ping=True, **kwargs)
+    """SQLAlchemy engine for cold paths (migrations). Its connections are opened by :func:`connect`, so the URL's
+    query parameters (``?sslmode=``, ``?application_name=``) mean what they mean everywhere else: given to
+    SQLAlchemy's dialect, each became a keyword argument of ``asyncpg.connect()`` ("unexpected keyword argument
+    'sslmode'"), and ``db upgrade`` failed on a URL every other command took."""
+    return create_async_engine("postgresql+asyncpg://", async_creator=lambda: connect(settings), pool_pre_ping=True,
+                               **kwargs)
 
 
 async def init_connection(conn: asyncpg.Connection) -> None:

@@ -16,6 +16,14 @@ ENV_PREFIX = "OPSPOLISH_"
 MAX_SECONDS = 10 * 365 * 86_400
 _DATABASE_SCHEMES = ("postgresql", "postgresql+asyncpg", "postgres")
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
+#: libpq connection parameters asyncpg does not take: it sends any query parameter it does not know to the server as
+#: a setting, and the server refuses the connection ("unrecognized configuration parameter"), for every command.
+_LIBPQ_ONLY_PARAMETERS = frozenset({
+    "connect_timeout", "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count", "tcp_user_timeout",
+    "gssencmode", "gssdelegation", "channel_binding", "requiressl", "sslcompression", "sslsni", "sslcertmode",
+    "requirepeer", "require_auth", "load_balance_hosts", "fallback_application_name", "hostaddr", "replication",
+    "options",
+})
 
 
 def _check_url(value: SecretStr, schemes: tuple[str, ...]) -> SecretStr:
@@ -65,6 +73,11 @@ class Settings(BaseSettings):
         # server picks (named after the user), far from the ledger.
         if not urlsplit(value.get_secret_value()).path.strip("/"):
             raise ValueError("names no database (end it with /DBNAME, e.g. .../opspolish)")
+        query = parse_qs(urlsplit(value.get_secret_value()).query, keep_blank_values=True)
+        unsupported = sorted(set(query) & _LIBPQ_ONLY_PARAMETERS)
+        if unsupported:
+            raise ValueError(f"?{unsupported[0]}= is a libpq parameter the asyncpg driver does not take (the server "
+                             "would refuse every connection); remove it (connecting is bounded at 10 s already)")
         return value
 
     @field_validator("reconcile_interval_min")
