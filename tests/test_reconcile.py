@@ -22,7 +22,7 @@ from pydantic import SecretStr
 
 from opspolish.dispatch import dispatch
 from opspolish.errors import InputInvalid
-from opspolish.fingerprint import context_and_fingerprint, fingerprint, identity_hash
+from opspolish.fingerprint import context_and_fingerprint, fingerprint, identity_hash, lock_key
 from opspolish.jobs.reconcile import RECONCILE_TYPE, reconcile_all, reconcile_cron
 from opspolish.runtime import Runtime
 from opspolish.settings import Settings
@@ -402,3 +402,26 @@ async def test_reconcile_cli_reports_each_workspace(settings: Settings, seeded: 
         subprocess.run, [str(ROOT / ".venv/bin/opspolish"), "reconcile", "--workspace", "nope"], cwd=ROOT,
         env=worker_env(settings), capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--workspace" in bad.stderr
+
+
+async def test_reconcile_cli_whose_workspace_gate_stays_busy_exits_1_and_says_no_pass_ran(
+    settings: Settings, conn: asyncpg.Connection, seeded: dict[str, Any]
+) -> None:
+    # It exited 0 and printed "acme: run None busy (dedupe.overlap)": no pass ran and no run was recorded.
+    acme = seeded["workspaces"][0]
+    key = lock_key(identity_hash(f"workspace:{acme['id']}", RECONCILE_TYPE, fingerprint({})))
+    holder = await asyncpg.connect(dsn=settings.database_url.get_secret_value().replace("+asyncpg", ""))
+    try:
+        async with holder.transaction():
+            assert await holder.fetchval("SELECT pg_try_advisory_xact_lock($1)", key)
+            # The CLI's own entry, with the wait for a busy gate cut from 30 s to 1 s.
+            code = ("import opspolish.jobs.reconcile as r; r.BUSY_DEADLINE_S = 1.0; from opspolish.cli import main; "
+                    "main(prog_name='opspolish')")
+            out = await asyncio.to_thread(
+                subprocess.run, [str(ROOT / ".venv/bin/python"), "-c", code, "reconcile", "--workspace", "acme"],
+                cwd=ROOT, env=worker_env(settings), capture_output=True, text=True, timeout=60)
+    finally:
+        await holder.close()
+    assert out.returncode == 1, (out.stdout, out.stderr[-500:])
+    assert out.stdout == "acme: busy (dedupe.overlap): its gate stayed busy, no pass ran\n"
+    assert await conn.fetchval("SELECT count(*) FROM operation_runs") == 0

@@ -412,11 +412,19 @@ async def reconcile_cmd(ctx: Ctx, workspace: str | None, as_json: bool) -> None:
         results = await reconcile_all(rt, workspace_slug=workspace)
     finally:
         await rt.close()
-    lines = [f"{r['workspace']}: run {r.get('run_id')} {r.get('outcome') or r.get('decision')}"
-             + (f" ({r['reason_code']})" if r.get("reason_code") else "") for r in results]
-    emit(as_json, results, "\n".join(lines) or "no workspaces")
-    if any(r.get("outcome") == "failed" or r.get("decision") == "failed" for r in results):
+    emit(as_json, results, "\n".join(_reconcile_line(r) for r in results) or "no workspaces")
+    # A pass that failed, or never ran (its workspace's gate stayed busy past the wait: no run recorded), is not
+    # the pass the command was asked for.
+    if any(r.get("outcome") == "failed" or r.get("decision") in ("failed", "busy") for r in results):
         sys.exit(1)
+
+
+def _reconcile_line(result: dict[str, Any]) -> str:
+    code = f" ({result['reason_code']})" if result.get("reason_code") else ""
+    if result.get("run_id") is None:  # no run recorded: the gate stayed busy, or the database went away
+        why = "its gate stayed busy, no pass ran" if result.get("decision") == "busy" else "no pass ran"
+        return f"{result['workspace']}: {result.get('decision')}{code}: {why}"
+    return f"{result['workspace']}: run {result['run_id']} {result.get('outcome') or result.get('decision')}{code}"
 
 
 @main.command("doctor")
