@@ -413,6 +413,13 @@ async def test_doctor_gives_a_verdict_per_service(settings: Settings) -> None:
     [redis] = [line for line in redis_down.stdout.splitlines() if "redis" in line]
     assert redis_down.returncode == 1 and redis.startswith("FAIL") and "127.0.0.1:1" in redis, redis
     assert "Canary-pw-1" not in redis_down.stdout + redis_down.stderr
+    # Every check keeps its key in --json: the one a failed service could not run was missing altogether.
+    for env, verdict in ((dict(OPSPOLISH_DATABASE_URL="postgresql+asyncpg://postgres@127.0.0.1:1/x"),
+                          {"postgres": "fail", "migrations": "skip", "redis": "ok", "worker": "warn"}),
+                         (dict(OPSPOLISH_REDIS_URL="redis://127.0.0.1:1/0"),
+                          {"postgres": "ok", "migrations": "ok", "redis": "fail", "worker": "skip"})):
+        out = await cli(settings, "doctor", "--json", **env)
+        assert out.returncode == 1 and {c["name"]: c["verdict"] for c in json.loads(out.stdout)} == verdict
     missing = await cli(settings.with_database(f"opspolish_missing_{uuid.uuid4().hex[:8]}"), "doctor")
     [postgres] = [line for line in missing.stdout.splitlines() if "postgres" in line]
     assert missing.returncode == 1 and postgres.startswith("FAIL") and "does not exist" in postgres

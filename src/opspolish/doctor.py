@@ -15,7 +15,7 @@ from opspolish.settings import Settings
 @dataclass
 class Check:
     name: str
-    verdict: str  # ok / warn / fail
+    verdict: str  # ok / warn / fail / skip (not checked: the service it depends on failed)
     detail: str
 
 
@@ -45,6 +45,7 @@ async def run_checks(settings: Settings) -> list[Check]:
                                                                if missing else "")))
     except Exception as exc:  # each check keeps its own verdict: one odd failure must not hide the others
         checks.append(Check("postgres", "fail", _unexpected(settings, exc)))
+    _skipped_unless_checked(checks, "migrations", "PostgreSQL")
     try:
         from opspolish.runtime import connect_redis
 
@@ -67,7 +68,14 @@ async def run_checks(settings: Settings) -> list[Check]:
         # Which check it failed in: Redis itself, or (Redis answered) reading the worker's heartbeat.
         name = "worker" if any(c.name == "redis" for c in checks) else "redis"
         checks.append(Check(name, "fail", _unexpected(settings, exc)))
+    _skipped_unless_checked(checks, "worker", "Redis")
     return checks
+
+
+def _skipped_unless_checked(checks: list[Check], name: str, service: str) -> None:
+    """Every check has its verdict, in --json too: one that could not run (its service failed) says so."""
+    if not any(c.name == name for c in checks):
+        checks.append(Check(name, "skip", f"not checked: {service} failed above"))
 
 
 def _unexpected(settings: Settings, exc: Exception) -> str:
