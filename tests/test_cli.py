@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
@@ -17,7 +18,9 @@ import asyncpg
 import pytest
 
 from opspolish import db
+from opspolish.dispatch import dispatch
 from opspolish.errors import SchemaMismatch
+from opspolish.runtime import Runtime
 from opspolish.settings import Settings
 from tests.conftest import ROOT, WorkerProcess, base_settings, make_worker, wait_until, worker_env
 
@@ -243,6 +246,35 @@ async def test_reset_refuses_seed_options_without_seed_and_changes_nothing(
         assert out.returncode == 2 and _one_reason_line(out) == (
             f"opspolish: input.invalid: {option}: only with --seed (db reset --seed {option} N)"), out.stderr
     assert await conn.fetchval("SELECT count(*) FROM workspaces") == 1
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["runs", "list", "--limit", "0"], "input.invalid: Invalid value for '--limit': 0 is not in the range"),
+    (["runs", "list", "--status", "bogus"], "input.invalid: Invalid value for '--status'"),
+    (["runs", "show", "abc"], "input.invalid: Invalid value for 'RUN_ID'"),
+    (["dispatch"], "input.invalid: Missing argument 'TYPE'. (see `opspolish dispatch --help`)"),
+    (["runs", "list", "--bogus"], "input.invalid: No such option '--bogus'"),
+])
+async def test_usage_errors_are_one_line_naming_the_option_exit_2(
+    settings: Settings, args: list[str], says: str
+) -> None:
+    # click's own block: "Usage: ...", "Try '... --help' for help.", a blank line and "Error: ...", four lines.
+    out = await cli(settings, *args)
+    assert out.returncode == 2 and out.stdout == "", out
+    assert out.stderr.startswith("opspolish: ") and out.stderr.count("\n") == 1 and says in out.stderr, out.stderr
+
+
+async def test_a_reader_that_goes_away_is_no_error_of_ours(
+    settings: Settings, rt: Runtime, seeded: dict[str, Any]
+) -> None:
+    # `opspolish runs list | head -1` said internal.unexpected: BrokenPipeError, exit 1 (here the reader, `true`,
+    # is gone before the command writes, so the write always meets the closed pipe).
+    await dispatch(rt, "test.effect", tenant=seeded["tenants"][0]["external_id"], inputs={"items": 1})
+    for args in ("runs list --json", "runs list", "doctor"):
+        command = f"{shlex.quote(CLI)} {args} | true; echo ${{PIPESTATUS[0]}}"
+        piped = await asyncio.to_thread(subprocess.run, ["bash", "-c", command], cwd=ROOT, env=worker_env(settings),
+                                        capture_output=True, text=True, timeout=90)
+        assert (piped.stdout, piped.stderr) == ("141\n", ""), (args, piped)
 
 
 async def test_seed_is_idempotent_and_scales(settings: Settings, conn: asyncpg.Connection) -> None:

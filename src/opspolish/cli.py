@@ -6,6 +6,8 @@ import asyncio
 import dataclasses
 import functools
 import json
+import os
+import signal
 import sys
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -81,6 +83,11 @@ def run_async(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
             fail(1, f"{exc.reason_code}: {exc.message}")
         except KeyboardInterrupt:
             fail(1, "interrupted")
+        except BrokenPipeError:
+            # The reader went away (`| head`): nothing more can be said to it, and it is no bug of ours. Exit as a
+            # process killed by SIGPIPE would, without Python's own complaint when it flushes stdout at exit.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(128 + signal.SIGPIPE)
         except (asyncpg.UndefinedTableError, asyncpg.UndefinedFunctionError, asyncpg.UndefinedColumnError) as exc:
             if verbose:
                 raise
@@ -99,7 +106,28 @@ def emit(as_json: bool, data: Any, text: str) -> None:
     click.echo(json.dumps(data, default=str, indent=2) if as_json else text)
 
 
-@click.group()
+class _Main(click.Group):
+    """The command group: click's usage errors (a bad option value, a missing argument) come out as one line, exit 2,
+    like every other bad input, instead of click's usage block, hint and message on four lines."""
+
+    def main(self, *args: Any, **kwargs: Any) -> NoReturn:
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:  # a bare `opspolish` / `opspolish db`: the help
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+            fail(2, f"input.invalid: {exc.format_message()}{where}")
+        except click.Abort:
+            fail(1, "interrupted")
+        except click.ClickException as exc:
+            fail(exc.exit_code, exc.format_message())
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=_Main)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logs and tracebacks.")
 @click.pass_context
 def main(ctx: click.Context, verbose: bool) -> None:
