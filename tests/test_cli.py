@@ -254,6 +254,12 @@ async def test_reset_refuses_seed_options_without_seed_and_changes_nothing(
     (["runs", "show", "abc"], "input.invalid: Invalid value for 'RUN_ID'"),
     (["dispatch"], "input.invalid: Missing argument 'TYPE'. (see `opspolish dispatch --help`)"),
     (["runs", "list", "--bogus"], "input.invalid: No such option '--bogus'"),
+    # click kept the last value without a word: the dispatch went to the second tenant.
+    (["dispatch", "test.effect", "--tenant", "a", "--tenant=b"], "input.invalid: --tenant: given more than once"),
+    (["dispatch", "test.effect", "--tenant", "a", "--inputs-json", "{}", "--inputs-json", "{}"],
+     "input.invalid: --inputs-json: given more than once"),
+    (["runs", "list", "--limit", "3", "--limit", "4"], "input.invalid: --limit: given more than once"),
+    (["db", "reset", "--seed", "--tenants", "1", "--tenants", "2"], "input.invalid: --tenants: given more than once"),
 ])
 async def test_usage_errors_are_one_line_naming_the_option_exit_2(
     settings: Settings, args: list[str], says: str

@@ -106,9 +106,39 @@ def emit(as_json: bool, data: Any, text: str) -> None:
     click.echo(json.dumps(data, default=str, indent=2) if as_json else text)
 
 
+class _Command(click.Command):
+    """A command whose single-value options may be given once: click keeps the last of ``--tenant A --tenant B``
+    without a word, and a dispatch went to the second tenant (of another workspace, maybe) while the user read the
+    first. Given twice, it is a usage error naming the option, as a repeated ``--input`` key is."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        valued = {name: opt for opt in self.params if isinstance(opt, click.Option)
+                  and not opt.is_flag and not opt.count for name in opt.opts}
+        seen: set[str | None] = set()
+        tokens = iter(args)
+        for token in tokens:
+            if token == "--":
+                break
+            name, has_value, _ = token.partition("=")
+            option = valued.get(name)
+            if option is None:
+                continue
+            if not option.multiple:
+                if option.name in seen:
+                    raise click.UsageError(f"{name}: given more than once (it takes one value)", ctx=ctx)
+                seen.add(option.name)
+            if not has_value:
+                next(tokens, None)  # its value, whatever it reads like (`--input --tenant` is an input)
+        return super().parse_args(ctx, args)
+
+
 class _Main(click.Group):
-    """The command group: click's usage errors (a bad option value, a missing argument) come out as one line, exit 2,
-    like every other bad input, instead of click's usage block, hint and message on four lines."""
+    """The command group (and its subgroups, whose commands are _Command): click's usage errors (a bad option
+    value, a missing argument) come out as one line, exit 2, like every other bad input, instead of click's usage
+    block, hint and message on four lines."""
+
+    command_class = _Command
+    group_class = type  # subgroups (db, runs) are _Main too, so their commands are _Command
 
     def main(self, *args: Any, **kwargs: Any) -> NoReturn:
         kwargs["standalone_mode"] = False
