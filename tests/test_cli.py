@@ -320,6 +320,8 @@ async def test_dispatch_prints_the_run_and_whether_it_joined(
     (["dispatch", "test.effect", "--tenant", "T", "--input", "nope"], "--input"),
     (["dispatch", "test.effect", "--tenant", "T", "--inputs-json", "[1]"], "--inputs-json"),
     (["runs", "show", "999999"], "opspolish: run.not_found: RUN_ID: no run 999999"),
+    # The workspace as typed, not its id.
+    (["dispatch", "test.effect", "--tenant", "T", "--workspace", "globex"], "' in workspace 'globex'"),
     (["runs", "list", "--tenant", str(uuid.uuid4())], "--tenant"),
     # Each option within its range, but together two billion policies: refused before anything is written.
     (["seed", "--tenants", "1000000", "--policies", "1000"], "--policies: 1,000,000 tenants per workspace"),

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from opspolish import db
 from opspolish.errors import InputInvalid, OpsPolishError, RunNotFound, TenantNotFound
-from opspolish.fingerprint import key_segment
+from opspolish.fingerprint import MAX_DIGITS, key_segment
 from opspolish.logs import configure_logging
 from opspolish.sanitize import sanitize_message
 from opspolish.settings import ENV_PREFIX, Settings
@@ -291,7 +291,9 @@ def parse_inputs(pairs: tuple[str, ...], inputs_json: str | None) -> dict[str, A
         try:
             parsed = json.loads(inputs_json, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
         except (ValueError, RecursionError) as exc:
-            raise InputInvalid(f"--inputs-json: not valid JSON ({exc})", field="--inputs-json") from None
+            # Python's own words for a long integer end in advice for Python programmers (sys.set_int_max_str_digits)
+            why = f"a number has more than {MAX_DIGITS} digits" if "digits" in str(exc) else f"not valid JSON ({exc})"
+            raise InputInvalid(f"--inputs-json: {why}", field="--inputs-json") from None
         if not isinstance(parsed, dict):
             raise InputInvalid("--inputs-json: must be a JSON object", field="--inputs-json")
         inputs.update(parsed)
@@ -309,7 +311,7 @@ def parse_inputs(pairs: tuple[str, ...], inputs_json: str | None) -> dict[str, A
             inputs[key] = json.loads(raw, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
         except ValueError as exc:
             # JSON that is refused, not text: a non-finite number, an integer too long to read, a repeated key
-            why = "integer has too many digits" if "digits" in str(exc) else str(exc)
+            why = f"number has more than {MAX_DIGITS} digits" if "digits" in str(exc) else str(exc)
             if "non-finite" in why or "digits" in why or "more than once" in why:
                 raise InputInvalid(f"{path}: {why}", field=path) from None
             inputs[key] = raw
@@ -344,7 +346,8 @@ def _refuse_constant(name: str) -> NoReturn:
 @main.command("dispatch")
 @click.argument("run_type", metavar="TYPE")
 @click.option("--tenant", "tenant", help="Tenant id or external_id (tenant jobs).")
-@click.option("--workspace", "workspace", help="Workspace slug (workspace jobs).")
+@click.option("--workspace", "workspace",
+              help="Workspace slug: required for workspace jobs; with a tenant job, the tenant must be in it.")
 @click.option("--input", "pairs", multiple=True, metavar="KEY=VALUE", help="An input; VALUE may be JSON.")
 @click.option("--inputs-json", help="All inputs as one JSON object.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -372,7 +375,13 @@ async def dispatch_cmd(ctx: Ctx, run_type: str, tenant: str | None, workspace: s
                                                   _utf8(workspace, "--workspace"))
             if workspace_id is None:
                 raise InputInvalid(f"--workspace: no workspace {workspace!r}", field="--workspace")
-        result = await dispatch(rt, run_type, tenant=tenant, workspace_id=workspace_id, inputs=inputs)
+        try:
+            result = await dispatch(rt, run_type, tenant=tenant, workspace_id=workspace_id, inputs=inputs)
+        except TenantNotFound as exc:  # name the workspace as the user typed it, not by its id
+            where = f"in workspace {workspace_id}"
+            if workspace is None or where not in exc.message:
+                raise
+            raise TenantNotFound(exc.message.replace(where, f"in workspace {workspace!r}"), field="tenant") from None
     finally:
         await rt.close()
     emit(as_json, {"run_id": result.run_id, "job_id": result.job_id, "verdict": result.verdict,
