@@ -66,6 +66,7 @@ _password = st.text(alphabet="ABCDEFGHabcdefgh0123456789", min_size=6, max_size=
 @given(inputs_st, safe_keys, st.sampled_from([
     "postgresql://app:{}@db.example:5432/x", "Authorization: Bearer {}", "https://cb.example/?token={}&v=1",
     "host=db user=app password={} dbname=x", "AKIA{}", "Authorization: Basic {}", "PGPASSWORD={}", "github_pat_{}",
+    "-----BEGIN RSA PRIVATE KEY-----\nMIIEow{}\n-----END RSA PRIVATE KEY-----",
 ]), _password, _password)
 def test_credentials_inside_text_under_any_key_are_redacted_and_never_move_the_fingerprint(
     inputs: dict[str, Any], key: str, shape: str, a: str, b: str,

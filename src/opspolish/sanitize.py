@@ -11,7 +11,16 @@ _SECRET_WORDS = (
     r"pass(?:word|wd)?|pwd|secret|client[_-]?secret|token|access[_-]?token|refresh[_-]?token|api[_-]?key|"
     r"apikey|auth(?:orization)?|credentials?|private[_-]?key|cookie|session[_-]?id|signature|sig"
 )
+#: A PEM private key block, BEGIN line to END line (or to the end of a text cut short), whatever key word or line
+#: breaks come before it: the key=value rule took only "-----BEGIN" and left the key's body in the message. Runs
+#: first, so that rule does not split the block. Linear: a possessive run that stops at the END marker.
+_PEM_PRIVATE_KEY = (
+    re.compile(r"-----BEGIN ([A-Z0-9 ]{0,40}?)PRIVATE KEY-----(?:(?!-----END )[\s\S])*+"
+               r"(?:-----END [A-Z0-9 ]{0,40}?PRIVATE KEY-----)?"),
+    rf"-----BEGIN \1PRIVATE KEY-----{REDACTED}-----END \1PRIVATE KEY-----",
+)
 _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    _PEM_PRIVATE_KEY,
     # scheme://user:password@host  ->  scheme://user:[redacted]@host. Every pattern here starts only where a token
     # starts and takes its runs possessively (*+, ++): with \b and backtracking runs, a few KB of repeated words
     # ("password-password-...") took seconds to minutes (cubic in the length), in the CLI and in the worker.
@@ -44,10 +53,11 @@ _TRACEBACK = re.compile(r"Traceback \(most recent call last\):.*", re.DOTALL)
 #: canonicalization redacts inside text values. The word-based rules above (``basic xxx``, ``sig: xxx``) would
 #: also take ordinary words there ("Basic Compliance", "design: v2") and make distinct inputs one identity.
 _CREDENTIAL_SHAPES: tuple[tuple[re.Pattern[str], str], ...] = (
-    _PATTERNS[0],  # scheme://user:password@host
+    _PEM_PRIVATE_KEY,
+    _PATTERNS[1],  # scheme://user:password@host
     (re.compile(r"(?i)\b(bearer)\s+(?!bearer\b)[A-Za-z0-9\-._~+/=]{6,}"), rf"\1 {REDACTED}"),
-    _PATTERNS[2],  # JWTs
-    _PATTERNS[4],  # well-known token prefixes
+    _PATTERNS[3],  # JWTs
+    _PATTERNS[5],  # well-known token prefixes
     # An HTTP Authorization header's credential, whatever its scheme (the word "Basic" alone is ordinary text)
     (re.compile(r"(?i)\b(authorization\s*+:\s*+(?:(?:basic|bearer|digest|token)\s++)?)"
                 + r"(?!" + re.escape(REDACTED) + r")[A-Za-z0-9\-._~+/=]{6,}+"), rf"\1{REDACTED}"),

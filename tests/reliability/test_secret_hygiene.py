@@ -133,8 +133,16 @@ _SECRET_KEYS = ["password", "passwd", "pwd", "secret", "client_secret", "token",
 @st.composite
 def _credential(draw: st.DrawFn) -> tuple[str, str]:
     """A credential in one of the shapes errors carry, and the secret part that must not survive."""
-    kind = draw(st.sampled_from(["kv", "dsn", "bearer", "jwt", "vendor"]))
+    kind = draw(st.sampled_from(["kv", "dsn", "bearer", "jwt", "vendor", "pem"]))
     secret = "Zk" + draw(_token)  # a distinctive prefix: random text around it cannot spell it by chance
+    if kind == "pem":  # the key=value rule took only "-----BEGIN" and left the key's body
+        label = draw(st.sampled_from(["", "RSA ", "EC ", "OPENSSH ", "ENCRYPTED "]))
+        prefix = draw(st.sampled_from(["", "private_key=", "key: ", '"key": "']))
+        sep = draw(st.sampled_from(["\n", " ", "\\n", "\r\n"]))
+        lines = [f"-----BEGIN {label}PRIVATE KEY-----", "MIIEvQIBADAN" + draw(_token), secret, draw(_token) + "=="]
+        if draw(st.booleans()):  # or cut short before its END line
+            lines.append(f"-----END {label}PRIVATE KEY-----")
+        return prefix + sep.join(lines), secret
     if kind == "kv":
         key = draw(st.sampled_from(_SECRET_KEYS))
         sep = draw(st.sampled_from(["=", ": ", " = ", ":"]))
