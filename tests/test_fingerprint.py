@@ -31,6 +31,7 @@ from opspolish.fingerprint import (
     identity_hash,
     is_secret_key,
     lock_key,
+    secret_values,
 )
 from opspolish.sanitize import redact_credentials, redact_secrets, sanitize_message
 
@@ -221,6 +222,26 @@ def test_redaction_of_long_repetitive_text_ends_and_still_redacts(unit: str) -> 
         out = redact(text)
         assert "Hunter2Canary" not in out and "PwCanary" not in out, redact.__name__
         assert out.startswith(unit * 10)
+
+
+@given(st.sampled_from(["max_tokens", "token_count", "tokens", "cookie_consent", "signature_required",
+                        "secret_santa_rounds", "session_id"]),
+       st.one_of(st.integers(0, 10**9), st.floats(0, 2.0), st.booleans()),
+       st.one_of(st.integers(0, 10**9), st.floats(0, 2.0), st.booleans()))
+def test_a_number_or_flag_under_a_secret_word_is_a_setting_kept_in_the_identity(key: str, a: Any, b: Any) -> None:
+    # max_tokens was left out as a secret: max_tokens=10 and max_tokens=4000 were one identity, the second
+    # dispatch joined the first, and the run (or its re-enqueue) went on with the first value, or the default.
+    assert key in canonical_inputs({key: a})
+    assert (fingerprint({"prompt": "hi", key: a}) == fingerprint({"prompt": "hi", key: b})) == (
+        canonical_json({key: a}) == canonical_json({key: b}))
+    assert secret_values({key: a}) == ()
+
+
+@pytest.mark.parametrize(("key", "value"), [("password", 123456), ("pin_pwd", 4321), ("db_pass", 2.5),
+                                            ("passphrase", True), ("token", "abcdef"), ("max_tokens", "abcdef"),
+                                            ("client_secret", ["abc", "def"]), ("session_id", {"v": "abc"})])
+def test_text_under_a_secret_word_and_anything_under_a_password_key_stay_secrets(key: str, value: Any) -> None:
+    assert canonical_inputs({key: value, "x": 1}) == {"x": 1}
 
 
 @pytest.mark.parametrize("key", ["passenger", "passage_count", "author", "session", "sig_figs", "compass",

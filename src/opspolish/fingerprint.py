@@ -39,6 +39,9 @@ _SECRET_KEY = re.compile(
 )
 
 
+#: The password family: under these keys even a number is a secret (a numeric password or PIN).
+_PASSWORD_KEY = re.compile(r"pass(word|wd|phrase)|(^|_)pass(_|$)|(^|_)pwd")
+
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 
 
@@ -57,6 +60,18 @@ def key_segment(key: str) -> str:
 def is_secret_key(key: str) -> bool:
     """True when a mapping key names a secret (``password``, ``client_secret``, ``X-Api-Key``...)."""
     return bool(_SECRET_KEY.search(key.lower().replace("-", "_")))
+
+
+def is_secret_item(key: str, item: Any) -> bool:
+    """True when ``item``, under ``key``, is a secret: any value under a password-family key, and text (or a
+    structure) under the other secret-named keys. A number or a flag under ``token``, ``secret``, ``cookie``,
+    ``signature``... names a setting (``max_tokens``, ``token_count``, ``cookie_consent``), not a credential: left
+    out, it made ``max_tokens=10`` and ``max_tokens=4000`` one identity, and the second request joined the first."""
+    if not is_secret_key(key):
+        return False
+    if isinstance(item, bool | int | float | Decimal):
+        return bool(_PASSWORD_KEY.search(key.lower().replace("-", "_")))
+    return True
 
 
 #: The most digits an integer in the inputs may have: Python's own bound for turning one into text (and so into
@@ -144,7 +159,7 @@ def _canonical(value: Any, path: str, depth: int, budget: _Budget) -> Any:  # no
                 key.encode("utf-8")
             except UnicodeEncodeError:
                 raise InputInvalid(f"{path}: key {key!r} is not valid UTF-8", field=path) from None
-            if is_secret_key(key) or isinstance(item, SecretStr | SecretBytes):
+            if is_secret_item(key, item) or isinstance(item, SecretStr | SecretBytes):
                 continue
             budget.spend(len(key) + 3)  # "key":
             out[key] = _canonical(item, path + key_segment(key), depth + 1, budget)
@@ -261,7 +276,7 @@ def refuse_nul(value: Any, path: str = "inputs") -> None:
             raise InputInvalid(f"{path}: text contains a NUL character", field=path)
     elif isinstance(value, Mapping):
         for key, item in value.items():
-            if isinstance(key, str) and not is_secret_key(key) and not isinstance(item, SecretStr | SecretBytes):
+            if isinstance(key, str) and not is_secret_item(key, item) and not isinstance(item, SecretStr | SecretBytes):
                 refuse_nul(key, path + key_segment(key))
                 refuse_nul(item, path + key_segment(key))
     elif isinstance(value, list | tuple):
@@ -291,7 +306,7 @@ def secret_values(inputs: Any) -> tuple[str, ...]:
             walk(raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw, True, depth + 1)
         elif isinstance(value, Mapping):
             for key, item in value.items():
-                walk(item, secret or (isinstance(key, str) and is_secret_key(key)), depth + 1)
+                walk(item, secret or (isinstance(key, str) and is_secret_item(key, item)), depth + 1)
         elif isinstance(value, list | tuple | set | frozenset):
             for item in value:
                 walk(item, secret, depth + 1)
