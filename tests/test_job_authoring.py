@@ -358,3 +358,14 @@ def test_fingerprint_of_a_job_type_finds_it_through_opspolish_job_modules(
     finally:
         REGISTRY.pop("fp.lookup", None)
         sys.modules.pop("fp_lookup_jobs", None)
+
+
+def test_every_error_the_library_raises_and_the_job_types_class_are_importable_from_opspolish() -> None:
+    # dispatch documents DbUnavailable / RedisUnavailable, yet `except opspolish.DbUnavailable` was an AttributeError.
+    import opspolish
+    from opspolish import errors
+
+    raised = {name for name, obj in vars(errors).items()
+              if isinstance(obj, type) and issubclass(obj, errors.OpsPolishError)}
+    assert raised | {"TrackedJob"} <= set(opspolish.__all__)
+    assert all(getattr(opspolish, name) is getattr(errors, name) for name in raised)

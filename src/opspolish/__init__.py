@@ -3,32 +3,51 @@
 from opspolish.counts import Counts
 from opspolish.dispatch import DispatchResult, dispatch
 from opspolish.errors import (
+    DbUnavailable,
     InputInvalid,
+    InputTooLarge,
+    ItemsAllFailed,
+    JobCancelled,
+    JobRetry,
+    JobTimeout,
     LeaseLost,
     OpsPolishError,
     ProviderRejected,
     ProviderThrottled,
     ProviderUnavailable,
+    RedisUnavailable,
+    RunNotFound,
+    SchemaMismatch,
     TenantNotFound,
 )
 from opspolish.fingerprint import fingerprint
 from opspolish.runtime import Runtime, connect
 from opspolish.settings import Settings
-from opspolish.tracking import RunContext, tracked_job
+from opspolish.tracking import RunContext, TrackedJob, tracked_job
 
 __all__ = [
     "Counts",
+    "DbUnavailable",
     "DispatchResult",
     "InputInvalid",
+    "InputTooLarge",
+    "ItemsAllFailed",
+    "JobCancelled",
+    "JobRetry",
+    "JobTimeout",
     "LeaseLost",
     "OpsPolishError",
     "ProviderRejected",
     "ProviderThrottled",
     "ProviderUnavailable",
+    "RedisUnavailable",
     "RunContext",
+    "RunNotFound",
     "Runtime",
+    "SchemaMismatch",
     "Settings",
     "TenantNotFound",
+    "TrackedJob",
     "connect",
     "dispatch",
     "fingerprint",
