@@ -369,3 +369,18 @@ def test_every_error_the_library_raises_and_the_job_types_class_are_importable_f
               if isinstance(obj, type) and issubclass(obj, errors.OpsPolishError)}
     assert raised | {"TrackedJob"} <= set(opspolish.__all__)
     assert all(getattr(opspolish, name) is getattr(errors, name) for name in raised)
+
+
+def test_a_job_type_declared_again_with_other_settings_is_refused_naming_them() -> None:
+    # The same body with another policy silently replaced the registered one.
+    async def body(run: RunContext) -> None:
+        return None
+
+    first = tracked_job("author.declared_twice", cooldown_s=0, max_attempts=1)(body)
+    try:
+        assert tracked_job("author.declared_twice", cooldown_s=0, max_attempts=1)(body) == first  # a re-import
+        with pytest.raises(ValueError, match=r"already registered with other settings \(cooldown_s, max_attempts\)"):
+            tracked_job("author.declared_twice", cooldown_s=900, max_attempts=7)(body)
+        assert get_job("author.declared_twice") == first
+    finally:
+        REGISTRY.pop("author.declared_twice", None)

@@ -20,7 +20,7 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, Literal
 
@@ -253,9 +253,15 @@ def tracked_job(
     def register(body: Body) -> TrackedJob:
         _check_body(run_type, body)
         existing = REGISTRY.get(run_type)
+        job = TrackedJob(run_type, body, inputs, scope, cooldown_s, timeout_s, max_attempts)
         if existing is not None and existing.body is not body:
             raise ValueError(f"job type {run_type!r} is already registered")
-        job = TrackedJob(run_type, body, inputs, scope, cooldown_s, timeout_s, max_attempts)
+        if existing is not None and existing != job:
+            # The same body declared again (a module imported twice) is fine; with another policy it silently
+            # replaced the first one's, while the object the first declaration returned still carried it.
+            differ = [f.name for f in fields(job) if getattr(job, f.name) != getattr(existing, f.name)]
+            raise ValueError(f"job type {run_type!r} is already registered with other settings "
+                             f"({', '.join(differ)})")
         REGISTRY[run_type] = job
         return job
 
