@@ -13,7 +13,7 @@ import pytest
 from arq import Retry
 from hypothesis import given
 from hypothesis import strategies as st
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from opspolish.counts import MAX_COUNT, Counts
 from opspolish.dispatch import dispatch
@@ -384,3 +384,48 @@ def test_a_job_type_declared_again_with_other_settings_is_refused_naming_them() 
         assert get_job("author.declared_twice") == first
     finally:
         REGISTRY.pop("author.declared_twice", None)
+
+
+class _WrittenAsAnotherName(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    day: str = Field(serialization_alias="Day")
+
+
+class _ReadUnderAnotherName(BaseModel):
+    day: str = Field(validation_alias="d")
+
+
+@pytest.mark.parametrize("model", [_WrittenAsAnotherName, _ReadUnderAnotherName])
+def test_a_model_whose_output_it_cannot_read_back_is_refused_when_declared(model: type[BaseModel]) -> None:
+    # Its runs recorded {"Day": ...}, which the body's (and every redelivery's) validation refused: every run failed.
+    with pytest.raises(ValueError, match=r"inputs: field 'day' is written as '(Day|day)' but read as '(day|d)'"):
+        tracked_job("author.unreadable", inputs=model)(_body)
+    assert "author.unreadable" not in REGISTRY
+
+
+class _WithComputed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    a: int
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def doubled(self) -> int:
+        return self.a * 2
+
+
+async def _reads_its_model_back(run: RunContext) -> None:
+    _WithComputed.model_validate(run.inputs)  # refused {"a": 1, "doubled": 2}: "Extra inputs are not permitted"
+    run.counts.add_total(1)
+    run.counts.item_succeeded()
+
+
+tracked_job("author.computed", inputs=_WithComputed)(_reads_its_model_back)
+
+
+async def test_a_models_computed_fields_are_not_recorded_so_the_body_reads_its_inputs_back(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str
+) -> None:
+    await dispatch(rt, "author.computed", tenant=tenant, inputs={"a": 1})
+    await drain(settings)
+    [run] = await runs(conn)
+    assert (run["outcome"], run["context"]) == ("succeeded", {"a": 1}), run["reason_message"]

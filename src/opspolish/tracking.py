@@ -141,7 +141,8 @@ class TrackedJob:
             model = self.inputs_model.model_validate(data)
         except ValidationError as exc:
             raise _field_error(exc.errors()[0]) from None
-        valid = model.model_dump(mode="python", by_alias=True, exclude_defaults=True)
+        # Computed fields are outputs, not inputs: a model that forbids extras refused its own record back.
+        valid = model.model_dump(mode="python", by_alias=True, exclude_defaults=True, exclude_computed_fields=True)
         return valid, canonical_json(valid)
 
     def _too_long(self, data: dict[str, Any]) -> InputInvalid | None:
@@ -201,6 +202,21 @@ def _check_seconds(where: str, name: str, value: float | None, *, zero_ok: bool)
                          f"(ten years), got {value!r}")
 
 
+def _check_reads_back(where: str, model: builtins.type[BaseModel]) -> None:
+    """The run records the model's output under its fields' aliases, and the body and every redelivery read it back
+    with the model: a field the model writes under a name it does not read (a ``serialization_alias`` of its own)
+    failed every run of the type, and on the worker's side only."""
+    by_name = bool(model.model_config.get("populate_by_name") or model.model_config.get("validate_by_name"))
+    for name, field in model.model_fields.items():
+        if field.validation_alias is not None and not isinstance(field.validation_alias, str):
+            continue  # AliasPath / AliasChoices: pydantic's own business, not checked here
+        written = field.serialization_alias or field.alias or name
+        read = field.validation_alias or field.alias or name
+        if written != read and not (by_name and written == name):
+            raise ValueError(f"{where}: inputs: field {name!r} is written as {written!r} but read as {read!r}: "
+                             "the run's inputs could not be read back (give it one alias, or none)")
+
+
 def _check_policy(run_type: str, inputs: object, scope: object, cooldown_s: float | None, timeout_s: float | None,
                   max_attempts: int | None) -> None:
     """Refuse, when the job type is declared, what would otherwise fail (or misbehave) at dispatch or in the worker:
@@ -214,6 +230,8 @@ def _check_policy(run_type: str, inputs: object, scope: object, cooldown_s: floa
     where = f"tracked_job({run_type!r})"
     if inputs is not None and not (isinstance(inputs, type) and issubclass(inputs, BaseModel)):
         raise TypeError(f"{where}: inputs: must be a pydantic BaseModel subclass (or None), got {inputs!r}")
+    if inputs is not None:
+        _check_reads_back(where, inputs)
     if scope not in ("tenant", "workspace"):
         raise ValueError(f"{where}: scope: must be 'tenant' or 'workspace', got {scope!r}")
     _check_seconds(where, "cooldown_s", cooldown_s, zero_ok=True)
