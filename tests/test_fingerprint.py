@@ -37,7 +37,10 @@ from opspolish.sanitize import redact_credentials, redact_secrets, sanitize_mess
 
 SECRET_KEYS = ["password", "client_secret", "api_key", "X-Api-Key", "authorization", "token", "access_token",
                "credentials", "private_key", "cookie", "db_password", "refreshToken", "password2", "passwords",
-               "password_confirmation", "passwordHash", "pwd_hash", "user_pwd", "auth_key", "authKey", "db_pass"]
+               "password_confirmation", "passwordHash", "pwd_hash", "user_pwd", "auth_key", "authKey", "db_pass",
+               # a secret word where a word of the key ends, however the words are joined
+               "accesstoken", "clientsecret", "secretKey", "githubTokenValue", "refresh_tokens", "csrftoken",
+               "sessionId", "x-auth-token", "HTTPToken"]
 # An alphabet that cannot spell a secret-looking key (no c, h, k, o, p, r, s, t, u, w).
 safe_keys = st.text(alphabet="abdefgijlmnqvxyz_", min_size=1, max_size=10)
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.text(max_size=20),
@@ -245,7 +248,7 @@ def test_text_under_a_secret_word_and_anything_under_a_password_key_stay_secrets
 
 
 @pytest.mark.parametrize("key", ["passenger", "passage_count", "author", "session", "sig_figs", "compass",
-                                 "bypass_cache"])
+                                 "bypass_cache", "tokenizer", "secretary", "tokenizerName", "cookiecutter_template"])
 def test_a_key_that_only_contains_a_secret_words_letters_is_no_secret(key: str) -> None:
     assert not is_secret_key(key)
 

@@ -34,9 +34,15 @@ MAX_CANONICAL_BYTES = 64 * 1024
 _SECRET_KEY = re.compile(
     # password/passwd/passphrase anywhere (password2, password_confirmation, passwordhash); pass, pwd and auth as a
     # word of the key (db_pass, pwd_hash, auth_key), never inside another (passenger, passage, author)
-    r"pass(word|wd|phrase)|(^|_)pass(_|$)|(^|_)pwd|secret|token|api_?key|authorization|(^|_)auth(_|$)|auth_?key|"
-    r"credential|private_?key|cookie|session_?id|access_?key|signature",
+    r"pass(word|wd|phrase)|(^|_)pass(_|$)|(^|_)pwd|api_?key|authorization|(^|_)auth(_|$)|auth_?key|"
+    r"private_?key|access_?key|secret_?key|"
+    # secret, token, credential, cookie, signature, session id: where a word of the key ends (client_secret,
+    # accesstoken, refreshTokens, token_id), never inside a longer word: a tokenizer or a secretary is no secret,
+    # and left out of the identity, tokenizer="bert" and tokenizer="gpt2" were one run
+    r"(secret|token|credential|cookie|signature|session_?id)s?(_|$)",
 )
+#: camelCase word boundaries, so that refreshToken reads as refresh_token and tokenCount as token_count.
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 
 
 #: The password family: under these keys even a number is a secret (a numeric password or PIN).
@@ -59,7 +65,13 @@ def key_segment(key: str) -> str:
 @functools.lru_cache(maxsize=4096)
 def is_secret_key(key: str) -> bool:
     """True when a mapping key names a secret (``password``, ``client_secret``, ``X-Api-Key``...)."""
-    return bool(_SECRET_KEY.search(key.lower().replace("-", "_")))
+    return bool(_SECRET_KEY.search(_words(key)))
+
+
+def _words(key: str) -> str:
+    """``key`` lower-cased with its words joined by ``_``: ``X-Api-Key`` -> ``x_api_key``, ``refreshToken`` ->
+    ``refresh_token``."""
+    return _CAMEL.sub("_", key).lower().replace("-", "_")
 
 
 def is_secret_item(key: str, item: Any) -> bool:
@@ -70,7 +82,7 @@ def is_secret_item(key: str, item: Any) -> bool:
     if not is_secret_key(key):
         return False
     if isinstance(item, bool | int | float | Decimal):
-        return bool(_PASSWORD_KEY.search(key.lower().replace("-", "_")))
+        return bool(_PASSWORD_KEY.search(_words(key)))
     return True
 
 
