@@ -39,6 +39,9 @@ DRIVER_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    # Raised when the server's "terminating connection" has arrived and the socket's close not yet (a pooled
+    # connection after a backend was terminated, or PostgreSQL restarted): "cannot switch to state ...".
+    asyncpg.InternalClientError,
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
     asyncio.TimeoutError,

@@ -164,3 +164,32 @@ async def test_backend_terminated_during_a_body_query_ends_retried_or_failed_wit
         assert (row["outcome"], row["reason_code"], row["attempts"]) == ("succeeded", None, 2)
         assert row["summary_counts"] == {"total": policies, "processed": policies, "failed": 0}
         assert snapshot == policies  # one snapshot, the final attempt's: nothing doubled
+
+
+async def test_a_pooled_connection_whose_backend_was_just_terminated_is_db_unavailable_never_a_raw_driver_error(
+    settings: Settings, conn: asyncpg.Connection
+) -> None:
+    # Between the server's "terminating connection" message and the socket's close, asyncpg raised
+    # InternalClientError ("cannot switch to state ..."), which nothing translated: a claim's delivery failed in arq
+    # (its job deleted, the run left queued with nothing behind it) instead of being retried as db.unavailable.
+    from opspolish import db
+    from opspolish.errors import DbUnavailable
+    from opspolish.ledger import translate_errors
+
+    pool = await db.create_pool(settings, min_size=1, max_size=1)
+    seen: set[str] = set()
+    try:
+        for i in range(60):
+            async with pool.acquire() as held:
+                pid = held.get_server_pid()
+            await conn.execute("SELECT pg_terminate_backend($1)", pid)
+            await asyncio.sleep((i % 5) / 1000)
+            try:
+                async with translate_errors():
+                    await pool.fetchval("SELECT 1")
+                seen.add("answered")
+            except DbUnavailable as exc:
+                seen.add(type(exc.__cause__).__name__)
+    finally:
+        await pool.close()
+    assert seen - {"answered"}, seen  # the race was met at least once
