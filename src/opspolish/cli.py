@@ -375,13 +375,7 @@ async def dispatch_cmd(ctx: Ctx, run_type: str, tenant: str | None, workspace: s
                                                   _utf8(workspace, "--workspace"))
             if workspace_id is None:
                 raise InputInvalid(f"--workspace: no workspace {workspace!r}", field="--workspace")
-        try:
-            result = await dispatch(rt, run_type, tenant=tenant, workspace_id=workspace_id, inputs=inputs)
-        except TenantNotFound as exc:  # name the workspace as the user typed it, not by its id
-            where = f"in workspace {workspace_id}"
-            if workspace is None or where not in exc.message:
-                raise
-            raise TenantNotFound(exc.message.replace(where, f"in workspace {workspace!r}"), field="tenant") from None
+        result = await dispatch(rt, run_type, tenant=tenant, workspace_id=workspace_id, inputs=inputs)
     finally:
         await rt.close()
     emit(as_json, {"run_id": result.run_id, "job_id": result.job_id, "verdict": result.verdict,

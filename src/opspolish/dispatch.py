@@ -61,7 +61,11 @@ async def _check_tenant_workspace(rt: Runtime, tenant: str, workspace_id: str | 
     async with translate_errors():
         actual = await rt.pool.fetchval("SELECT workspace_id FROM opspolish_resolve_tenant($1)", tenant)
     if actual != expected:
-        raise TenantNotFound(f"tenant: no tenant {tenant!r} in workspace {expected}", field="tenant")
+        # Named by its slug, as people know it (the error path only pays for the look-up).
+        async with translate_errors():
+            slug = await rt.pool.fetchval("SELECT slug FROM workspaces WHERE id = $1", expected)
+        where = repr(slug) if slug is not None else str(expected)
+        raise TenantNotFound(f"tenant: no tenant {tenant!r} in workspace {where}", field="tenant")
 
 
 async def _enqueue(rt: Runtime, redis: ArqRedis, run_type: str, result: Dispatched, data: dict[str, Any]) -> None:

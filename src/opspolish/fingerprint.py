@@ -31,10 +31,14 @@ FINGERPRINT_VERSION = 1
 MAX_DEPTH = 32
 MAX_CANONICAL_BYTES = 64 * 1024
 
+#: The password family: password/passwd/passphrase anywhere (password2, password_confirmation, passwordhash); pass
+#: and pwd as a word of the key (db_pass, pwd_hash), never inside another (passenger, passage). Under these keys even
+#: a number is a secret (a numeric password or PIN).
+_PASSWORD_WORDS = r"pass(word|wd|phrase)|(^|_)pass(_|$)|(^|_)pwd"
+_PASSWORD_KEY = re.compile(_PASSWORD_WORDS)
 _SECRET_KEY = re.compile(
-    # password/passwd/passphrase anywhere (password2, password_confirmation, passwordhash); pass, pwd and auth as a
-    # word of the key (db_pass, pwd_hash, auth_key), never inside another (passenger, passage, author)
-    r"pass(word|wd|phrase)|(^|_)pass(_|$)|(^|_)pwd|api_?key|authorization|(^|_)auth(_|$)|auth_?key|"
+    # auth as a word of the key (auth_key), never inside another (author)
+    _PASSWORD_WORDS + r"|api_?key|authorization|(^|_)auth(_|$)|auth_?key|"
     r"private_?key|access_?key|secret_?key|"
     # secret, token, credential, cookie, signature, session id: where a word of the key ends (client_secret,
     # accesstoken, refreshTokens, token_id), never inside a longer word: a tokenizer or a secretary is no secret,
@@ -44,9 +48,6 @@ _SECRET_KEY = re.compile(
 #: camelCase word boundaries, so that refreshToken reads as refresh_token and tokenCount as token_count.
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 
-
-#: The password family: under these keys even a number is a secret (a numeric password or PIN).
-_PASSWORD_KEY = re.compile(r"pass(word|wd|phrase)|(^|_)pass(_|$)|(^|_)pwd")
 
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 
