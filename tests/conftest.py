@@ -163,8 +163,8 @@ class WorkerProcess:
     """A real worker process (``arq tests.support.workers.WorkerSettings``)."""
 
     def __init__(self, settings: Settings, *, burst: bool = False, log_path: Path | None = None,
-                 **env: str) -> None:
-        args = [sys.executable, "-m", "arq", "tests.support.workers.WorkerSettings"]
+                 settings_cls: str = "tests.support.workers.WorkerSettings", **env: str) -> None:
+        args = [sys.executable, "-m", "arq", settings_cls]
         if burst:
             args.append("--burst")
         self.log_path = log_path

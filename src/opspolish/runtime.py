@@ -136,6 +136,9 @@ class Runtime:
     metrics: Counter[str] = field(default_factory=Counter)
     leases: LeaseKeeper = field(init=False)
     _owns_redis: bool = False
+    #: Set when the worker is told to stop (SIGTERM/SIGINT): a delivery that starts after it goes back to the queue
+    #: untouched (see ``opspolish.worker``).
+    stopping: bool = False
 
     def __post_init__(self) -> None:
         self.ledger = Ledger(self.pool)

@@ -174,6 +174,8 @@ class TrackedJob:
         async def entry(ctx: dict[str, Any], *, run_id: int | None = None, tenant_id: str | None = None,
                         workspace_id: str | None = None, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
             rt: Runtime = ctx["opspolish"]
+            if rt.stopping:  # started after the worker was told to stop: arq puts the job back, nothing claimed
+                raise asyncio.CancelledError()
             return await execute(rt, job, run_id=run_id, tenant=tenant_id, workspace_id=workspace_id,
                                  inputs=inputs, job_id=ctx["job_id"], job_try=ctx.get("job_try", 1),
                                  enqueued_at=ctx.get("enqueue_time"))

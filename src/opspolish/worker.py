@@ -5,11 +5,15 @@ Startup builds the runtime (asyncpg pool, provider, lease keeper) from settings;
 
 from __future__ import annotations
 
+import asyncio
+import signal
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 import structlog
 from arq.cron import cron
+from arq.worker import Worker
 
 from opspolish import db
 from opspolish.logs import configure_logging, log_runs_once
@@ -26,7 +30,49 @@ async def startup(ctx: dict[str, Any]) -> None:
     # to start instead, saying what to do.
     await db.require_schema_head(settings)
     ctx["opspolish"] = await Runtime.start(settings, redis=ctx["redis"])
+    _stop_without_cancelling_arq(ctx, ctx["opspolish"])
     log.info("worker_started", queue=settings.queue_name)
+
+
+def _running_worker(ctx: dict[str, Any]) -> Worker | None:
+    """The arq Worker whose ``main()`` is running this ``on_startup`` (the current task's coroutine), if any."""
+    task = asyncio.current_task()
+    frame = getattr(task.get_coro() if task is not None else None, "cr_frame", None)
+    worker = frame.f_locals.get("self") if frame is not None else None
+    return worker if isinstance(worker, Worker) and worker.ctx is ctx else None
+
+
+def _stop_without_cancelling_arq(ctx: dict[str, Any], rt: Runtime) -> None:
+    """Replace arq's SIGTERM/SIGINT handler with one that cancels the job tasks, not arq's ``run_job`` tasks.
+
+    arq's ``handle_sig`` cancels every ``run_job`` task, and one cancelled outside the ``try`` that takes a job's
+    cancellation (created in the same turn of the loop and not started yet, in its opening Redis pipeline, in
+    ``on_job_start`` or in its shielded ``finish_job``) ends cancelled: ``Worker.close()`` gathers the tasks without
+    ``return_exceptions``, re-raises that ``CancelledError`` before ``on_shutdown`` and the worker exits 1, with the
+    other deliveries' hand-backs and acknowledgements cut off (runs left ``running``, arq's in-progress keys left to
+    expire). Cancelling the job tasks (``Worker.job_tasks``) instead lets each ``run_job`` take its job's cancellation
+    and finish; a delivery that starts after the signal goes back to the queue untouched (``Runtime.stopping``)."""
+    worker = _running_worker(ctx)
+    if worker is None or not getattr(worker, "_handle_signals", False) or getattr(worker, "_job_completion_wait", None):
+        return  # not arq's own run loop, signals handled elsewhere, or arq's wait-for-completion mode: left alone
+    main = worker.main_task or asyncio.current_task()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, partial(_on_stop_signal, worker, rt, main, sig))
+
+
+def _on_stop_signal(worker: Worker, rt: Runtime, main: asyncio.Task[Any] | None, sig: signal.Signals) -> None:
+    rt.stopping = True
+    worker.allow_pick_jobs = False
+    running = [task for task in worker.job_tasks.values() if not task.done()]
+    log.info("worker_stopping", signal=sig.name, cancelling=len(running),
+             starting=sum(not task.done() for task in worker.tasks.values()) - len(running))
+    for task in running:
+        if not task.cancelling():  # a second signal must not cut a hand-back in flight short (it goes on, unlogged)
+            task.cancel()
+    if main is not None:
+        main.cancel()
+    if worker.on_stop is not None:
+        worker.on_stop(sig)
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:

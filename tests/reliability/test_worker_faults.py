@@ -133,6 +133,63 @@ async def test_sigterm_hands_the_run_back_and_the_next_worker_records_only_its_o
     assert_never_concurrent(executions)
 
 
+async def _in_progress(settings: Settings, job_ids: list[str]) -> bool:
+    """Whether arq has taken every one of these jobs (its in-progress marker is set just before its run_job starts)."""
+    redis: Redis = Redis.from_url(settings.redis_url.get_secret_value())
+    try:
+        return bool(await redis.exists(*(f"arq:in-progress:{j}" for j in job_ids)) == len(job_ids))
+    finally:
+        await redis.aclose()
+
+
+async def test_sigterm_while_deliveries_are_still_starting_exits_0_and_hands_every_run_back(
+    settings: Settings, conn: asyncpg.Connection, tenant: str, tmp_path: Path,
+    worker_processes: list[WorkerProcess],
+) -> None:
+    """arq's SIGTERM handler cancels its run_job tasks, and one cancelled before its job started (not started yet, in
+    its opening Redis pipeline, here in on_job_start) ended cancelled: arq's close() re-raised it, the worker exited 1
+    before on_shutdown, and the deliveries still handing their runs back were cut off (runs left running, leased)."""
+    async with opspolish.connect(settings) as rt:
+        busy = await opspolish.dispatch(rt, EFFECT_TYPE, tenant=tenant,
+                                        inputs={"tag": "busy", "sleep_s": 60, "sleep_attempts": 1, "items": 2})
+        first = WorkerProcess(settings, log_path=tmp_path / "first.log",
+                              settings_cls="tests.support.workers.HeldStartWorkerSettings")
+        worker_processes.append(first)
+        await wait_until(lambda: _started(conn, "busy"))
+        held = [await opspolish.dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": f"held{i}", "items": 1})
+                for i in range(4)]
+    await wait_until(lambda: _in_progress(settings, [r.job_id for r in held]), timeout_s=10)  # held in on_job_start
+    first.kill(signal.SIGTERM)
+    assert await first.wait(30) == 0, first.log()[-3000:]
+    assert any(e["event"] == "worker_stopped" for e in log_events([first])), "on_shutdown did not run"
+
+    rows = {r["id"]: r for r in await conn.fetch("SELECT * FROM operation_runs")}
+    # The body in flight handed its run back; the deliveries that had not started claimed nothing and ran nothing.
+    assert (rows[busy.run_id]["status"], rows[busy.run_id]["reason_code"], rows[busy.run_id]["lease_owner"],
+            rows[busy.run_id]["attempts"]) == ("queued", "job.cancelled", None, 1)
+    assert [(rows[r.run_id]["status"], rows[r.run_id]["attempts"]) for r in held] == [("queued", 0)] * 4
+    assert [e["tag"] for e in await effects(conn)] == ["busy"]
+    # Every job is back in the queue, none left behind an in-progress marker (arq would not redeliver it for minutes).
+    redis: Redis = Redis.from_url(settings.redis_url.get_secret_value())
+    try:
+        job_ids = [busy.job_id, *(r.job_id for r in held)]
+        assert set(job_ids) <= await queued_job_ids(redis, settings.queue_name)
+        assert not await redis.exists(*(f"arq:in-progress:{j}" for j in job_ids))
+    finally:
+        await redis.aclose()
+
+    second = WorkerProcess(settings, burst=True, log_path=tmp_path / "second.log")
+    worker_processes.append(second)
+    assert await second.wait(60) == 0, second.log()[-3000:]
+    done = {r["id"]: r for r in await assert_ledger_settled(conn)}
+    assert [(done[r.run_id]["outcome"], done[r.run_id]["attempts"]) for r in [busy, *held]] == [
+        ("succeeded", 2), *[("succeeded", 1)] * 4]
+    executions = await effects(conn)
+    assert sorted((e["tag"], e["attempt"]) for e in executions) == sorted(
+        [("busy", 1), ("busy", 2), *((f"held{i}", 1) for i in range(4))])
+    assert_never_concurrent(executions)
+
+
 async def test_a_live_redelivery_is_deferred_and_the_body_never_runs_twice_at_once(
     settings: Settings, conn: asyncpg.Connection, tenant: str, tmp_path: Path,
     worker_processes: list[WorkerProcess],

@@ -190,6 +190,8 @@ async def reconcile_cron(
     (``run_rejected``, ``input.invalid``) and runs nothing, as for any workspace job: it used to be ignored, and a
     delivery naming only a tenant ran the pass over every workspace."""
     rt: Runtime = ctx["opspolish"]
+    if rt.stopping:  # started after the worker was told to stop: arq puts the job back, nothing claimed
+        raise asyncio.CancelledError()
     job_id = str(ctx.get("job_id") or "cron")
     if run_id is None and workspace_id is None and tenant_id is None:
         return await reconcile_all(rt, job_id=job_id)
