@@ -8,6 +8,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+import structlog.testing
 
 from opspolish import db
 from opspolish.batching import GateBatcher
@@ -165,11 +166,15 @@ async def test_a_claim_whose_delivery_was_cancelled_in_flight_is_handed_back(
         with pytest.raises(asyncio.CancelledError):
             await waiter
     finally:
-        await batcher.close()  # waits for the flush and the hand-back
+        with structlog.testing.capture_logs() as logs:
+            await batcher.close()  # waits for the flush and the hand-back
     row = await conn.fetchrow("SELECT status, attempts, lease_owner, reason_code FROM operation_runs WHERE id = $1",
                               run.run_id)
     assert row is not None
     assert dict(row) == {"status": "queued", "attempts": 1, "lease_owner": None, "reason_code": "job.cancelled"}
+    # Logged like a hand-back from a body: a worker stopped mid-claim used to hand runs back without a line.
+    assert [(e["event"], e["run_id"], e["reason_code"]) for e in logs] == [
+        ("run_handed_back", run.run_id, "job.cancelled")]
 
 
 async def test_back_to_back_operations_of_one_task_never_wait_on_a_finished_flush(

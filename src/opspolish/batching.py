@@ -306,10 +306,13 @@ class GateBatcher:
 
     async def _hand_back(self, run_id: int, owner: uuid.UUID) -> None:
         try:
-            await self.ledger.release(run_id, owner, reason_code="job.cancelled",
-                                      reason_message="delivery cancelled while its claim was in flight")
+            released = await self.ledger.release(run_id, owner, reason_code="job.cancelled",
+                                                 reason_message="delivery cancelled while its claim was in flight")
         except DbUnavailable as exc:  # the lease goes stale and a redelivery takes the run over
             log.warning("hand_back_failed", run_id=run_id, reason_code=exc.reason_code, message=exc.message)
+            return
+        if released:  # the same line a delivery cancelled in its body logs: every hand-back is visible
+            log.info("run_handed_back", run_id=run_id, reason_code="job.cancelled")
 
 
 def _fail(exc: BaseException, claims: Sequence[_Claim], completions: Sequence[_Completion]) -> None:
