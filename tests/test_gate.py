@@ -576,6 +576,67 @@ async def test_a_takeover_that_meets_a_fresh_heartbeat_under_the_row_lock_leaves
     assert decided is not None and decided["decision"] == "busy"
     assert await conn.fetchval("SELECT lease_owner FROM operation_runs WHERE id = $1", result.run_id) == owner
 
+async def test_a_live_lease_whose_row_an_operator_holds_locked_past_the_ttl_is_not_taken_over(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str
+) -> None:
+    # The keeper skips a locked row (it never waits), so the row's heartbeat_at aged while its worker beat on: v4 saw
+    # a stale lease, a redelivery waited for the lock and took the live run over, and two bodies ran at once.
+    results = [await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": t}) for t in ("before", "during", "dead")]
+    owners = [uuid.uuid4() for _ in results]
+    for result, owner in zip(results, owners, strict=True):
+        await conn.execute("UPDATE operation_runs SET status = 'running', attempts = 1, lease_owner = $2, "
+                           "heartbeat_at = now() - interval '1 hour' WHERE id = $1", result.run_id, owner)
+    tenant_id = str(await conn.fetchval("SELECT tenant_id FROM operation_runs WHERE id = $1", results[0].run_id))
+    dsn = settings.database_url.get_secret_value().replace("+asyncpg", "")
+    operator, claimer = await asyncpg.connect(dsn), await asyncpg.connect(dsn)
+
+    async def claim(i: int) -> asyncpg.Record | None:
+        return await claimer.fetchrow(
+            "SELECT decision FROM opspolish_claim($1, $2, NULL, $3, NULL, NULL, $4, 'q', $5, 900, 5, NULL)",
+            results[i].run_id, tenant_id, EFFECT_TYPE, results[i].job_id, uuid.uuid4())
+
+    async def waiting() -> bool:
+        return bool(await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE query LIKE "
+                                        "'%opspolish_claim%' AND wait_event_type = 'Lock'"))
+
+    try:
+        held = operator.transaction()
+        await held.start()
+        await operator.execute("SELECT 1 FROM operation_runs WHERE id = ANY($1::bigint[]) FOR SHARE",
+                               [r.run_id for r in results])
+        # 1. Beaten (beside the locked row) before the redelivery comes: it is deferred at once, like any live lease.
+        assert await rt.ledger.heartbeat([(results[0].run_id, owners[0])]) == {(results[0].run_id, owners[0])}
+        before = await asyncio.wait_for(claim(0), 5)
+        # 2. The redelivery reads a stale row and waits for the lock; the beat lands meanwhile: it is answered busy.
+        during = asyncio.create_task(claim(1))
+        await wait_until(waiting, timeout_s=5, interval_s=0.01)
+        assert await rt.ledger.heartbeat([(results[1].run_id, owners[1])]) == {(results[1].run_id, owners[1])}
+        await held.commit()
+        during_decided = await asyncio.wait_for(during, 5)
+        # 3. A side beat older than the TTL is no sign of life: a dead worker's run is still taken over.
+        await conn.execute("UPDATE operation_run_beats SET beat_at = now() - interval '1 hour' WHERE run_id = $1",
+                           results[1].run_id)
+        await conn.execute("INSERT INTO operation_run_beats (run_id, lease_owner, beat_at) "
+                           "VALUES ($1, $2, now() - interval '1 hour')", results[2].run_id, owners[2])
+        dead = await asyncio.wait_for(claim(2), 5)
+    finally:
+        await operator.close()
+        await claimer.close()
+    assert before is not None and before["decision"] == "overlap"
+    assert during_decided is not None and during_decided["decision"] == "busy"
+    assert dead is not None and dead["decision"] == "taken_over"
+    owner_now = {r["id"]: r["lease_owner"] for r in await conn.fetch("SELECT id, lease_owner FROM operation_runs")}
+    assert (owner_now[results[0].run_id], owner_now[results[1].run_id]) == (owners[0], owners[1])
+    # Reconcile does not call the live ones orphaned either.
+    scoped = rt.ledger.scoped(Scope(workspace_id=await conn.fetchval(
+        "SELECT workspace_id FROM operation_runs WHERE id = $1", results[0].run_id)))
+    await conn.execute("UPDATE operation_run_beats SET beat_at = now() WHERE run_id = $1", results[1].run_id)
+    assert not await scoped.settle_orphaned(results[1].run_id, lease_ttl_s=5, message="stale")
+    # The next beat that reaches the row itself drops its side beat.
+    assert await rt.ledger.heartbeat([(results[0].run_id, owners[0])]) == {(results[0].run_id, owners[0])}
+    assert not await conn.fetchval("SELECT count(*) FROM operation_run_beats WHERE run_id = $1", results[0].run_id)
+
+
 async def test_heartbeats_go_on_beside_a_fenced_write_and_a_row_someone_holds(
     rt: Runtime, conn: asyncpg.Connection, tenant: str
 ) -> None:

@@ -497,3 +497,37 @@ DROP_CLAIM_V3 = (
 DROP_CLAIM_V4 = (
     "DROP FUNCTION opspolish_claim(bigint, text, uuid, text, text, jsonb, text, text, uuid, float8, float8, "
     "timestamptz)")
+
+# v5: a lease whose run row was locked by another transaction (an operator's open transaction) when its keeper beat
+# was beaten beside the row, in operation_run_beats (the keeper never waits for a row lock). v4 judged a lease by
+# heartbeat_at alone: a run locked for longer than the lease TTL looked stale although its worker was alive and
+# beating, and a redelivery that waited for the lock took it over, and ran its body beside the live one.
+_DECLARE_V4 = """    v_locked boolean;
+"""
+_DECLARE_V5 = """    v_locked boolean;
+    v_beat timestamptz;
+"""
+_LIVE_V4 = """        IF r.status = 'running' AND r.heartbeat_at > now() - make_interval(secs => p_lease_ttl_s) THEN
+            decision := 'overlap';
+"""
+_LIVE_V5 = """        IF r.status = 'running' AND r.heartbeat_at <= now() - make_interval(secs => p_lease_ttl_s) THEN
+            -- Stale on the row, perhaps only because the row was locked when the keeper beat: its beat is beside it.
+            SELECT b.beat_at INTO v_beat FROM operation_run_beats b
+            WHERE b.run_id = r.id AND b.lease_owner = r.lease_owner;
+            IF v_beat > r.heartbeat_at THEN
+                r.heartbeat_at := v_beat;
+            END IF;
+        END IF;
+""" + _LIVE_V4
+_RECHECK_V4 = """          AND (o.status = 'queued' OR o.heartbeat_at <= now() - make_interval(secs => p_lease_ttl_s))
+"""
+# A new statement after the row lock (PERFORM ... FOR UPDATE) was granted: it sees the beats committed while waiting.
+_RECHECK_V5 = """          AND (o.status = 'queued' OR (o.heartbeat_at <= now() - make_interval(secs => p_lease_ttl_s)
+               AND NOT EXISTS (SELECT 1 FROM operation_run_beats b
+                               WHERE b.run_id = o.id AND b.lease_owner = o.lease_owner
+                                 AND b.beat_at > now() - make_interval(secs => p_lease_ttl_s))))
+"""
+if any(CLAIM_V4.count(old) != 1 for old in (_DECLARE_V4, _LIVE_V4, _RECHECK_V4)):
+    raise AssertionError("v4 text changed: v5 is derived from it")
+#: Same signature as v4: CREATE OR REPLACE swaps it in place.
+CLAIM_V5 = CLAIM_V4.replace(_DECLARE_V4, _DECLARE_V5).replace(_LIVE_V4, _LIVE_V5).replace(_RECHECK_V4, _RECHECK_V5)

@@ -130,6 +130,9 @@ WHERE id = $1 AND lease_owner = $2 AND status = 'running'
 # Never waits for a row lock: a row someone holds (an operator's open transaction, a takeover being decided) is skipped
 # and its lease counted as still held this beat; the next beat tells. Waiting, one locked row held up every lease of
 # the worker (and the beat could deadlock with the gate's batched completions, which lock rows in their own order).
+# A skipped row's lease, still this owner's as last committed, is beaten beside it (operation_run_beats, read by a
+# takeover and by reconcile): counted alive by the worker but never beaten, a run locked for longer than the TTL
+# looked stale to the database, and a redelivery took the live run over. A row beaten again drops its side beat.
 _HEARTBEAT = """
 WITH free AS (
     SELECT o.id FROM operation_runs o WHERE o.id = ANY($1::bigint[]) ORDER BY o.id FOR NO KEY UPDATE SKIP LOCKED
@@ -138,6 +141,14 @@ WITH free AS (
     FROM unnest($1::bigint[], $2::uuid[]) AS l(id, owner)
     WHERE o.id = l.id AND o.id IN (SELECT id FROM free) AND o.lease_owner = l.owner AND o.status = 'running'
     RETURNING o.id, o.lease_owner
+), beside AS (
+    INSERT INTO operation_run_beats AS b (run_id, lease_owner, beat_at)
+    SELECT o.id, o.lease_owner, now()
+    FROM unnest($1::bigint[], $2::uuid[]) AS l(id, owner) JOIN operation_runs o ON o.id = l.id
+    WHERE l.id NOT IN (SELECT id FROM free) AND o.lease_owner = l.owner AND o.status = 'running'
+    ON CONFLICT (run_id) DO UPDATE SET lease_owner = excluded.lease_owner, beat_at = excluded.beat_at
+), dropped AS (
+    DELETE FROM operation_run_beats b WHERE b.run_id IN (SELECT id FROM beat)
 )
 SELECT id, lease_owner FROM beat
 UNION ALL
@@ -309,7 +320,10 @@ class ScopedLedger:
                 """UPDATE operation_runs SET status = 'completed', outcome = 'failed', reason_code = 'run.orphaned',
                           reason_message = $4, summary_counts = coalesce(summary_counts, $5), completed_at = now()
                    WHERE workspace_id = $1 AND id = $2 AND status = 'running'
-                     AND heartbeat_at < now() - make_interval(secs => $3) AND ($6::uuid IS NULL OR tenant_id = $6)""",
+                     AND heartbeat_at < now() - make_interval(secs => $3) AND ($6::uuid IS NULL OR tenant_id = $6)
+                     AND NOT EXISTS (SELECT 1 FROM operation_run_beats b  -- beaten beside its locked row
+                                     WHERE b.run_id = operation_runs.id AND b.lease_owner = operation_runs.lease_owner
+                                       AND b.beat_at >= now() - make_interval(secs => $3))""",
                 self.scope.workspace_id, run_id, lease_ttl_s, message, ZERO_COUNTS, self.scope.tenant_id,
             )
         return status.endswith(" 1")

@@ -158,6 +158,21 @@ class OperationRun(Base):
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
+class OperationRunBeat(Base):
+    """A lease's heartbeat written beside its run, when the run's row was locked by another transaction.
+
+    The lease keeper never waits for a row lock: a row someone holds (an operator's open transaction) cannot take
+    its ``heartbeat_at``, so the beat goes here instead, and a takeover or reconcile reads it before it calls the
+    lease stale. No foreign key: inserting here must not wait for the locked run row either. A row is removed by the
+    next beat that reaches the run's own row."""
+
+    __tablename__ = "operation_run_beats"
+
+    run_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    lease_owner: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), nullable=False)
+    beat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
 class Policy(Base):
     """The embedded assignment directory: a tenant's policies (DESIGN §8)."""
 
