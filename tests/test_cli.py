@@ -276,7 +276,7 @@ async def test_a_reader_that_goes_away_is_no_error_of_ours(
     # `opspolish runs list | head -1` said internal.unexpected: BrokenPipeError, exit 1 (here the reader, `true`,
     # is gone before the command writes, so the write always meets the closed pipe).
     await dispatch(rt, "test.effect", tenant=seeded["tenants"][0]["external_id"], inputs={"items": 1})
-    for args in ("runs list --json", "runs list", "doctor"):
+    for args in ("runs list --json", "runs list", "doctor", "--help", "runs list --help"):
         command = f"{shlex.quote(CLI)} {args} | true; echo ${{PIPESTATUS[0]}}"
         piped = await asyncio.to_thread(subprocess.run, ["bash", "-c", command], cwd=ROOT, env=worker_env(settings),
                                         capture_output=True, text=True, timeout=90)
@@ -379,6 +379,27 @@ async def test_a_provider_that_cannot_be_built_is_exit_2_naming_opspolish_provid
         out = await cli(settings, "runs", "list", OPSPOLISH_PROVIDER=spec)
         assert out.returncode == 2 and out.stderr.startswith(f"opspolish: input.invalid: OPSPOLISH_PROVIDER: '{spec}'")
         assert says in out.stderr and out.stderr.count("\n") == 1, out.stderr
+
+
+async def test_a_job_module_in_the_current_directory_is_found_as_the_worker_finds_it(
+    settings: Settings, seeded: dict[str, Any], tmp_path: Path,
+) -> None:
+    # The README's example: OPSPOLISH_JOB_MODULES=reports, run from the directory holding reports.py. `arq` and
+    # `python -m opspolish` import it from there; the `opspolish` script said "No module named 'reports'".
+    (tmp_path / "cwd_reports.py").write_text(
+        "from pydantic import BaseModel\n"
+        "import opspolish\n"
+        "class Inputs(BaseModel):\n"
+        "    day: str\n"
+        "@opspolish.tracked_job('cwd.report', inputs=Inputs)\n"
+        "async def report(run: opspolish.RunContext) -> None:\n"
+        "    pass\n")
+    env = {**worker_env(settings), "OPSPOLISH_JOB_MODULES": "cwd_reports"}
+    env.pop("PYTHONPATH", None)
+    out = await asyncio.to_thread(subprocess.run, [CLI, "dispatch", "cwd.report", "--tenant",
+                                                   seeded["tenants"][0]["external_id"], "--input", "day=mon"],
+                                  cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0 and "queued" in out.stdout, out.stderr
 
 
 async def test_an_error_no_layer_translated_is_one_line_and_exit_1_without_v(

@@ -64,6 +64,13 @@ def fail(code: int, message: str) -> NoReturn:
     sys.exit(code)
 
 
+def _reader_gone() -> NoReturn:
+    """The reader went away (`| head`): nothing more can be said to it, and it is no bug of ours. Exit as a process
+    killed by SIGPIPE would, without Python's own complaint when it flushes stdout at exit."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(128 + signal.SIGPIPE)
+
+
 def run_async(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
     """Run an async command; library errors become one line and an exit code (traceback only with -v)."""
 
@@ -84,10 +91,7 @@ def run_async(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
         except KeyboardInterrupt:
             fail(1, "interrupted")
         except BrokenPipeError:
-            # The reader went away (`| head`): nothing more can be said to it, and it is no bug of ours. Exit as a
-            # process killed by SIGPIPE would, without Python's own complaint when it flushes stdout at exit.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            sys.exit(128 + signal.SIGPIPE)
+            _reader_gone()
         except (asyncpg.UndefinedTableError, asyncpg.UndefinedFunctionError, asyncpg.UndefinedColumnError) as exc:
             if verbose:
                 raise
@@ -142,8 +146,18 @@ class _Main(click.Group):
 
     def main(self, *args: Any, **kwargs: Any) -> NoReturn:
         kwargs["standalone_mode"] = False
+        # OPSPOLISH_JOB_MODULES and OPSPOLISH_PROVIDER name modules as `arq` and `python -m opspolish` find them:
+        # from the current directory too (the `opspolish` script's own path starts at its bin directory instead).
+        if os.getcwd() not in sys.path:
+            sys.path.append(os.getcwd())
         try:
             code = super().main(*args, **kwargs)
+        except SystemExit as exc:
+            # click answers a closed pipe under its own output (`opspolish --help | true`) with exit 1, its streams
+            # wrapped in PacifyFlushWrapper: the same reader gone as under a command's output.
+            if exc.code == 1 and type(sys.stdout).__name__ == "PacifyFlushWrapper":
+                _reader_gone()
+            raise
         except click.exceptions.NoArgsIsHelpError as exc:  # a bare `opspolish` / `opspolish db`: the help
             exc.show()
             sys.exit(exc.exit_code)
