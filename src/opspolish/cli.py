@@ -154,8 +154,8 @@ class _Main(click.Group):
             code = super().main(*args, **kwargs)
         except SystemExit as exc:
             # click answers a closed pipe under its own output (`opspolish --help | true`) with exit 1, its streams
-            # wrapped in PacifyFlushWrapper: the same reader gone as under a command's output.
-            if exc.code == 1 and type(sys.stdout).__name__ == "PacifyFlushWrapper":
+            # wrapped in its (private) _PacifyFlushWrapper: the same reader gone as under a command's output.
+            if exc.code == 1 and type(sys.stdout).__name__.endswith("PacifyFlushWrapper"):
                 _reader_gone()
             raise
         except click.exceptions.NoArgsIsHelpError as exc:  # a bare `opspolish` / `opspolish db`: the help
