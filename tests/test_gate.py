@@ -20,7 +20,7 @@ from arq import Retry
 
 from opspolish.counts import Counts
 from opspolish.dispatch import dispatch
-from opspolish.errors import DbUnavailable, InputInvalid, LeaseLost
+from opspolish.errors import DbUnavailable, InputInvalid, LeaseLost, QueueConflict
 from opspolish.fingerprint import fingerprint, identity_hash, lock_key
 from opspolish.ledger import Scope
 from opspolish.runtime import Runtime
@@ -97,6 +97,26 @@ async def test_dispatch_after_a_plain_import_knows_the_built_in_and_configured_j
     rows = await conn.fetch("SELECT type, status FROM operation_runs WHERE id = ANY($1::bigint[]) ORDER BY id",
                             run_ids)
     assert [(r["type"], r["status"]) for r in rows] == [("assignments.fetch", "queued"), (EFFECT_TYPE, "queued")]
+
+
+async def test_a_new_run_whose_job_id_another_job_holds_in_redis_is_recorded_failed_not_reported_queued(
+    rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any]
+) -> None:
+    # Run ids start again after a ledger reset while Redis keeps its queue: the new run 1's job id was the old run
+    # 1's, enqueue_job returned None, and dispatch reported "queued" for a run with no job of its own.
+    tenants = seeded["tenants"]
+    first = await dispatch(rt, EFFECT_TYPE, tenant=tenants[0]["external_id"], inputs={"tag": "old"})
+    await conn.execute("TRUNCATE operation_runs RESTART IDENTITY CASCADE")
+    with pytest.raises(QueueConflict) as refused:
+        await dispatch(rt, EFFECT_TYPE, tenant=tenants[1]["external_id"], inputs={"tag": "new"})
+    assert f"job id {first.job_id!r} is already taken" in refused.value.message
+    [run] = await runs(conn)
+    assert (run["id"], run["status"], run["outcome"], run["reason_code"]) == (
+        first.run_id, "completed", "failed", "queue.conflict")
+    # Joining an active run whose job is queued stays quiet: that job is the run's own.
+    again = await dispatch(rt, EFFECT_TYPE, tenant=tenants[1]["external_id"], inputs={"tag": "again"})
+    joined = await dispatch(rt, EFFECT_TYPE, tenant=tenants[1]["external_id"], inputs={"tag": "again"})
+    assert (again.verdict, joined.verdict, joined.run_id) == ("queued", "joined", again.run_id)
 
 
 async def test_fingerprint_with_the_job_type_is_the_one_dispatch_records(rt: Runtime, tenant: str) -> None:

@@ -11,7 +11,7 @@ import structlog
 from arq.connections import ArqRedis
 from arq.jobs import SerializationError
 
-from opspolish.errors import InputInvalid, RedisUnavailable, TenantNotFound
+from opspolish.errors import InputInvalid, QueueConflict, RedisUnavailable, TenantNotFound
 from opspolish.fingerprint import context_and_fingerprint_of
 from opspolish.ledger import Dispatched, translate_errors
 from opspolish.runtime import Runtime
@@ -71,7 +71,7 @@ async def _check_tenant_workspace(rt: Runtime, tenant: str, workspace_id: str | 
 async def _enqueue(rt: Runtime, redis: ArqRedis, run_type: str, result: Dispatched, data: dict[str, Any]) -> None:
     """Enqueue the run's job. A new run whose job cannot be enqueued is recorded ``failed`` with the reason."""
     try:
-        await redis.enqueue_job(
+        job = await redis.enqueue_job(
             run_type, run_id=result.run_id, tenant_id=str(result.tenant_id) if result.tenant_id else None,
             workspace_id=str(result.workspace_id), inputs=data, _job_id=result.job_id,
             _queue_name=rt.settings.queue_name,
@@ -90,6 +90,17 @@ async def _enqueue(rt: Runtime, redis: ArqRedis, run_type: str, result: Dispatch
         if result.created:
             await rt.ledger.fail_unstarted(result.run_id, reason_code=err.reason_code, reason_message=err.message)
         raise err from exc
+    # None: the job id is queued already. Joining a run, that is its own job (idempotent); for a run just created it
+    # is another's: run ids start again after a ledger reset (or another database shares the queue), and this run,
+    # reported queued, had no job of its own (the other one's delivery is refused as run.not_found).
+    if job is None and result.created:
+        conflict = QueueConflict(
+            f"queue: job id {result.job_id!r} is already taken in Redis by another job (a database sharing the queue "
+            f"{rt.settings.queue_name!r}, or a ledger reset while its jobs stayed queued); run {result.run_id} "
+            "recorded failed, the other job left alone")
+        await rt.ledger.fail_unstarted(result.run_id, reason_code=conflict.reason_code,
+                                       reason_message=conflict.message)
+        raise conflict
 
 
 async def dispatch(
@@ -102,8 +113,9 @@ async def dispatch(
     is :class:`TenantNotFound`, never a run in the other workspace.
 
     Raises :class:`InputInvalid` (unknown type, bad inputs), :class:`TenantNotFound`,
-    :class:`DbUnavailable` or :class:`RedisUnavailable`. A run whose job cannot be enqueued is
-    recorded ``failed`` / ``redis.unavailable``: no ledger row is left without a job or a reason.
+    :class:`DbUnavailable`, :class:`RedisUnavailable` or :class:`QueueConflict` (the new run's job id is taken in
+    Redis by another job). A run whose job cannot be enqueued is recorded ``failed`` with that reason: no ledger row
+    is left without a job or a reason.
     """
     job = get_job(run_type, rt.settings.job_modules)
     data, text = job.canonical(inputs)
@@ -135,7 +147,6 @@ async def dispatch(
     if result is None:
         raise TenantNotFound(f"tenant: no tenant with id or external_id {tenant_text!r}", field="tenant")
     await _enqueue(rt, redis, run_type, result, data)
-    # enqueue_job returns None when the job id is already queued: joining is idempotent.
     log.info("run_dispatched", run_id=result.run_id, type=run_type,
              tenant_id=str(result.tenant_id) if result.tenant_id else None,
              verdict="queued" if result.created else "joined")

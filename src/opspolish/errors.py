@@ -68,6 +68,12 @@ class RedisUnavailable(OpsPolishError):
     transient = True
 
 
+class QueueConflict(OpsPolishError):
+    """The run's job id is already taken in Redis by another job."""
+
+    reason_code = "queue.conflict"
+
+
 class ProviderUnavailable(OpsPolishError):
     """The assignment provider is unavailable."""
 
@@ -160,6 +166,11 @@ REASON_CODES: dict[str, str] = {
     "items.unprocessed": (
         "the body returned without error, but some items it announced (add_total) neither succeeded nor failed: "
         "partially_succeeded if any succeeded, failed if none did"
+    ),
+    "queue.conflict": (
+        "dispatch found the new run's arq job id already taken in Redis by another job (a database sharing the queue "
+        "name, or a ledger reset while its jobs stayed queued): the run was recorded failed with this code, the "
+        "other job left alone"
     ),
     "provider.unavailable": "the assignment provider could not be reached (retried)",
     "provider.throttled": "the assignment provider throttled us (retried after its retry-after)",
