@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from redis.asyncio import Redis
 
 from opspolish import db
 from opspolish.dispatch import dispatch
@@ -76,6 +77,40 @@ async def test_reset_seed_works_on_a_missing_database_and_again_right_after() ->
             assert await conn.fetchval("SELECT version_num FROM alembic_version") == db.head_revision()
         finally:
             await conn.close()
+
+
+async def test_reset_takes_the_dropped_runs_jobs_out_of_its_queue_and_leaves_the_others() -> None:
+    # Left queued, each was refused (its run gone), and the new ledger's runs, numbered from 1 again, found their
+    # job ids taken: a dispatch right after `make reset-seed` failed queue.conflict (reported "queued", no job, before).
+    async with scratch_database() as base:
+        settings = base.model_copy(update={"queue_name": f"opspolish-test:reset:{uuid.uuid4().hex[:8]}"})
+        redis: Redis = Redis.from_url(settings.redis_url.get_secret_value())
+        try:
+            assert (await cli(settings, "db", "reset", "--seed")).returncode == 0
+            conn = await db.connect(settings)
+            try:
+                tenant = str(await conn.fetchval("SELECT external_id FROM tenants ORDER BY name LIMIT 1"))
+            finally:
+                await conn.close()
+            out = await cli(settings, "dispatch", "test.effect", "--tenant", tenant, "--json")
+            assert out.returncode == 0 and json.loads(out.stdout)["verdict"] == "queued", out.stderr
+            await redis.zadd(settings.queue_name, {"someone-elses-job": 1})
+            reset = await cli(settings, "db", "reset", "--seed", "--json")
+            assert reset.returncode == 0 and json.loads(reset.stdout)["dropped_jobs"] == 1, reset.stderr
+            assert [m.decode() for m in await redis.zrange(settings.queue_name, 0, -1)] == ["someone-elses-job"]
+            conn = await db.connect(settings)
+            try:
+                tenant = str(await conn.fetchval("SELECT external_id FROM tenants ORDER BY name LIMIT 1"))
+            finally:
+                await conn.close()
+            again = await cli(settings, "dispatch", "test.effect", "--tenant", tenant, "--json")
+            assert again.returncode == 0 and json.loads(again.stdout)["verdict"] == "queued", again.stderr
+            text = await cli(settings, "db", "reset")
+            assert f"queue {settings.queue_name}: took out 1 queued jobs of the dropped runs" in text.stdout
+        finally:
+            keys = [k async for k in redis.scan_iter(match=f"arq:*{settings.queue_name}*")]
+            await redis.delete(settings.queue_name, *keys)
+            await redis.aclose()
 
 
 async def test_reset_seed_and_doctor_work_on_a_database_whose_name_needs_quoting() -> None:

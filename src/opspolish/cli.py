@@ -204,6 +204,40 @@ class ResetReport:
     created: bool  # the database did not exist and was created
     dropped_revision: str | None  # the opspolish schema (and its rows) taken down, None when there was none
     seeded: SeedReport | None
+    #: Queued jobs of the dropped runs taken out of the configured queue; None when Redis could not be reached.
+    dropped_jobs: int | None = 0
+
+
+async def _drop_ledger_jobs(settings: Settings) -> int | None:
+    """Take the dropped ledger's jobs (``<queue>:run:<id>``, as dispatch and reconcile name them) out of the
+    configured queue. Left there, each was refused (its run gone), and the new ledger's runs, numbered from 1 again,
+    found their job ids taken (``queue.conflict``). Other jobs of the queue are left alone. None: Redis is away."""
+    from arq.constants import job_key_prefix, retry_key_prefix
+
+    from opspolish.errors import RedisUnavailable
+    from opspolish.runtime import connect_redis
+
+    try:
+        redis = await connect_redis(settings)
+    except RedisUnavailable:
+        return None
+    try:
+        prefix = f"{settings.queue_name}:run:"
+        ids = [j for j in (m.decode() for m in await redis.zrange(settings.queue_name, 0, -1))
+               if j.startswith(prefix)]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            async with redis.pipeline(transaction=True) as pipe:
+                pipe.zrem(settings.queue_name, *chunk)
+                pipe.delete(*(job_key_prefix + j for j in chunk), *(retry_key_prefix + j for j in chunk))
+                await pipe.execute()
+        return len(ids)
+    except Exception as exc:
+        if not type(exc).__module__.startswith("redis") and not isinstance(exc, OSError):
+            raise
+        return None
+    finally:
+        await redis.aclose()
 
 
 async def _reset(settings: Settings, tenants: int, policies: int, with_seed: bool) -> ResetReport:
@@ -216,7 +250,8 @@ async def _reset(settings: Settings, tenants: int, policies: int, with_seed: boo
             await db.downgrade(settings, "base")
         await db.upgrade(settings)
         report = await _seed(settings, tenants, policies) if with_seed else None
-    return ResetReport(created, dropped, report)
+    jobs = await _drop_ledger_jobs(settings) if dropped is not None else 0
+    return ResetReport(created, dropped, report, jobs)
 
 
 @db_group.command("reset")
@@ -243,8 +278,13 @@ async def db_reset(ctx: Ctx, with_seed: bool, tenants: int, policies: int, as_js
             f"dropped its opspolish schema at {reset.dropped_revision} with all its rows"
             if reset.dropped_revision else "it had no opspolish schema to drop")
     lines = [f"database {name} reset to {head} ({what})", *([_seeded(report)] if report else [])]
+    queue = ctx.settings.queue_name
+    if reset.dropped_jobs is None:
+        lines.append(f"queue {queue} not checked (Redis unavailable): jobs of the dropped runs may still be queued")
+    elif reset.dropped_jobs:
+        lines.append(f"queue {queue}: took out {reset.dropped_jobs} queued jobs of the dropped runs")
     emit(as_json, {"database": name, "revision": head, "created": reset.created,
-                   "dropped_revision": reset.dropped_revision,
+                   "dropped_revision": reset.dropped_revision, "dropped_jobs": reset.dropped_jobs,
                    "seeded": dataclasses.asdict(report) if report else None},
          "\n".join(lines))
 
