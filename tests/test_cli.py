@@ -500,7 +500,7 @@ async def test_doctor_gives_a_verdict_per_service(settings: Settings) -> None:
     out = await cli(settings, "doctor", "--json")
     assert out.returncode == 0, out.stderr
     verdicts = {c["name"]: c["verdict"] for c in json.loads(out.stdout)}
-    assert verdicts == {"postgres": "ok", "migrations": "ok", "redis": "ok", "worker": "warn"}
+    assert verdicts == {"config": "ok", "postgres": "ok", "migrations": "ok", "redis": "ok", "worker": "warn"}
     down = await cli(settings, "doctor", OPSPOLISH_DATABASE_URL="postgresql+asyncpg://postgres:pw@127.0.0.1:1/x")
     assert down.returncode == 1 and "FAIL  postgres" in down.stdout and "pw@" not in down.stdout
     assert "db upgrade" not in down.stdout  # nothing to create while the server is down
@@ -511,11 +511,19 @@ async def test_doctor_gives_a_verdict_per_service(settings: Settings) -> None:
     assert "Canary-pw-1" not in redis_down.stdout + redis_down.stderr
     # Every check keeps its key in --json: the one a failed service could not run was missing altogether.
     for env, verdict in ((dict(OPSPOLISH_DATABASE_URL="postgresql+asyncpg://postgres@127.0.0.1:1/x"),
-                          {"postgres": "fail", "migrations": "skip", "redis": "ok", "worker": "warn"}),
+                          {"config": "ok", "postgres": "fail", "migrations": "skip", "redis": "ok", "worker": "warn"}),
                          (dict(OPSPOLISH_REDIS_URL="redis://127.0.0.1:1/0"),
-                          {"postgres": "ok", "migrations": "ok", "redis": "fail", "worker": "skip"})):
+                          {"config": "ok", "postgres": "ok", "migrations": "ok", "redis": "fail", "worker": "skip"})):
         out = await cli(settings, "doctor", "--json", **env)
         assert out.returncode == 1 and {c["name"]: c["verdict"] for c in json.loads(out.stdout)} == verdict
+    # What the worker imports at start: with a module it cannot import it exited with a traceback, while doctor said
+    # every service was ok (exit 0).
+    for env, says in ((dict(OPSPOLISH_JOB_MODULES="no_such_jobs_module"), "OPSPOLISH_JOB_MODULES: cannot import"),
+                      (dict(OPSPOLISH_PROVIDER="no_such_module:Thing"), "OPSPOLISH_PROVIDER: cannot import")):
+        out = await cli(settings, "doctor", "--json", **env)
+        checks = {c["name"]: c for c in json.loads(out.stdout)}
+        assert out.returncode == 1 and checks["config"]["verdict"] == "fail", out
+        assert says in checks["config"]["detail"] and checks["postgres"]["verdict"] == "ok"
     missing = await cli(settings.with_database(f"opspolish_missing_{uuid.uuid4().hex[:8]}"), "doctor")
     [postgres] = [line for line in missing.stdout.splitlines() if "postgres" in line]
     assert missing.returncode == 1 and postgres.startswith("FAIL") and "does not exist" in postgres

@@ -547,7 +547,7 @@ def _reconcile_line(result: dict[str, Any]) -> str:
 @pass_ctx
 @run_async
 async def doctor_cmd(ctx: Ctx, as_json: bool) -> None:
-    """Check Postgres, migrations, Redis and worker health."""
+    """Check the configuration (job modules, provider), Postgres, migrations, Redis and worker health."""
     from opspolish.doctor import run_checks
 
     checks = await run_checks(ctx.settings)

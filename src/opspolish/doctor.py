@@ -19,6 +19,22 @@ class Check:
     detail: str
 
 
+def _config_check(settings: Settings) -> Check:
+    """What a worker imports before it starts: the job modules and the provider. Either failing, the worker exits
+    with a traceback at start, while the services all answered ok here."""
+    from opspolish.provider import provider_factory
+    from opspolish.tracking import load_jobs
+
+    try:
+        jobs = load_jobs(settings.job_modules)
+        provider_factory(settings.provider)
+    except OpsPolishError as exc:
+        return Check("config", "fail", exc.message)
+    except Exception as exc:  # a job module that raises at import, say
+        return Check("config", "fail", _unexpected(settings, exc))
+    return Check("config", "ok", f"{len(jobs)} job types and the provider {settings.provider} import")
+
+
 async def run_checks(settings: Settings) -> list[Check]:
     checks: list[Check] = []
     try:
@@ -69,6 +85,7 @@ async def run_checks(settings: Settings) -> list[Check]:
         name = "worker" if any(c.name == "redis" for c in checks) else "redis"
         checks.append(Check(name, "fail", _unexpected(settings, exc)))
     _skipped_unless_checked(checks, "worker", "Redis")
+    checks.append(_config_check(settings))
     return checks
 
 

@@ -105,8 +105,8 @@ class DirectoryProvider:
             raise ProviderUnavailable(f"directory unavailable: {type(exc).__name__}") from exc
 
 
-def load_provider(spec: str, runtime: Runtime) -> Any:
-    """Build the provider named ``module:Class`` in settings; it is called with the runtime."""
+def provider_factory(spec: str) -> Any:
+    """The callable named ``module:Class`` in settings, imported but not called (``opspolish doctor`` checks it)."""
     module_name, _, attr = spec.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
@@ -114,6 +114,12 @@ def load_provider(spec: str, runtime: Runtime) -> Any:
         raise InputInvalid(f"OPSPOLISH_PROVIDER: cannot import {spec!r}", field="OPSPOLISH_PROVIDER") from exc
     if not callable(factory):
         raise InputInvalid(f"OPSPOLISH_PROVIDER: {spec!r} is not callable", field="OPSPOLISH_PROVIDER")
+    return factory
+
+
+def load_provider(spec: str, runtime: Runtime) -> Any:
+    """Build the provider named ``module:Class`` in settings; it is called with the runtime."""
+    factory = provider_factory(spec)
     try:
         return factory(runtime)
     except OpsPolishError:
