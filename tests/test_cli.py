@@ -259,7 +259,7 @@ async def test_schema_and_seed_commands_print_json_on_request() -> None:
         reset = await cli(settings, "db", "reset", "--seed", "--tenants", "2", "--policies", "1", "--json")
         assert reset.returncode == 0, reset.stderr
         assert json.loads(reset.stdout) == {"database": name, "revision": db.head_revision(), "created": False,
-                                            "dropped_revision": db.head_revision(), "seeded": {
+                                            "dropped_revision": db.head_revision(), "dropped_jobs": 0, "seeded": {
             "workspaces": 2, "tenants": 4, "policies": 4, "created_tenants": 4}}
         seeded = await cli(settings, "seed", "--tenants", "3", "--policies", "1", "--json")
         assert seeded.returncode == 0, seeded.stderr
