@@ -64,6 +64,21 @@ async def test_db_upgrade_takes_every_accepted_url_scheme(scheme: str, query: st
         assert out.returncode == 0, out.stderr
         assert await db.current_revision(settings) == db.SCHEMA_HEAD
 
+@pytest.mark.parametrize(("query", "says"), [
+    ("?foo=bar", 'unrecognized configuration parameter "foo"'),  # was internal.unexpected: UndefinedObjectError
+    ("?work_mem=lots", 'invalid value for parameter "work_mem"'),
+    ("?sslmode=bogus", "`sslmode` parameter must be one of"),  # was db.unavailable: "cannot connect"
+])
+async def test_a_url_parameter_the_driver_or_server_refuses_is_bad_input_naming_the_variable(
+    settings: Settings, query: str, says: str
+) -> None:
+    url = settings.database_url.get_secret_value() + query
+    for args in (("runs", "list"), ("db", "upgrade")):
+        out = await cli(settings, *args, OPSPOLISH_DATABASE_URL=url)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1, (args, out.stderr)
+        assert out.stderr.startswith("opspolish: input.invalid: OPSPOLISH_DATABASE_URL: ") and says in out.stderr
+
+
 async def test_reset_seed_works_on_a_missing_database_and_again_right_after() -> None:
     async with scratch_database() as settings:
         for _ in range(2):

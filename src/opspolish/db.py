@@ -14,7 +14,7 @@ import asyncpg
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from opspolish.errors import DbUnavailable, SchemaMismatch
+from opspolish.errors import DbUnavailable, InputInvalid, SchemaMismatch
 from opspolish.settings import Settings
 
 #: Connection-level settings for the pool (cold paths, replays, heartbeats): custom plans, so a statement
@@ -110,6 +110,23 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     the gate's advisory lock is transaction-scoped and no code sets session state on pooled connections."""
 
 
+#: Refusals of the URL itself, met while connecting: a query parameter the driver rejects (``?sslmode=bogus``) or
+#: one the server does not know or accepts no such value for (``?foo=bar``, ``?work_mem=lots``: parameters other
+#: than asyncpg's go to the server as settings). They were "cannot connect" (db.unavailable, exit 1) or
+#: internal.unexpected, where they are a setting to fix: input.invalid naming the variable (exit 2).
+URL_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.ClientConfigurationError,
+    asyncpg.UndefinedObjectError,
+    asyncpg.InvalidParameterValueError,
+    asyncpg.CantChangeRuntimeParamError,
+)
+
+
+def _url_refused(exc: BaseException) -> InputInvalid:
+    return InputInvalid(f"OPSPOLISH_DATABASE_URL: {exc} (a query parameter of the URL)",
+                        field="OPSPOLISH_DATABASE_URL")
+
+
 def _unreachable(exc: BaseException) -> DbUnavailable:
     """``cannot connect to PostgreSQL: <why>``, with a why even for errors whose text is empty (a timeout)."""
     if isinstance(exc, TimeoutError):
@@ -126,6 +143,8 @@ async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 
             server_settings=SERVER_SETTINGS, timeout=10, init=init_connection,
             reset=_keep_session,
         )
+    except URL_ERRORS as exc:
+        raise _url_refused(exc) from exc
     except CONNECT_ERRORS as exc:
         raise _unreachable(exc) from exc
     assert pool is not None
@@ -136,6 +155,8 @@ async def connect_gate(settings: Settings) -> asyncpg.Connection:
     """A dedicated connection for the gate's coalesced statements (see GATE_SERVER_SETTINGS)."""
     try:
         conn = await asyncpg.connect(asyncpg_dsn(settings), timeout=10, server_settings=GATE_SERVER_SETTINGS)
+    except URL_ERRORS as exc:
+        raise _url_refused(exc) from exc
     except CONNECT_ERRORS as exc:
         raise _unreachable(exc) from exc
     await init_connection(conn)
@@ -146,6 +167,8 @@ async def connect(settings: Settings, database: str | None = None) -> asyncpg.Co
     try:
         return await asyncpg.connect(asyncpg_dsn(settings, database), timeout=10,
                                      server_settings=SERVER_SETTINGS)
+    except URL_ERRORS as exc:
+        raise _url_refused(exc) from exc
     except CONNECT_ERRORS as exc:
         raise _unreachable(exc) from exc
 
