@@ -119,6 +119,22 @@ async def test_a_new_run_whose_job_id_another_job_holds_in_redis_is_recorded_fai
     assert (again.verdict, joined.verdict, joined.run_id) == ("queued", "joined", again.run_id)
 
 
+async def test_worker_lines_carry_the_tenants_id_whichever_reference_the_delivery_named(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any]
+) -> None:
+    # A raw delivery may name its tenant by external_id, in upper case, without hyphens: the lines carried that text
+    # as tenant_id, which joins to nothing in operation_runs.
+    t = seeded["tenants"][0]
+    spelled = str(t["external_id"]).replace("-", "").upper()
+    await rt.require_redis().enqueue_job(EFFECT_TYPE, tenant_id=spelled, inputs={"tag": "spelled"},
+                                         _queue_name=settings.queue_name)
+    with structlog.testing.capture_logs() as logs:
+        await drain(settings)
+    [done] = [e for e in logs if e["event"] == "run_completed"]
+    [run] = await runs(conn)
+    assert done["tenant_id"] == str(run["tenant_id"]) == str(t["id"])
+
+
 async def test_fingerprint_with_the_job_type_is_the_one_dispatch_records(rt: Runtime, tenant: str) -> None:
     inputs = {"policy_ids": [str(uuid.uuid4()).upper()]}  # the job's model turns the UUID lower-case
     result = await dispatch(rt, "assignments.fetch", tenant=tenant, inputs=inputs)

@@ -461,6 +461,8 @@ async def execute(
         log.warning("gate_unavailable", **where, run_id=run_id, reason_code=exc.reason_code, message=exc.message)
         raise Retry(defer=_backoff_s(min(job_try, 5))) from exc
 
+    if claim.tenant_id is not None:  # the tenant's id, as the ledger holds it (the delivery may name its external_id)
+        where["tenant_id"] = str(claim.tenant_id)
     bound = log.bind(**where, run_id=claim.run_id)
     decision = claim.decision
     if decision == "busy":
