@@ -154,7 +154,8 @@ async def test_run_lease_lost_carries_the_runs_bound_fields_and_the_run_ends_in_
         assert (await asyncio.wait_for(task, 5))["decision"] == "lease_lost"
     [lost] = [e for e in events if e["event"] == "run_lease_lost"]
     assert {k: lost.get(k) for k in ("run_id", "type", "tenant_id", "job_id", "job_try")} == {
-        "run_id": result.run_id, "type": EFFECT_TYPE, "tenant_id": tenant, "job_id": result.job_id, "job_try": 3}
+        "run_id": result.run_id, "type": EFFECT_TYPE, "tenant_id": str(result.tenant_id), "job_id": result.job_id,
+        "job_try": 3}
     assert [e["event"] for e in events if e["event"] in _END_OF_RUN] == ["run_abandoned"]
 
 
