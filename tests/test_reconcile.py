@@ -115,6 +115,41 @@ async def test_after_a_queue_flush_queued_runs_are_requeued_and_then_completed(
     assert await conn.fetchval("SELECT count(*) FROM test_effects") == 3
 
 
+async def test_a_queued_run_whose_queue_entry_vanished_but_not_its_job_key_is_requeued_and_runs(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any]
+) -> None:
+    # arq refuses a job under an id whose job key is still there: the re-enqueue returned None, the run was marked
+    # requeued with no job, and the next pass called it lost.
+    tenant = seeded["tenants"][0]["external_id"]
+    result = await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "half-lost"})
+    redis = rt.require_redis()
+    assert await redis.zrem(settings.queue_name, result.job_id) == 1  # the queue entry only
+    await reconcile_all(rt)
+    assert await redis.zscore(settings.queue_name, result.job_id) is not None
+    await drain(settings)
+    row = await conn.fetchrow("SELECT outcome, requeues FROM operation_runs WHERE id = $1", result.run_id)
+    assert row is not None and (row["outcome"], row["requeues"]) == ("succeeded", 1)
+
+
+async def test_a_pass_drops_the_side_beats_no_lease_needs(
+    rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any]
+) -> None:
+    # Written for a run whose row was locked at a beat (its own completion holding it, say), a side beat stayed when
+    # no later beat reached the row: the table only grew.
+    tenant = seeded["tenants"][0]["external_id"]
+    ended, live = [await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": t}) for t in ("ended", "live")]
+    owner = uuid.uuid4()
+    await conn.execute("UPDATE operation_runs SET status = 'completed', outcome = 'succeeded', completed_at = now(), "
+                       "summary_counts = '{\"total\": 0, \"processed\": 0, \"failed\": 0}', attempts = 1, "
+                       "lease_owner = $2 WHERE id = $1", ended.run_id, uuid.uuid4())
+    await conn.execute("UPDATE operation_runs SET status = 'running', attempts = 1, lease_owner = $2, "
+                       "heartbeat_at = now() WHERE id = $1", live.run_id, owner)
+    await conn.execute("INSERT INTO operation_run_beats (run_id, lease_owner, beat_at) VALUES ($1, $2, now()), "
+                       "($3, $4, now()), (999999, $4, now())", ended.run_id, uuid.uuid4(), live.run_id, owner)
+    await reconcile_all(rt)
+    assert [r["run_id"] for r in await conn.fetch("SELECT run_id FROM operation_run_beats")] == [live.run_id]
+
+
 async def test_a_run_whose_job_vanished_again_or_is_too_old_is_settled_as_lost(
     settings: Settings, rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any]
 ) -> None:

@@ -200,6 +200,16 @@ class Ledger:
             status = await self.pool.execute(_RELEASE, run_id, lease_owner, reason_code, reason_message)
         return status.endswith(" 1")
 
+    async def prune_side_beats(self) -> int:
+        """Drop the side beats (operation_run_beats) no lease needs: their run ended, was handed back or changed
+        hands while its row was locked, and no later beat reached the row to drop them. Reconcile's pass calls it."""
+        async with translate_errors():
+            status = await self.pool.execute(
+                """DELETE FROM operation_run_beats b WHERE NOT EXISTS (
+                       SELECT 1 FROM operation_runs o
+                       WHERE o.id = b.run_id AND o.status = 'running' AND o.lease_owner = b.lease_owner)""")
+        return int(status.split()[-1])
+
     async def heartbeat(self, leases: Sequence[tuple[int, uuid.UUID]]) -> set[tuple[int, uuid.UUID]]:
         """Refresh leases; returns the ``(run_id, owner)`` pairs whose lease is still held."""
         if not leases:

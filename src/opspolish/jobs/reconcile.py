@@ -7,6 +7,7 @@ It asks arq about each candidate by job id and queue name; it never scans Redis 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from datetime import UTC, datetime
@@ -14,6 +15,7 @@ from typing import Any
 
 import structlog
 from arq import Retry
+from arq.constants import job_key_prefix, retry_key_prefix
 from arq.jobs import Job, JobStatus
 from pydantic import BaseModel, ConfigDict
 
@@ -67,17 +69,30 @@ async def _settle(rt: Runtime, redis: Any, run: Run, scoped: Any, ctx: RunContex
         # in between) used up the run's one re-enqueue, and the next pass called it lost. Enqueued but not marked
         # (the pass died in between), the run is backed again, and could at worst be re-enqueued once more. The
         # job id is the run's: never two jobs for it.
-        try:
-            await redis.enqueue_job(
+        job_id = _job_id_of(rt, run)
+
+        async def enqueue() -> Any:
+            return await redis.enqueue_job(
                 run.type, run_id=run.id, tenant_id=str(run.tenant_id) if run.tenant_id else None,
-                workspace_id=str(run.workspace_id), _job_id=_job_id_of(rt, run),
+                workspace_id=str(run.workspace_id), _job_id=job_id,
                 _queue_name=run.queue_name or rt.settings.queue_name,
             )
+
+        try:
+            job = await enqueue()
+            if job is None:
+                # Its queue entry vanished but not its job key (a partial loss, an eviction): arq refuses a second job
+                # under the id, and the run, marked requeued with no job, was called lost by the next pass. The key
+                # backs nothing (the status above found no queue entry, no in-progress marker): it goes.
+                await redis.delete(job_key_prefix + job_id, retry_key_prefix + job_id)
+                job = await enqueue()
         except Exception as exc:
             if _is_redis_error(exc):
                 raise RedisUnavailable(f"Redis unavailable while re-enqueueing run {run.id}: "
                                        f"{type(exc).__name__}") from exc
             raise
+        if job is None:  # enqueued under its id meanwhile (another pass): backed again, not ours to mark
+            return False
         if not await scoped.mark_requeued(run.id):
             return False  # claimed or settled meanwhile: the gate decides what the job's delivery does
         ctx.counts.bump("requeued")
@@ -170,6 +185,8 @@ async def reconcile_all(
         rows = await rt.pool.fetch(
             "SELECT id, slug FROM workspaces WHERE $1::text IS NULL OR slug = $1 ORDER BY slug", workspace_slug
         )
+    with contextlib.suppress(DbUnavailable):  # housekeeping; each workspace's pass below reports the database away
+        await rt.ledger.prune_side_beats()
     results = []
     for ws_id, slug in rows:
         try:
