@@ -204,34 +204,49 @@ class ResetReport:
     created: bool  # the database did not exist and was created
     dropped_revision: str | None  # the opspolish schema (and its rows) taken down, None when there was none
     seeded: SeedReport | None
-    #: Queued jobs of the dropped runs taken out of the configured queue; None when Redis could not be reached.
+    #: Queued jobs of the dropped ledger's active runs taken out of their queues; None when Redis could not be reached.
     dropped_jobs: int | None = 0
 
 
-async def _drop_ledger_jobs(settings: Settings) -> int | None:
-    """Take the dropped ledger's jobs (``<queue>:run:<id>``, as dispatch and reconcile name them) out of the
-    configured queue. Left there, each was refused (its run gone), and the new ledger's runs, numbered from 1 again,
-    found their job ids taken (``queue.conflict``). Other jobs of the queue are left alone. None: Redis is away."""
+async def _ledger_jobs(settings: Settings) -> list[tuple[str, str]]:
+    """The arq jobs (job id, queue) of the ledger's active runs: what a reset leaves behind in Redis."""
+    conn = await db.connect(settings)
+    try:
+        rows = await conn.fetch("SELECT job_id, queue_name FROM operation_runs "
+                                "WHERE status <> 'completed' AND job_id IS NOT NULL")
+    except asyncpg.UndefinedTableError:
+        return []
+    finally:
+        await conn.close()
+    return [(r["job_id"], r["queue_name"] or settings.queue_name) for r in rows]
+
+
+async def _drop_ledger_jobs(settings: Settings, jobs: list[tuple[str, str]]) -> int | None:
+    """Take the dropped ledger's jobs out of their queues. Left there, each was refused (its run gone), and the new
+    ledger's runs, numbered from 1 again, found their job ids taken (``queue.conflict``). Jobs of no active run of
+    the dropped ledger are left alone. None: Redis is away."""
     from arq.constants import job_key_prefix, retry_key_prefix
 
     from opspolish.errors import RedisUnavailable
     from opspolish.runtime import connect_redis
 
+    if not jobs:
+        return 0
     try:
         redis = await connect_redis(settings)
     except RedisUnavailable:
         return None
     try:
-        prefix = f"{settings.queue_name}:run:"
-        ids = [j for j in (m.decode() for m in await redis.zrange(settings.queue_name, 0, -1))
-               if j.startswith(prefix)]
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
+        taken = 0
+        for start in range(0, len(jobs), 500):
+            chunk = jobs[start:start + 500]
             async with redis.pipeline(transaction=True) as pipe:
-                pipe.zrem(settings.queue_name, *chunk)
-                pipe.delete(*(job_key_prefix + j for j in chunk), *(retry_key_prefix + j for j in chunk))
-                await pipe.execute()
-        return len(ids)
+                for job_id, queue in chunk:
+                    pipe.zrem(queue, job_id)
+                pipe.delete(*(job_key_prefix + j for j, _ in chunk), *(retry_key_prefix + j for j, _ in chunk))
+                answers = await pipe.execute()
+            taken += sum(answers[:len(chunk)])
+        return taken
     except Exception as exc:
         if not type(exc).__module__.startswith("redis") and not isinstance(exc, OSError):
             raise
@@ -246,11 +261,14 @@ async def _reset(settings: Settings, tenants: int, policies: int, with_seed: boo
     # dropping the tables this one is about to seed (each alembic run also takes its own lock, see env.py).
     async with db.reset_lock(settings):
         dropped = await db.current_revision(settings)
+        jobs: int | None = 0
         if dropped is not None:
+            ledger_jobs = await _ledger_jobs(settings)
             await db.downgrade(settings, "base")
+            # Before the new schema exists: no dispatch to the new ledger can have queued a job under these ids yet.
+            jobs = await _drop_ledger_jobs(settings, ledger_jobs)
         await db.upgrade(settings)
         report = await _seed(settings, tenants, policies) if with_seed else None
-    jobs = await _drop_ledger_jobs(settings) if dropped is not None else 0
     return ResetReport(created, dropped, report, jobs)
 
 
@@ -278,11 +296,10 @@ async def db_reset(ctx: Ctx, with_seed: bool, tenants: int, policies: int, as_js
             f"dropped its opspolish schema at {reset.dropped_revision} with all its rows"
             if reset.dropped_revision else "it had no opspolish schema to drop")
     lines = [f"database {name} reset to {head} ({what})", *([_seeded(report)] if report else [])]
-    queue = ctx.settings.queue_name
     if reset.dropped_jobs is None:
-        lines.append(f"queue {queue} not checked (Redis unavailable): jobs of the dropped runs may still be queued")
+        lines.append("queues not checked (Redis unavailable): jobs of the dropped runs may still be queued")
     elif reset.dropped_jobs:
-        lines.append(f"queue {queue}: took out {reset.dropped_jobs} queued jobs of the dropped runs")
+        lines.append(f"took {reset.dropped_jobs} queued jobs of the dropped runs out of their queues")
     emit(as_json, {"database": name, "revision": head, "created": reset.created,
                    "dropped_revision": reset.dropped_revision, "dropped_jobs": reset.dropped_jobs,
                    "seeded": dataclasses.asdict(report) if report else None},
