@@ -454,6 +454,16 @@ async def test_a_job_module_in_the_current_directory_is_found_as_the_worker_find
     assert out.returncode == 0 and "queued" in out.stdout, out.stderr
 
 
+def test_the_cli_runs_from_a_current_directory_that_was_deleted(tmp_path: Path) -> None:
+    # The current directory goes on sys.path (job modules beside the user); one deleted under the shell made every
+    # command, --help included, a FileNotFoundError traceback.
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    command = f"cd {shlex.quote(str(gone))} && rmdir {shlex.quote(str(gone))} && {shlex.quote(CLI)} --help"
+    out = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "Traceback" not in out.stderr and "Usage" in out.stdout, out
+
+
 async def test_an_error_no_layer_translated_is_one_line_and_exit_1_without_v(
     settings: Settings, tmp_path: Path,
 ) -> None:

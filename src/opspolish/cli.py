@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import json
@@ -148,8 +149,9 @@ class _Main(click.Group):
         kwargs["standalone_mode"] = False
         # OPSPOLISH_JOB_MODULES and OPSPOLISH_PROVIDER name modules as `arq` and `python -m opspolish` find them:
         # from the current directory too (the `opspolish` script's own path starts at its bin directory instead).
-        if os.getcwd() not in sys.path:
-            sys.path.append(os.getcwd())
+        with contextlib.suppress(OSError):  # a current directory deleted under the shell: nothing to add
+            if os.getcwd() not in sys.path:
+                sys.path.append(os.getcwd())
         try:
             code = super().main(*args, **kwargs)
         except SystemExit as exc:
