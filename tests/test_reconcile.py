@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from opspolish.fingerprint import context_and_fingerprint, fingerprint, identity
 from opspolish.jobs.reconcile import RECONCILE_TYPE, reconcile_all, reconcile_cron
 from opspolish.runtime import Runtime
 from opspolish.settings import Settings
+from opspolish.tracking import get_job
 from opspolish.worker import worker_settings
 from tests.conftest import ROOT, WorkerProcess, drain, make_worker, wait_until, worker_env
 from tests.support.jobs import EFFECT_TYPE, FREEFORM_TYPE
@@ -129,6 +131,32 @@ async def test_a_queued_run_whose_queue_entry_vanished_but_not_its_job_key_is_re
     await drain(settings)
     row = await conn.fetchrow("SELECT outcome, requeues FROM operation_runs WHERE id = $1", result.run_id)
     assert row is not None and (row["outcome"], row["requeues"]) == ("succeeded", 1)
+
+
+async def test_deliveries_starting_after_the_stop_signal_give_arq_its_try_back_and_claim_nothing(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any]
+) -> None:
+    # The reconcile cron has one try (max_tries=1): put back with its try counted, the next worker dropped it ("max
+    # retries 1 exceeded"); a tracked job's put-back brought it one try nearer its own limit.
+    redis = rt.require_redis()
+    result = await dispatch(rt, EFFECT_TYPE, tenant=seeded["tenants"][0]["external_id"], inputs={"tag": "late"})
+    entry = get_job(EFFECT_TYPE).arq_function(30).coroutine
+    deliveries: list[tuple[Callable[..., Awaitable[Any]], str, dict[str, Any]]] = [
+        (reconcile_cron, f"{settings.queue_name}:cron-late", {}),
+                  (entry, result.job_id, {"run_id": result.run_id, "tenant_id": str(result.tenant_id)})]
+    rt.stopping = True
+    try:
+        for function, job_id, kwargs in deliveries:
+            await redis.set(f"arq:retry:{job_id}", 1)  # arq counts the try before the job starts
+            with pytest.raises(asyncio.CancelledError):
+                await function({"opspolish": rt, "redis": redis, "job_id": job_id, "job_try": 1}, **kwargs)
+            assert await redis.get(f"arq:retry:{job_id}") == b"0", job_id
+            await redis.delete(f"arq:retry:{job_id}")
+    finally:
+        rt.stopping = False
+    row = await conn.fetchrow("SELECT status, attempts FROM operation_runs WHERE id = $1", result.run_id)
+    assert row is not None and (row["status"], row["attempts"]) == ("queued", 0)
+    assert not await reconcile_runs(conn)
 
 
 async def test_a_pass_drops_the_side_beats_no_lease_needs(

@@ -22,11 +22,11 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import structlog
 from arq import Retry
-from arq.constants import job_key_prefix
+from arq.constants import job_key_prefix, retry_key_prefix
 from arq.worker import Function, func
 from pydantic import BaseModel, ValidationError
 
@@ -175,13 +175,27 @@ class TrackedJob:
                         workspace_id: str | None = None, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
             rt: Runtime = ctx["opspolish"]
             if rt.stopping:  # started after the worker was told to stop: arq puts the job back, nothing claimed
-                raise asyncio.CancelledError()
+                await put_back_untouched(ctx)
             return await execute(rt, job, run_id=run_id, tenant=tenant_id, workspace_id=workspace_id,
                                  inputs=inputs, job_id=ctx["job_id"], job_try=ctx.get("job_try", 1),
                                  enqueued_at=ctx.get("enqueue_time"))
 
         entry.__qualname__ = entry.__name__ = self.type
         return func(entry, name=self.type, max_tries=ARQ_MAX_TRIES, timeout=timeout_s + TIMEOUT_MARGIN_S)
+
+
+async def put_back_untouched(ctx: dict[str, Any]) -> NoReturn:
+    """A delivery that starts after its worker was told to stop (``Runtime.stopping``) claims nothing: the try arq
+    counted for it is given back, then its CancelledError has arq put the job back in its queue. Counted, the try
+    dropped a job with one try (the reconcile cron: "max retries 1 exceeded") and brought the others nearer theirs."""
+    redis, job_id = ctx.get("redis"), ctx.get("job_id")
+    if redis is not None and job_id:
+        try:
+            await redis.decr(retry_key_prefix + str(job_id))
+        except Exception as exc:  # Redis away: the try stays counted, as it was
+            if not type(exc).__module__.startswith("redis") and not isinstance(exc, OSError):
+                raise
+    raise asyncio.CancelledError()
 
 
 def _field_error(err: Any) -> InputInvalid:

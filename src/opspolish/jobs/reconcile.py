@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict
 from opspolish.errors import DbUnavailable, RedisUnavailable
 from opspolish.ledger import Run, Scope, translate_errors
 from opspolish.runtime import Runtime, connect_redis
-from opspolish.tracking import RunContext, execute, tracked_job
+from opspolish.tracking import RunContext, execute, put_back_untouched, tracked_job
 
 RECONCILE_TYPE = "ops.reconcile_adapter_runs"
 #: How long one workspace's pass keeps retrying a busy gate before it reports the workspace as skipped.
@@ -208,7 +208,7 @@ async def reconcile_cron(
     delivery naming only a tenant ran the pass over every workspace."""
     rt: Runtime = ctx["opspolish"]
     if rt.stopping:  # started after the worker was told to stop: arq puts the job back, nothing claimed
-        raise asyncio.CancelledError()
+        await put_back_untouched(ctx)
     job_id = str(ctx.get("job_id") or "cron")
     if run_id is None and workspace_id is None and tenant_id is None:
         return await reconcile_all(rt, job_id=job_id)
