@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import re
+import signal
 import sys
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -205,3 +206,41 @@ def test_an_arq_line_in_the_json_format_is_one_json_object_with_its_redacted_tra
     event = json.loads(line)
     assert (event["logger"], event["level"]) == ("arq.jobs", "error")
     assert event["event"].startswith("  0.50s ! q:run:7:x failed\nTraceback (most recent call last):"), event
+
+
+async def test_a_repeated_stop_signal_cancels_again_a_body_that_swallowed_the_first(rt: Runtime) -> None:
+    # The stop handler skips tasks already being cancelled (a hand-back in flight must not be cut short), so a body
+    # that caught the first cancellation and went on could no longer be stopped by any signal but SIGKILL.
+    from types import SimpleNamespace
+
+    from opspolish.worker import _on_stop_signal
+
+    swallowed = asyncio.Event()
+
+    async def stubborn_body() -> None:
+        lease = rt.leases.hold(1, uuid.uuid4())
+        lease.in_body = True
+        try:
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                swallowed.set()  # swallowed: the body goes on
+            await asyncio.sleep(60)
+        finally:
+            rt.leases.drop(lease)
+
+    await rt.leases.stop()  # no beat: its lease (of no real run) would be found lost, and its body cancelled
+    task = asyncio.create_task(stubborn_body())
+    await asyncio.sleep(0)
+    worker: Any = SimpleNamespace(job_tasks={"job": task}, tasks={"job": task}, allow_pick_jobs=True, on_stop=None)
+    try:
+        _on_stop_signal(worker, rt, None, signal.SIGTERM)
+        await asyncio.wait_for(swallowed.wait(), 5)
+        await asyncio.sleep(0.05)
+        assert not task.done() and rt.stopping and not worker.allow_pick_jobs
+        _on_stop_signal(worker, rt, None, signal.SIGTERM)
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5)
+    finally:
+        rt.stopping = False
+        task.cancel()

@@ -61,7 +61,7 @@ def _stop_without_cancelling_arq(ctx: dict[str, Any], rt: Runtime) -> None:
 
 
 def _on_stop_signal(worker: Worker, rt: Runtime, main: asyncio.Task[Any] | None, sig: signal.Signals) -> None:
-    rt.stopping = True
+    repeated, rt.stopping = rt.stopping, True
     worker.allow_pick_jobs = False
     running = [task for task in worker.job_tasks.values() if not task.done()]
     log.info("worker_stopping", signal=sig.name, cancelling=len(running),
@@ -69,6 +69,12 @@ def _on_stop_signal(worker: Worker, rt: Runtime, main: asyncio.Task[Any] | None,
     for task in running:
         if not task.cancelling():  # a second signal must not cut a hand-back in flight short (it goes on, unlogged)
             task.cancel()
+    if repeated:
+        # A body that swallowed the first cancellation is still in its body: cancelled again, so that a repeated
+        # signal still stops the worker. Deliveries already handing their runs back (out of their bodies) go on.
+        for lease in list(rt.leases.leases.values()):
+            if lease.in_body and lease.task is not None and lease.task.cancelling():
+                lease.task.cancel()
     if main is not None:
         main.cancel()
     if worker.on_stop is not None:
