@@ -100,13 +100,17 @@ async def test_reset_takes_the_dropped_runs_jobs_out_of_its_queue_and_leaves_the
     async with scratch_database() as base:
         settings = base.model_copy(update={"queue_name": f"opspolish-test:reset:{uuid.uuid4().hex[:8]}"})
         redis: Redis = Redis.from_url(settings.redis_url.get_secret_value())
-        try:
-            assert (await cli(settings, "db", "reset", "--seed")).returncode == 0
+
+        async def first_tenant() -> str:  # looked up again after each reset
             conn = await db.connect(settings)
             try:
-                tenant = str(await conn.fetchval("SELECT external_id FROM tenants ORDER BY name LIMIT 1"))
+                return str(await conn.fetchval("SELECT external_id FROM tenants ORDER BY name LIMIT 1"))
             finally:
                 await conn.close()
+
+        try:
+            assert (await cli(settings, "db", "reset", "--seed")).returncode == 0
+            tenant = await first_tenant()
             out = await cli(settings, "dispatch", "test.effect", "--tenant", tenant, "--json")
             assert out.returncode == 0 and json.loads(out.stdout)["verdict"] == "queued", out.stderr
             # Not a job of the dropped ledger's runs, though named like one (another database's, sharing the queue).
@@ -115,15 +119,11 @@ async def test_reset_takes_the_dropped_runs_jobs_out_of_its_queue_and_leaves_the
             assert reset.returncode == 0 and json.loads(reset.stdout)["dropped_jobs"] == 1, reset.stderr
             assert sorted(m.decode() for m in await redis.zrange(settings.queue_name, 0, -1)) == [
                 f"{settings.queue_name}:run:999", "someone-elses-job"]
-            conn = await db.connect(settings)
-            try:
-                tenant = str(await conn.fetchval("SELECT external_id FROM tenants ORDER BY name LIMIT 1"))
-            finally:
-                await conn.close()
+            tenant = await first_tenant()
             again = await cli(settings, "dispatch", "test.effect", "--tenant", tenant, "--json")
             assert again.returncode == 0 and json.loads(again.stdout)["verdict"] == "queued", again.stderr
             text = await cli(settings, "db", "reset")
-            assert "took 1 queued jobs of the dropped runs out of their queues" in text.stdout
+            assert "took 1 queued job of the dropped runs out of its queue" in text.stdout
         finally:
             keys = [k async for k in redis.scan_iter(match=f"arq:*{settings.queue_name}*")]
             await redis.delete(settings.queue_name, *keys)

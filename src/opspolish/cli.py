@@ -230,7 +230,7 @@ async def _drop_ledger_jobs(settings: Settings, jobs: list[tuple[str, str]]) -> 
     from arq.constants import job_key_prefix, retry_key_prefix
 
     from opspolish.errors import RedisUnavailable
-    from opspolish.runtime import connect_redis
+    from opspolish.runtime import connect_redis, is_redis_error
 
     if not jobs:
         return 0
@@ -250,7 +250,7 @@ async def _drop_ledger_jobs(settings: Settings, jobs: list[tuple[str, str]]) -> 
             taken += sum(answers[:len(chunk)])
         return taken
     except Exception as exc:
-        if not type(exc).__module__.startswith("redis") and not isinstance(exc, OSError):
+        if not is_redis_error(exc):
             raise
         return None
     finally:
@@ -301,7 +301,9 @@ async def db_reset(ctx: Ctx, with_seed: bool, tenants: int, policies: int, as_js
     if reset.dropped_jobs is None:
         lines.append("queues not checked (Redis unavailable): jobs of the dropped runs may still be queued")
     elif reset.dropped_jobs:
-        lines.append(f"took {reset.dropped_jobs} queued jobs of the dropped runs out of their queues")
+        n = reset.dropped_jobs
+        lines.append(f"took {n} queued job{'s' if n != 1 else ''} of the dropped runs out of "
+                     f"{'their queues' if n != 1 else 'its queue'}")
     emit(as_json, {"database": name, "revision": head, "created": reset.created,
                    "dropped_revision": reset.dropped_revision, "dropped_jobs": reset.dropped_jobs,
                    "seeded": dataclasses.asdict(report) if report else None},

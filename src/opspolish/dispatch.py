@@ -14,7 +14,7 @@ from arq.jobs import SerializationError
 from opspolish.errors import InputInvalid, QueueConflict, RedisUnavailable, TenantNotFound
 from opspolish.fingerprint import context_and_fingerprint_of
 from opspolish.ledger import Dispatched, translate_errors
-from opspolish.runtime import Runtime
+from opspolish.runtime import Runtime, is_redis_error
 from opspolish.sanitize import describe_exception, sanitize_message
 from opspolish.tracking import get_job
 
@@ -49,10 +49,6 @@ def tenant_ref(tenant: str | uuid.UUID) -> str:
     return text
 
 
-def _redis_error(exc: BaseException) -> bool:
-    return isinstance(exc, OSError | ConnectionError | TimeoutError) or type(exc).__module__.startswith("redis")
-
-
 async def _check_tenant_workspace(rt: Runtime, tenant: str, workspace_id: str | uuid.UUID) -> None:
     try:
         expected = uuid.UUID(str(workspace_id))
@@ -84,7 +80,7 @@ async def _enqueue(rt: Runtime, redis: ArqRedis, run_type: str, result: Dispatch
                                            reason_message=sanitize_message(bad.message))
         raise bad from exc
     except Exception as exc:
-        if not _redis_error(exc):
+        if not is_redis_error(exc):
             raise
         err = RedisUnavailable(f"could not enqueue run {result.run_id} to Redis: {type(exc).__name__}")
         if result.created:

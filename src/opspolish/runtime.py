@@ -32,15 +32,18 @@ def redis_settings(settings: Settings, *, conn_retries: int = 5) -> RedisSetting
     return rs
 
 
+def is_redis_error(exc: BaseException) -> bool:
+    """Redis out of reach or refusing: a socket error, a timeout, or any of redis-py's own exceptions."""
+    return isinstance(exc, OSError | ConnectionError | TimeoutError) or type(exc).__module__.startswith("redis")
+
+
 async def connect_redis(settings: Settings, *, conn_retries: int = 0) -> ArqRedis:
     """An arq Redis pool; an unreachable server raises :class:`RedisUnavailable` (no password in it)."""
     try:
         return await create_pool(redis_settings(settings, conn_retries=conn_retries),
                                  default_queue_name=settings.queue_name)
-    except (OSError, ConnectionError, TimeoutError) as exc:
-        raise _unreachable(settings, exc) from exc
     except Exception as exc:  # redis-py raises its own ConnectionError hierarchy
-        if type(exc).__module__.startswith("redis"):
+        if is_redis_error(exc):
             raise _unreachable(settings, exc) from exc
         raise
 

@@ -50,7 +50,7 @@ from opspolish.fingerprint import (
     secret_values,
 )
 from opspolish.ledger import HOLDS_LEASE, Claim, translate_errors
-from opspolish.runtime import Lease, Runtime
+from opspolish.runtime import Lease, Runtime, is_redis_error
 from opspolish.sanitize import describe_exception, sanitize_message
 from opspolish.settings import MAX_SECONDS
 
@@ -193,7 +193,7 @@ async def put_back_untouched(ctx: dict[str, Any]) -> NoReturn:
         try:
             await redis.decr(retry_key_prefix + str(job_id))
         except Exception as exc:  # Redis away: the try stays counted, as it was
-            if not type(exc).__module__.startswith("redis") and not isinstance(exc, OSError):
+            if not is_redis_error(exc):
                 raise
     raise asyncio.CancelledError()
 
@@ -588,7 +588,7 @@ async def _keep_job_for(rt: Runtime, job_id: str, delay_s: float) -> None:
         if 0 <= ttl_ms < want_ms:
             await rt.redis.pexpire(key, want_ms)
     except Exception as exc:  # Redis away: arq's Retry will meet it too; reconcile is the net
-        if not type(exc).__module__.startswith("redis") and not isinstance(exc, OSError):
+        if not is_redis_error(exc):
             raise
         log.warning("job_key_not_extended", job_id=job_id, message=describe_exception(exc))
 

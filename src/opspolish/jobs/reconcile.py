@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 from opspolish.errors import DbUnavailable, RedisUnavailable
 from opspolish.ledger import Run, Scope, translate_errors
-from opspolish.runtime import Runtime, connect_redis
+from opspolish.runtime import Runtime, connect_redis, is_redis_error
 from opspolish.tracking import RunContext, execute, put_back_untouched, tracked_job
 
 RECONCILE_TYPE = "ops.reconcile_adapter_runs"
@@ -35,10 +35,6 @@ log = structlog.get_logger("opspolish")
 _BACKED = {JobStatus.queued, JobStatus.deferred, JobStatus.in_progress}
 
 
-def _is_redis_error(exc: BaseException) -> bool:
-    return isinstance(exc, OSError | ConnectionError | TimeoutError) or type(exc).__module__.startswith("redis")
-
-
 def _job_id_of(rt: Runtime, run: Run) -> str:
     return run.job_id or f"{run.queue_name or rt.settings.queue_name}:run:{run.id}"
 
@@ -48,7 +44,7 @@ async def _job_status(rt: Runtime, redis: Any, run: Run) -> JobStatus:
     try:
         return await Job(job_id, redis, _queue_name=run.queue_name or rt.settings.queue_name).status()
     except Exception as exc:
-        if _is_redis_error(exc):
+        if is_redis_error(exc):
             raise RedisUnavailable(f"Redis unavailable while checking job {job_id}: {type(exc).__name__}") from exc
         raise
 
@@ -87,7 +83,7 @@ async def _settle(rt: Runtime, redis: Any, run: Run, scoped: Any, ctx: RunContex
                 await redis.delete(job_key_prefix + job_id, retry_key_prefix + job_id)
                 job = await enqueue()
         except Exception as exc:
-            if _is_redis_error(exc):
+            if is_redis_error(exc):
                 raise RedisUnavailable(f"Redis unavailable while re-enqueueing run {run.id}: "
                                        f"{type(exc).__name__}") from exc
             raise
