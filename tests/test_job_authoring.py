@@ -223,6 +223,44 @@ async def test_counts_the_ledger_cannot_hold_end_the_run_failed_with_a_message_n
     assert run["reason_message"].startswith(message)
 
 
+class _AssignInputs(BaseModel):
+    field: str
+    value: Any
+
+
+async def _assigning(run: RunContext) -> None:
+    run.counts.add_total(2)
+    run.counts.item_succeeded()
+    args = _AssignInputs.model_validate(run.inputs)
+    if args.field == "extra":
+        run.counts.extra["x"] = args.value  # type: ignore[index]
+    else:
+        setattr(run.counts, args.field, args.value)
+
+
+tracked_job("author.assigning", inputs=_AssignInputs)(_assigning)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("failed", -1, "AttributeError: property 'failed' of 'Counts' object has no setter"),
+    ("processed", 10**19, "AttributeError: property 'processed' of 'Counts' object has no setter"),
+    ("total", "5", "AttributeError: property 'total' of 'Counts' object has no setter"),
+    ("extra", -1, "TypeError: 'mappingproxy' object does not support item assignment"),
+])
+async def test_counts_assigned_directly_end_the_run_failed_not_running(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str, field: str, value: Any, message: str
+) -> None:
+    # Assigned, the counts skipped every check: the ledger refused the completion, the fallback write repeated the
+    # same counts and failed too (a TypeError for text), and the run stayed running until reconcile called it
+    # orphaned; a negative detail count was stored as it was.
+    await dispatch(rt, "author.assigning", tenant=tenant, inputs={"field": field, "value": value})
+    await drain(settings)
+    [run] = await runs(conn)
+    assert (run["status"], run["outcome"], run["reason_code"]) == ("completed", "failed", "internal.unexpected"), run
+    assert run["reason_message"].startswith(message), run
+    assert run["summary_counts"] == {"total": 2, "processed": 1, "failed": 0}
+
+
 @given(st.lists(st.tuples(st.sampled_from(["add_total", "item_succeeded", "item_failed", "bump"]),
                           st.sampled_from(["total", "processed", "failed", "requeued"]),
                           st.integers(min_value=0, max_value=2 * MAX_COUNT)), max_size=12))
