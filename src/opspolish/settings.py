@@ -42,7 +42,9 @@ def _check_url(value: SecretStr, schemes: tuple[str, ...]) -> SecretStr:
 class Settings(BaseSettings):
     """Everything opspolish reads from its environment. Unknown ``OPSPOLISH_*`` keys are rejected."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+    # hide_input_in_errors: a refused URL is not quoted back (input_value=...) with its password in the text of the
+    # ValidationError that arq's CLI and library callers print whole.
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True, hide_input_in_errors=True)
 
     database_url: SecretStr = SecretStr("postgresql+asyncpg://postgres@127.0.0.1:5432/opspolish")
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
