@@ -434,7 +434,7 @@ def test_an_unusable_setting_never_shows_its_value_outside_the_cli(env: str, val
     # The CLI prints only each error's own message; the worker (arq's CLI) and library callers print the whole
     # ValidationError, whose text quoted the refused input: input_value='mysql://app:cnryUrlPw@db/x'.
     with pytest.raises(pydantic.ValidationError) as caught:
-        Settings(**{env.removeprefix("OPSPOLISH_").lower(): value})
+        Settings.model_validate({env.removeprefix("OPSPOLISH_").lower(): value})
     assert says in str(caught.value) and "cnryUrlPw" not in str(caught.value), str(caught.value)
 
 
