@@ -15,6 +15,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from arq.utils import args_to_string
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
@@ -71,6 +72,10 @@ _password = st.text(alphabet="ABCDEFGHabcdefgh0123456789", min_size=6, max_size=
     "postgresql://app:{}@db.example:5432/x", "Authorization: Bearer {}", "https://cb.example/?token={}&v=1",
     "host=db user=app password={} dbname=x", "AKIA{}", "Authorization: Basic {}", "PGPASSWORD={}", "github_pat_{}",
     "-----BEGIN RSA PRIVATE KEY-----\nMIIEow{}\n-----END RSA PRIVATE KEY-----",
+    # Kept, the first two stored in context and moving the fingerprint: a quoted libpq value, and the tail of a URL
+    # password with an @ in it (the rule stopped at its first @).
+    "host=db user=app password='{}' dbname=x", 'host=db password="{} x" dbname=x', "postgresql://app:p@{}@db/x",
+    "aws access_key={}",
 ]), _password, _password)
 def test_credentials_inside_text_under_any_key_are_redacted_and_never_move_the_fingerprint(
     inputs: dict[str, Any], key: str, shape: str, a: str, b: str,
@@ -225,6 +230,32 @@ def test_redaction_of_long_repetitive_text_ends_and_still_redacts(unit: str) -> 
         out = redact(text)
         assert "Hunter2Canary" not in out and "PwCanary" not in out, redact.__name__
         assert out.startswith(unit * 10)
+
+
+@pytest.mark.parametrize(("inputs", "kept"), [
+    ({"credentials": {"user": "admin", "key": "CnryCred"}, "n": 1}, "'n': 1"),
+    ({"auth": {"type": "basic", "pw": "CnryAuth"}, "n": 4}, "'n': 4"),
+    ({"password": ["CnryList1", "CnryList2"], "n": 3}, "'n': 3"),
+    ({"secret": ("CnryTuple", {"deeper": ["CnryDeep"]}), "n": 5}, "'n': 5"),
+    ({"access_key": "CnryAccess", "n": 2}, "'n': 2"),
+    ({"api_key": {"note": "]} 'x'", "v": "CnryQuoted"}, "n": 6}, "'n': 6"),
+])
+def test_a_secret_keys_container_is_redacted_whole_in_arqs_argument_text(inputs: dict[str, Any], kept: str) -> None:
+    # arq's start line prints a job's arguments as repr (arq.utils.args_to_string): the key=value rule took one token,
+    # so a mapping under "credentials" or "auth" (whose own keys name no secret) was printed whole, a list under
+    # "password" from its second item on, and access_key not at all.
+    text = args_to_string((), {"inputs": inputs, "run_id": 7})
+    for cut in (text, text[:40]):  # arq cuts the text at 80 characters: a container may have no end
+        out = redact_secrets(cut)
+        assert "Cnry" not in out, out
+        assert redact_secrets(out) == out
+    assert kept in redact_secrets(text) and "run_id=7" in redact_secrets(text)
+
+
+@pytest.mark.timeout(30)  # a hang guard
+def test_redacting_many_unclosed_secret_containers_ends() -> None:
+    text = "password: [" * 20_000 + "x"
+    assert redact_secrets(text) == "password: [redacted]"
 
 
 @given(st.sampled_from(["max_tokens", "token_count", "tokens", "cookie_consent", "signature_required",

@@ -9,7 +9,7 @@ REDACTED = "[redacted]"
 
 _SECRET_WORDS = (
     r"pass(?:word|wd)?|pwd|secret|client[_-]?secret|token|access[_-]?token|refresh[_-]?token|api[_-]?key|"
-    r"apikey|auth(?:orization)?|credentials?|private[_-]?key|cookie|session[_-]?id|signature|sig"
+    r"apikey|access[_-]?key|auth(?:orization)?|credentials?|private[_-]?key|cookie|session[_-]?id|signature|sig"
 )
 #: A PEM private key block, BEGIN line to END line (or to the end of a text cut short), whatever key word or line
 #: breaks come before it: the key=value rule took only "-----BEGIN" and left the key's body in the message. Runs
@@ -23,8 +23,10 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     _PEM_PRIVATE_KEY,
     # scheme://user:password@host  ->  scheme://user:[redacted]@host. Every pattern here starts only where a token
     # starts and takes its runs possessively (*+, ++): with \b and backtracking runs, a few KB of repeated words
-    # ("password-password-...") took seconds to minutes (cubic in the length), in the CLI and in the worker.
-    (re.compile(r"(?i)(?<![a-z0-9+.\-])([a-z][a-z0-9+.\-]*+://[^\s:/@]*+):([^\s@/]*+)@"), rf"\1:{REDACTED}@"),
+    # ("password-password-...") took seconds to minutes (cubic in the length), in the CLI and in the worker. The
+    # password runs to the last @ before the host, as a URL parser reads it: stopping at its first @ left the tail of
+    # p@ssword in the text. That one run backtracks, over at most the text up to the next / or space.
+    (re.compile(r"(?i)(?<![a-z0-9+.\-])([a-z][a-z0-9+.\-]*+://[^\s:/@]*+):([^\s/]*)@"), rf"\1:{REDACTED}@"),
     # Authorization: Bearer xxx / Basic xxx. The credential is never one of these words itself: in "Basic Bearer xxx"
     # the match is "Bearer xxx", where taking "Bearer" as Basic's credential left xxx in the text.
     (re.compile(r"(?i)\b(bearer|basic|token)\s+(?!(?:bearer|basic|token)\b)[A-Za-z0-9\-._~+/=]{6,}"),
@@ -64,8 +66,10 @@ _CREDENTIAL_SHAPES: tuple[tuple[re.Pattern[str], str], ...] = (
     # key=value (a query string, a connection string, an environment line) whose key ends in an unmistakable secret
     # word: password/passwd after anything (PGPASSWORD=), the shorter words after a separator (bypass= is no secret)
     (re.compile(r"(?i)((?<![\w\-])(?:[\w\-]*?pass(?:word|wd)|(?:[\w\-]*[_\-])?(?:pass(?:word|wd)?|pwd|secret|token|"
-                r"api[_\-]?key|apikey))\s*+=\s*+)"
-                + r"(?!" + re.escape(REDACTED) + r")([^\s,;&\]}\"']+)"), rf"\1{REDACTED}"),
+                r"api[_\-]?key|apikey|access[_\-]?key))\s*+=\s*+)"
+                # a quoted value whole, as libpq's connection strings quote one (password='a b'): the bare-run rule
+                # stopped at the quote and kept it. Unclosed, to the end of the text.
+                + r"(?!" + re.escape(REDACTED) + r")('[^']*+'?|\"[^\"]*+\"?|[^\s,;&\]}\"']+)"), rf"\1{REDACTED}"),
 )
 
 
@@ -73,7 +77,8 @@ _CREDENTIAL_SHAPES: tuple[tuple[re.Pattern[str], str], ...] = (
 #: every secret word, scheme, token prefix or JWT header. Most log lines have none, and one scan for these
 #: literals costs a microsecond where a case-insensitive alternation of the patterns costs fifteen.
 _HINTS = ("pass", "pwd", "secret", "token", "api", "auth", "credential", "private", "cookie", "session", "sig",
-          "bearer", "basic", "eyj", "://", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "xox", "akia", "sk_")
+          "access", "bearer", "basic", "eyj", "://", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "xox",
+          "akia", "sk_")
 _HINT = re.compile("|".join(re.escape(hint) for hint in _HINTS))
 #: Letters that case-insensitive matching takes for ASCII ones but lower() keeps apart (dotless i, long s).
 _FOLD = str.maketrans({"\u0131": "i", "\u017f": "s"})
@@ -87,6 +92,48 @@ def might_hold_secrets(text: str) -> bool:
     return _HINT.search(lowered) is not None
 
 
+#: A secret-named key whose value opens a container: ``'credentials': {'user': 'a', 'key': 'x'}``,
+#: ``password=['a', 'b']``, ``"auth": {...}``. The key=value rule takes one token, so it passed over the mapping (its
+#: inner keys name no secret) and stopped a list at its first comma: arq's start line printed such inputs whole.
+_SECRET_CONTAINER = re.compile(
+    rf"(?i)[\"']?(?<![\w\-])(?=[\w\-]*?(?:{_SECRET_WORDS}))[\w\-]++[\"']?\s*+[:=]\s*+(?=[\[{{(])"
+)
+_OPENERS, _CLOSERS = "[{(", "]})"
+
+
+def _container_end(text: str, start: int) -> int:
+    """Where the container opening at ``start`` ends: after its matching bracket (quoted text skipped), or the end of
+    a text cut short."""
+    depth, quote, i, n = 0, "", start, len(text)
+    while i < n:
+        ch = text[i]
+        if quote:
+            if ch == "\\":
+                i += 1
+            elif ch == quote:
+                quote = ""
+        elif ch in "'\"":
+            quote = ch
+        elif ch in _OPENERS:
+            depth += 1
+        elif ch in _CLOSERS:
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return n
+
+
+def _redact_containers(text: str) -> str:
+    parts, done = [], 0
+    for match in _SECRET_CONTAINER.finditer(text):
+        if match.start() < done:  # inside a container already redacted
+            continue
+        parts += [text[done:match.end()], REDACTED]
+        done = _container_end(text, match.end())
+    return "".join(parts) + text[done:] if parts else text
+
+
 def redact_secrets(text: str, *, extra_secrets: tuple[str, ...] = ()) -> str:
     """``text`` with credentials replaced by ``[redacted]``, otherwise unchanged (lines and length kept)."""
     for secret in extra_secrets:
@@ -94,6 +141,7 @@ def redact_secrets(text: str, *, extra_secrets: tuple[str, ...] = ()) -> str:
             text = text.replace(secret, REDACTED)
     if not might_hold_secrets(text):
         return text
+    text = _redact_containers(text)
     for pattern, replacement in _PATTERNS:
         text = pattern.sub(replacement, text)
     return text
