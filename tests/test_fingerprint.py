@@ -7,6 +7,7 @@ import enum
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -295,6 +296,22 @@ def test_keys_that_name_a_secret_in_more_words_are_secret() -> None:
 def test_an_integer_past_4300_digits_is_refused_naming_the_field(number: Any) -> None:
     with pytest.raises(InputInvalid, match=r"^inputs\.a\[1\]: number has more than 4300 digits$"):
         canonical_inputs({"a": [1, number]})
+
+
+def test_an_integer_past_4300_digits_under_a_secret_key_is_refused_too() -> None:
+    # Left out of the identity unread, it was queued: arq's start line could not print it (ValueError in repr), and
+    # the worker dropped the job before opspolish saw it, the run left queued with no job.
+    looped: list[Any] = [1]
+    looped.append(looped)
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"password": 10**5000}, 'inputs["password"]'),
+        ({"n": 1, "auth": {"pin": [7, -(10**4300)]}}, 'inputs["auth"].pin[1]'),
+        ({"api_key": {10**4400: "x"}}, 'inputs["api_key"][]'),
+        ({"token": SecretStr("x"), "secret": [looped, (10**4300,)]}, 'inputs["secret"][1][0]')]
+    for inputs, path in cases:
+        with pytest.raises(InputInvalid, match=rf"^{re.escape(path)}: number has more than 4300 digits$"):
+            canonical_inputs(inputs)
+    assert canonical_inputs({"password": 10**4299, "secret": [looped], "n": 1}) == {"n": 1}
 
 
 def test_integers_up_to_4300_digits_are_inputs_like_any_other() -> None:

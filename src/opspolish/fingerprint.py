@@ -109,6 +109,26 @@ def _number(value: Decimal, path: str, budget: _Budget) -> Decimal | int:
     return value.normalize()
 
 
+def _check_secret(value: Any, path: str, depth: int, seen: set[int]) -> None:
+    """A value left out as a secret is still queued, and arq's start line prints the job's arguments: an integer past
+    MAX_DIGITS cannot be printed, and the worker dropped the job before opspolish saw it (the run stayed queued). Each
+    container once (a secret value may contain itself), no deeper than the inputs may nest."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value >= _TOO_MANY_DIGITS or -value >= _TOO_MANY_DIGITS:
+            raise _too_many_digits(path)
+        return
+    if depth > MAX_DEPTH or not isinstance(value, Mapping | list | tuple | set | frozenset) or id(value) in seen:
+        return
+    seen.add(id(value))
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_secret(key, f"{path}[]", depth + 1, seen)
+            _check_secret(item, path + (key_segment(key) if isinstance(key, str) else "[]"), depth + 1, seen)
+    else:
+        for i, item in enumerate(value):
+            _check_secret(item, f"{path}[{i}]", depth + 1, seen)
+
+
 class _Budget:
     """Bytes the canonical text may still take. Every value spends no more than it will take there (a string
     its characters, any value at least one), so a payload far over the cap is refused after reading about
@@ -173,6 +193,7 @@ def _canonical(value: Any, path: str, depth: int, budget: _Budget) -> Any:  # no
             except UnicodeEncodeError:
                 raise InputInvalid(f"{path}: key {key!r} is not valid UTF-8", field=path) from None
             if is_secret_item(key, item) or isinstance(item, SecretStr | SecretBytes):
+                _check_secret(item, path + key_segment(key), depth + 1, set())
                 continue
             budget.spend(len(key) + 3)  # "key":
             out[key] = _canonical(item, path + key_segment(key), depth + 1, budget)
