@@ -397,7 +397,10 @@ def _checked_delivery(
         fp = fingerprint_of(text)
     if tenant is not None and not _sql_text(tenant):  # a driver error otherwise, and no visible skip
         raise TenantNotFound("tenant_id: not a tenant id or external_id", field="tenant_id")
-    ws = uuid.UUID(str(workspace_id)) if workspace_id else None
+    try:
+        ws = uuid.UUID(str(workspace_id)) if workspace_id else None
+    except ValueError:  # uuid's own words ("badly formed hexadecimal UUID string") named no field
+        raise InputInvalid("workspace_id: not a UUID", field="workspace_id") from None
     return tenant, data, fp, context, ws
 
 

@@ -218,6 +218,10 @@ async def test_raw_enqueues_of_the_wrong_types_are_refused_with_a_reason_not_a_t
         (EFFECT_TYPE, {"tenant_id": tenant, "inputs": [1, 2]}, "input.invalid"),
         (EFFECT_TYPE, {"tenant_id": tenant, "inputs": "tag=x"}, "input.invalid"),
         (WORKSPACE_EFFECT_TYPE, {"workspace_id": str(uuid.uuid4()), "inputs": {}}, "input.invalid"),
+        # "badly formed hexadecimal UUID string" (uuid's words, no field named) before
+        (WORKSPACE_EFFECT_TYPE, {"workspace_id": "nope", "inputs": {}}, "input.invalid"),
+        (WORKSPACE_EFFECT_TYPE, {"workspace_id": [1], "inputs": {}}, "input.invalid"),
+        (EFFECT_TYPE, {"tenant_id": tenant, "workspace_id": 12345, "inputs": {}}, "input.invalid"),
     ]
     for job_type, payload, _ in refused:
         await redis.enqueue_job(job_type, _queue_name=settings.queue_name, **payload)
@@ -226,6 +230,8 @@ async def test_raw_enqueues_of_the_wrong_types_are_refused_with_a_reason_not_a_t
     assert (worker.jobs_complete, worker.jobs_failed) == (len(refused), 0)
     rejected = sorted(e["reason_code"] for e in events if e["event"] == "run_rejected")
     assert rejected == sorted(code for _, _, code in refused)
+    messages = [e["message"] for e in events if e["event"] == "run_rejected"]
+    assert messages.count("workspace_id: not a UUID") == 3, messages
     await assert_no_state(conn, settings, tables)
     # A tenant id given as a UUID object (what a Python caller holds) is a tenant id like its text.
     await redis.enqueue_job(EFFECT_TYPE, tenant_id=uuid.UUID(tenant), inputs={"tag": "uuid-object"},
