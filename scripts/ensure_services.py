@@ -97,11 +97,29 @@ def wait_for(check: object, what: str, log: str, seconds: float = 30.0) -> None:
 
 
 def run(args: list[str], what: str, log: str) -> None:
+    """Run a server tool; on failure stop with one line that gives the tool's own last word. Only pg_ctl writes the
+    log: initdb's reason (its output went nowhere) was lost behind 'see <a log that does not exist>'."""
+    tool = os.path.basename(args[args.index("--") + 1] if "--" in args else args[0])
+    with tempfile.TemporaryFile() as errors:  # a file, not a pipe: a daemon that kept the pipe open would hang us
+        try:
+            subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=errors)
+            return
+        except OSError as exc:
+            said = f"{type(exc).__name__}: {exc.strerror or exc}"
+        except subprocess.CalledProcessError as exc:
+            errors.seek(0)
+            lines = [line.strip() for line in errors.read().decode(errors="replace").splitlines() if line.strip()]
+            said = lines[-1] if lines else f"exit status {exc.returncode}"
+    see = f"; see {log}" if os.path.isfile(log) else ""
+    sys.exit(f"opspolish: could not start a throwaway {what} ({tool} failed: {said}{see})")
+
+
+def make_base() -> None:
     try:
-        subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        sys.exit(f"opspolish: could not start a throwaway {what} ({os.path.basename(args[0])} failed: "
-                 f"{type(exc).__name__}; see {log})")
+        os.makedirs(BASE, exist_ok=True)
+    except OSError as exc:
+        sys.exit(f"opspolish: could not create {BASE} for throwaway servers ({exc.strerror or exc}); "
+                 "give make another TMPDIR")
 
 
 def not_here(what: str, at: Endpoint, variable: str) -> None:
@@ -121,7 +139,7 @@ def as_postgres_user() -> list[str]:
     if os.geteuid() != 0:
         return []
     # PostgreSQL refuses to run as root: run it as the postgres account, in a directory it may write.
-    os.makedirs(BASE, exist_ok=True)
+    make_base()
     os.chmod(BASE, 0o777)
     return ["runuser", "-u", "postgres", "--"]
 
@@ -134,7 +152,7 @@ def start_postgres(at: Endpoint) -> None:
         sys.exit(f"opspolish: PostgreSQL does not answer at {at} and no server is installed "
                  "(apt-get install postgresql)")
     as_user = as_postgres_user()
-    os.makedirs(BASE, exist_ok=True)
+    make_base()
     data = os.path.join(BASE, f"pg-{at.port}")
     log = os.path.join(BASE, f"pg-{at.port}.log")
     if not os.path.isfile(os.path.join(data, "PG_VERSION")):  # none, or an initdb that did not finish
@@ -153,7 +171,7 @@ def start_redis(at: Endpoint) -> None:
     server = shutil.which("redis-server")
     if not server:
         sys.exit(f"opspolish: Redis does not answer at {at} and no server is installed (apt-get install redis-server)")
-    os.makedirs(BASE, exist_ok=True)
+    make_base()
     log = os.path.join(BASE, f"redis-{at.port}.log")
     run([server, "--daemonize", "yes", "--bind", at.host, "--port", str(at.port), "--save", "", "--appendonly", "no",
          "--dir", BASE, "--logfile", log, "--pidfile", os.path.join(BASE, f"redis-{at.port}.pid")], "Redis", log)

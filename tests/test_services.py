@@ -65,6 +65,27 @@ def test_an_address_elsewhere_that_does_not_answer_is_one_line_and_nothing_is_st
     assert not services_dir.exists()
 
 
+def test_a_throwaway_postgres_that_cannot_start_says_why_in_one_line() -> None:
+    if not (shutil.which("initdb") or list(Path("/usr/lib/postgresql").glob("*/bin/initdb"))):
+        pytest.skip("the PostgreSQL server binaries are not installed")
+    # A directory the server's account cannot reach: as root, PostgreSQL runs as the postgres account, which a
+    # root-only parent keeps out; as anyone else, a parent they cannot write. The line said "runuser failed:
+    # CalledProcessError; see .../pg-N.log", a log that did not exist (initdb's output went nowhere).
+    parent = Path("/tmp") / f"opspolish-services-closed-{uuid.uuid4().hex[:8]}"
+    parent.mkdir(mode=0o700 if os.geteuid() == 0 else 0o500)
+    try:
+        out = ensure("--dir", str(parent / "svc"),
+                     OPSPOLISH_DATABASE_URL=f"postgresql://postgres@127.0.0.1:{free_port()}/x",
+                     OPSPOLISH_REDIS_URL="redis://127.0.0.1:6379/0")
+    finally:
+        os.chmod(parent, 0o700)
+        shutil.rmtree(parent, ignore_errors=True)
+    assert out.returncode == 1 and out.stdout == "", out
+    [line] = out.stderr.strip().splitlines()
+    assert "Permission denied" in line and "Traceback" not in line and ".log" not in line, line
+    assert line.startswith("opspolish: could not"), line
+
+
 async def test_throwaway_servers_start_with_the_urls_user_and_stop(services_dir: Path) -> None:
     if shutil.which("redis-server") is None or not (
             shutil.which("initdb") or list(Path("/usr/lib/postgresql").glob("*/bin/initdb"))):
