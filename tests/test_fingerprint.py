@@ -21,7 +21,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
-from opspolish.errors import InputInvalid
+from opspolish.errors import InputInvalid, InputTooLarge
 from opspolish.fingerprint import (
     MAX_CANONICAL_BYTES,
     _Budget,
@@ -312,6 +312,15 @@ def test_an_integer_past_4300_digits_under_a_secret_key_is_refused_too() -> None
         with pytest.raises(InputInvalid, match=rf"^{re.escape(path)}: number has more than 4300 digits$"):
             canonical_inputs(inputs)
     assert canonical_inputs({"password": 10**4299, "secret": [looped], "n": 1}) == {"n": 1}
+
+
+def test_secret_values_are_held_to_64_kib_in_all_too() -> None:
+    # Left out of the canonical form, they escaped its cap: a 50 MB password was queued in Redis and run.
+    for inputs in ({"password": "x" * (2**16 + 1)}, {"token": SecretStr("x" * 2**20)},
+                   {"a": {"secret": ["y" * 2**15]}, "b": {"api_key": {"k": "z" * 2**15}}}):
+        with pytest.raises(InputTooLarge, match=r"^inputs: secret values larger than 65536 bytes in all$"):
+            canonical_inputs(inputs)
+    assert canonical_inputs({"password": "x" * 2**15, "api_key": SecretStr("y" * 2**15), "n": 1}) == {"n": 1}
 
 
 def test_integers_up_to_4300_digits_are_inputs_like_any_other() -> None:

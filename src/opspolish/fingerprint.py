@@ -109,24 +109,32 @@ def _number(value: Decimal, path: str, budget: _Budget) -> Decimal | int:
     return value.normalize()
 
 
-def _check_secret(value: Any, path: str, depth: int, seen: set[int]) -> None:
+def _check_secret(value: Any, path: str, depth: int, budget: _Budget) -> None:
     """A value left out as a secret is still queued, and arq's start line prints the job's arguments: an integer past
-    MAX_DIGITS cannot be printed, and the worker dropped the job before opspolish saw it (the run stayed queued). Each
-    container once (a secret value may contain itself), no deeper than the inputs may nest."""
+    MAX_DIGITS cannot be printed, and the worker dropped the job before opspolish saw it (the run stayed queued). The
+    secrets' text is held to the same 64 KiB as the rest (a 50 MB password was queued and run). Each container once
+    (a secret value may contain itself), no deeper than the inputs may nest."""
     if isinstance(value, int) and not isinstance(value, bool):
         if value >= _TOO_MANY_DIGITS or -value >= _TOO_MANY_DIGITS:
             raise _too_many_digits(path)
         return
-    if depth > MAX_DEPTH or not isinstance(value, Mapping | list | tuple | set | frozenset) or id(value) in seen:
+    if isinstance(value, SecretStr | SecretBytes):
+        value = value.get_secret_value()
+    if isinstance(value, str | bytes | bytearray):
+        budget.secret_left -= len(value)
+        if budget.secret_left < 0:
+            raise InputTooLarge(f"inputs: secret values larger than {MAX_CANONICAL_BYTES} bytes in all", field="inputs")
         return
-    seen.add(id(value))
+    if depth > MAX_DEPTH or not isinstance(value, Mapping | list | tuple | set | frozenset) or id(value) in budget.seen:
+        return
+    budget.seen.add(id(value))
     if isinstance(value, Mapping):
         for key, item in value.items():
-            _check_secret(key, f"{path}[]", depth + 1, seen)
-            _check_secret(item, path + (key_segment(key) if isinstance(key, str) else "[]"), depth + 1, seen)
+            _check_secret(key, f"{path}[]", depth + 1, budget)
+            _check_secret(item, path + (key_segment(key) if isinstance(key, str) else "[]"), depth + 1, budget)
     else:
         for i, item in enumerate(value):
-            _check_secret(item, f"{path}[{i}]", depth + 1, seen)
+            _check_secret(item, f"{path}[{i}]", depth + 1, budget)
 
 
 class _Budget:
@@ -134,11 +142,13 @@ class _Budget:
     its characters, any value at least one), so a payload far over the cap is refused after reading about
     64 KiB of it, not all of it; one under the cap never runs out."""
 
-    __slots__ = ("decimals", "left")
+    __slots__ = ("decimals", "left", "secret_left", "seen")
 
     def __init__(self) -> None:
         self.left = MAX_CANONICAL_BYTES
         self.decimals = False  # a Decimal in the tree: json.dumps cannot spell it, _dumps must
+        self.secret_left = MAX_CANONICAL_BYTES  # what the values left out as secrets may take (_check_secret)
+        self.seen: set[int] = set()  # the secret containers _check_secret has walked
 
     def spend(self, n: int) -> None:
         self.left -= n
@@ -193,7 +203,7 @@ def _canonical(value: Any, path: str, depth: int, budget: _Budget) -> Any:  # no
             except UnicodeEncodeError:
                 raise InputInvalid(f"{path}: key {key!r} is not valid UTF-8", field=path) from None
             if is_secret_item(key, item) or isinstance(item, SecretStr | SecretBytes):
-                _check_secret(item, path + key_segment(key), depth + 1, set())
+                _check_secret(item, path + key_segment(key), depth + 1, budget)
                 continue
             budget.spend(len(key) + 3)  # "key":
             out[key] = _canonical(item, path + key_segment(key), depth + 1, budget)
