@@ -21,10 +21,14 @@ from arq.cron import cron
 from arq.worker import Worker, get_kwargs
 from pydantic import SecretStr
 
+import opspolish.jobs.reconcile as reconcile_module
+from opspolish import db
+from opspolish.db import quote_ident
 from opspolish.dispatch import dispatch
-from opspolish.errors import InputInvalid
+from opspolish.errors import DbUnavailable, InputInvalid
 from opspolish.fingerprint import context_and_fingerprint, fingerprint, identity_hash, lock_key
 from opspolish.jobs.reconcile import RECONCILE_TYPE, reconcile_all, reconcile_cron
+from opspolish.ledger import translate_errors
 from opspolish.runtime import Runtime
 from opspolish.settings import Settings
 from opspolish.tracking import get_job
@@ -488,3 +492,44 @@ async def test_reconcile_cli_whose_workspace_gate_stays_busy_exits_1_and_says_no
     assert out.returncode == 1, (out.stdout, out.stderr[-500:])
     assert out.stdout == "acme: busy (dedupe.overlap): its gate stayed busy, no pass ran\n"
     assert await conn.fetchval("SELECT count(*) FROM operation_runs") == 0
+
+
+async def test_a_pass_whose_database_refuses_connections_reports_db_unavailable_not_a_busy_gate(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The gate's DbUnavailable reached reconcile_workspace as arq's Retry, which it took for a busy gate: retries for
+    # BUSY_DEADLINE_S (30 s) per workspace, then "busy (dedupe.overlap): its gate stayed busy" for a database that was
+    # away. And a database refusing connections was no DbUnavailable at all: "internal.unexpected:
+    # ObjectNotInPrerequisiteStateError", from every command.
+    monkeypatch.setattr(reconcile_module, "BUSY_DEADLINE_S", 5.0)
+    database = quote_ident(await conn.fetchval("SELECT current_database()"))
+    acme = seeded["workspaces"][0]
+    queued = await dispatch(rt, RECONCILE_TYPE, workspace_id=acme["id"])  # a delivery of a run, as the worker gets it
+    await rt.pool.fetchval("SELECT 1")  # the pool's one connection is open; the gate's is opened by the first claim
+    admin = await db.connect(settings, "postgres")
+    await admin.execute(f"ALTER DATABASE {database} ALLOW_CONNECTIONS false")
+    try:
+        with structlog.testing.capture_logs() as events:
+            results = await asyncio.wait_for(reconcile_all(rt), 4.0)  # well inside the busy gate's deadline
+            delivered = await asyncio.wait_for(reconcile_cron(
+                {"opspolish": rt, "job_id": queued.job_id}, run_id=queued.run_id, workspace_id=str(acme["id"])), 4.0)
+        out = await asyncio.to_thread(
+            subprocess.run, [str(ROOT / ".venv/bin/opspolish"), "runs", "list"], cwd=ROOT, env=worker_env(settings),
+            capture_output=True, text=True, timeout=60)
+        async with rt.pool.acquire():  # the pool's open connection held: the next statement opens a new one
+            with pytest.raises(DbUnavailable, match="not currently accepting connections"):
+                async with translate_errors():
+                    await rt.pool.fetchval("SELECT 1")
+    finally:
+        await admin.execute(f"ALTER DATABASE {database} ALLOW_CONNECTIONS true")
+        await admin.close()
+    assert [(r["workspace"], r["decision"], r["reason_code"]) for r in results] == [
+        ("acme", "failed", "db.unavailable"), ("globex", "failed", "db.unavailable")]
+    assert delivered == [{"workspace_id": str(acme["id"]), "decision": "failed", "run_id": queued.run_id,
+                          "reason_code": "db.unavailable"}]
+    assert [e["reason_code"] for e in events if e["event"] == "reconcile_failed"] == ["db.unavailable"] * 3
+    assert not [e for e in events if e["event"] == "reconcile_gave_up"]
+    assert out.returncode == 1 and out.stderr.startswith("opspolish: db.unavailable: "), out.stderr
+    assert "not currently accepting connections" in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    [run] = await reconcile_runs(conn)  # untouched, for a later pass: nothing was claimed
+    assert (run["id"], run["status"], run["attempts"]) == (queued.run_id, "queued", 0)

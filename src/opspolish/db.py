@@ -53,6 +53,7 @@ CONNECT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.InvalidCatalogNameError,
     asyncpg.InvalidAuthorizationSpecificationError,
     asyncpg.TooManyConnectionsError,
+    asyncpg.ObjectNotInPrerequisiteStateError,  # "database ... is not currently accepting connections"
 )
 
 

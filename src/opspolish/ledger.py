@@ -30,6 +30,12 @@ async def translate_errors() -> AsyncIterator[None]:
         yield
     except DRIVER_ERRORS as exc:
         raise DbUnavailable(f"PostgreSQL unavailable: {type(exc).__name__}: {exc}") from exc
+    except asyncpg.PostgresError as exc:
+        # A FATAL error ends the session, whatever its SQLSTATE: a new pooled connection refused because the database
+        # does not accept connections (ObjectNotInPrerequisiteStateError) or was dropped was internal.unexpected.
+        if getattr(exc, "severity_en", None) != "FATAL":
+            raise
+        raise DbUnavailable(f"PostgreSQL unavailable: {type(exc).__name__}: {exc}") from exc
 
 
 @dataclass(frozen=True, slots=True)

@@ -159,6 +159,12 @@ async def reconcile_workspace(
             result = await execute(rt, job, run_id=run_id, tenant=tenant, workspace_id=workspace_id,
                                    inputs={} if inputs is None and run_id is None else inputs, job_id=job_id)
         except Retry as retry:
+            away = retry.__cause__
+            if isinstance(away, DbUnavailable):
+                # The database is away (the gate could not claim, or the pass's outcome could not be written): that,
+                # not a busy gate, is what the pass reports, now (reconcile_all: reconcile_failed, db.unavailable).
+                # Taken for a busy gate, it was retried for BUSY_DEADLINE_S, then reported as dedupe.overlap.
+                raise away from away.__cause__  # its own cause, the driver's error
             if skipped is not None:  # the active run is running (or being claimed) elsewhere: never overlap it
                 return skipped
             if time.monotonic() > deadline:
@@ -188,10 +194,15 @@ async def reconcile_all(
         try:
             result = await reconcile_workspace(rt, ws_id, job_id=f"{job_id}:{slug}")
         except DbUnavailable as exc:
-            log.error("reconcile_failed", workspace=slug, reason_code=exc.reason_code, message=exc.message)
-            result = {"decision": "failed", "run_id": None, "reason_code": exc.reason_code}
+            result = _failed(slug, None, exc)
         results.append({"workspace": slug, **result})
     return results
+
+
+def _failed(workspace: str | None, run_id: int | None, exc: DbUnavailable) -> dict[str, Any]:
+    """A workspace's pass that the database's absence stopped: logged, and reported as such."""
+    log.error("reconcile_failed", workspace=workspace, reason_code=exc.reason_code, message=exc.message)
+    return {"decision": "failed", "run_id": run_id, "reason_code": exc.reason_code}
 
 
 async def reconcile_cron(
@@ -208,6 +219,9 @@ async def reconcile_cron(
     job_id = str(ctx.get("job_id") or "cron")
     if run_id is None and workspace_id is None and tenant_id is None:
         return await reconcile_all(rt, job_id=job_id)
-    result = await reconcile_workspace(rt, workspace_id or "", job_id=job_id, run_id=run_id, inputs=inputs,
-                                       tenant=tenant_id)
+    try:
+        result = await reconcile_workspace(rt, workspace_id or "", job_id=job_id, run_id=run_id, inputs=inputs,
+                                           tenant=tenant_id)
+    except DbUnavailable as exc:  # the run stays as it was (queued, or running until its lease is stale) for reconcile
+        result = _failed(workspace_id, run_id, exc)
     return [{"workspace_id": workspace_id, **result}]
