@@ -19,7 +19,7 @@ import pytest
 from arq.utils import args_to_string
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from pydantic import SecretStr
+from pydantic import SecretBytes, SecretStr
 
 from opspolish.errors import InputInvalid, InputTooLarge
 from opspolish.fingerprint import (
@@ -317,6 +317,7 @@ def test_an_integer_past_4300_digits_under_a_secret_key_is_refused_too() -> None
 def test_secret_values_are_held_to_64_kib_in_all_too() -> None:
     # Left out of the canonical form, they escaped its cap: a 50 MB password was queued in Redis and run.
     for inputs in ({"password": "x" * (2**16 + 1)}, {"token": SecretStr("x" * 2**20)},
+                   {"keys": [1, SecretStr("k" * 2**15), SecretBytes(b"k" * 2**15 + b"k")]},
                    {"a": {"secret": ["y" * 2**15]}, "b": {"api_key": {"k": "z" * 2**15}}}):
         with pytest.raises(InputTooLarge, match=r"^inputs: secret values larger than 65536 bytes in all$"):
             canonical_inputs(inputs)

@@ -209,11 +209,13 @@ def _canonical(value: Any, path: str, depth: int, budget: _Budget) -> Any:  # no
             out[key] = _canonical(item, path + key_segment(key), depth + 1, budget)
         return dict(sorted(out.items()))
     if isinstance(value, list | tuple):
-        return [
-            _canonical(item, f"{path}[{i}]", depth + 1, budget)
-            for i, item in enumerate(value)
-            if not isinstance(item, SecretStr | SecretBytes)
-        ]
+        items = []
+        for i, item in enumerate(value):
+            if isinstance(item, SecretStr | SecretBytes):  # left out, but queued: held to the secrets' budget
+                _check_secret(item, f"{path}[{i}]", depth + 1, budget)
+            else:
+                items.append(_canonical(item, f"{path}[{i}]", depth + 1, budget))
+        return items
     if isinstance(value, set | frozenset):
         items = [_canonical(item, f"{path}[]", depth + 1, budget) for item in value]
         return sorted(items, key=_dumps)
