@@ -16,7 +16,7 @@ from opspolish.fingerprint import context_and_fingerprint_of
 from opspolish.ledger import Dispatched, translate_errors
 from opspolish.runtime import Runtime, is_redis_error
 from opspolish.sanitize import describe_exception, sanitize_message
-from opspolish.tracking import get_job
+from opspolish.tracking import get_job, workspace_uuid
 
 log = structlog.get_logger("opspolish")
 
@@ -50,10 +50,7 @@ def tenant_ref(tenant: str | uuid.UUID) -> str:
 
 
 async def _check_tenant_workspace(rt: Runtime, tenant: str, workspace_id: str | uuid.UUID) -> None:
-    try:
-        expected = uuid.UUID(str(workspace_id))
-    except ValueError:
-        raise InputInvalid("workspace_id: not a UUID", field="workspace_id") from None
+    expected = workspace_uuid(workspace_id)
     async with translate_errors():
         actual = await rt.pool.fetchval("SELECT workspace_id FROM opspolish_resolve_tenant($1)", tenant)
     if actual != expected:
@@ -129,10 +126,7 @@ async def dispatch(
                                "not a tenant", field="tenant")
         if workspace_id is None:
             raise InputInvalid("workspace_id: required for this job type", field="workspace_id")
-        try:
-            ws = uuid.UUID(str(workspace_id))
-        except ValueError:
-            raise InputInvalid("workspace_id: not a UUID", field="workspace_id") from None
+        ws = workspace_uuid(workspace_id)
         tenant_text = None
     redis = rt.require_redis()
     context, fp = context_and_fingerprint_of(text)

@@ -28,12 +28,10 @@ async def translate_errors() -> AsyncIterator[None]:
     """Driver connection errors become :class:`DbUnavailable`, chained."""
     try:
         yield
-    except DRIVER_ERRORS as exc:
-        raise DbUnavailable(f"PostgreSQL unavailable: {type(exc).__name__}: {exc}") from exc
-    except asyncpg.PostgresError as exc:
-        # A FATAL error ends the session, whatever its SQLSTATE: a new pooled connection refused because the database
-        # does not accept connections (ObjectNotInPrerequisiteStateError) or was dropped was internal.unexpected.
-        if getattr(exc, "severity_en", None) != "FATAL":
+    except Exception as exc:
+        # A FATAL server error ends the session too, whatever its SQLSTATE: a new pooled connection refused because
+        # the database does not accept connections (ObjectNotInPrerequisiteStateError) was internal.unexpected.
+        if not isinstance(exc, DRIVER_ERRORS) and getattr(exc, "severity_en", None) != "FATAL":
             raise
         raise DbUnavailable(f"PostgreSQL unavailable: {type(exc).__name__}: {exc}") from exc
 

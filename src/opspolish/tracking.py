@@ -377,6 +377,15 @@ def _delivery_fields(run_id: Any, tenant: Any, inputs: Any) -> str | None:
                          field="tenant_id")
 
 
+def workspace_uuid(workspace_id: object) -> uuid.UUID:
+    """A workspace id (a UUID or its text), or ``input.invalid`` naming the field: uuid's own words ("badly formed
+    hexadecimal UUID string") named none."""
+    try:
+        return uuid.UUID(str(workspace_id))
+    except ValueError:
+        raise InputInvalid("workspace_id: not a UUID", field="workspace_id") from None
+
+
 def _checked_delivery(
     job: TrackedJob, run_id: Any, tenant: Any, workspace_id: Any, inputs: Any,
 ) -> tuple[str | None, dict[str, Any], str | None, dict[str, Any] | None, uuid.UUID | None]:
@@ -397,11 +406,7 @@ def _checked_delivery(
         fp = fingerprint_of(text)
     if tenant is not None and not _sql_text(tenant):  # a driver error otherwise, and no visible skip
         raise TenantNotFound("tenant_id: not a tenant id or external_id", field="tenant_id")
-    try:
-        ws = uuid.UUID(str(workspace_id)) if workspace_id else None
-    except ValueError:  # uuid's own words ("badly formed hexadecimal UUID string") named no field
-        raise InputInvalid("workspace_id: not a UUID", field="workspace_id") from None
-    return tenant, data, fp, context, ws
+    return tenant, data, fp, context, workspace_uuid(workspace_id) if workspace_id else None
 
 
 def _rejected(rt: Runtime, logger: Any, run_id: int | None, code: str, message: str,
