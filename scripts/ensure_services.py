@@ -122,9 +122,9 @@ def make_base() -> None:
                  "give make another TMPDIR")
 
 
-def not_here(what: str, at: Endpoint, variable: str) -> None:
-    sys.exit(f"opspolish: {what} does not answer at {at}; throwaway servers are started only on this machine's "
-             f"loopback (127.0.0.1), so start it or point {variable} elsewhere")
+def not_here(what: str, at: Endpoint, variable: str) -> str:
+    return (f"{what} does not answer at {at}; throwaway servers are started only on this machine's loopback "
+            f"(127.0.0.1), so start it or point {variable} elsewhere")
 
 
 def postgres_bin(name: str) -> str | None:
@@ -144,13 +144,25 @@ def as_postgres_user() -> list[str]:
     return ["runuser", "-u", "postgres", "--"]
 
 
-def start_postgres(at: Endpoint) -> None:
+def postgres_cannot_start(at: Endpoint) -> str | None:
     if not at.local_tcp:
-        not_here("PostgreSQL", at, "OPSPOLISH_DATABASE_URL")
+        return not_here("PostgreSQL", at, "OPSPOLISH_DATABASE_URL")
+    if not postgres_bin("initdb") or not postgres_bin("pg_ctl"):
+        return f"PostgreSQL does not answer at {at} and no server is installed (apt-get install postgresql)"
+    return None
+
+
+def redis_cannot_start(at: Endpoint) -> str | None:
+    if not at.local_tcp:
+        return not_here("Redis", at, "OPSPOLISH_REDIS_URL")
+    if not shutil.which("redis-server"):
+        return f"Redis does not answer at {at} and no server is installed (apt-get install redis-server)"
+    return None
+
+
+def start_postgres(at: Endpoint) -> None:
     initdb, pg_ctl = postgres_bin("initdb"), postgres_bin("pg_ctl")
-    if not initdb or not pg_ctl:
-        sys.exit(f"opspolish: PostgreSQL does not answer at {at} and no server is installed "
-                 "(apt-get install postgresql)")
+    assert initdb and pg_ctl  # postgres_cannot_start said so
     as_user = as_postgres_user()
     make_base()
     data = os.path.join(BASE, f"pg-{at.port}")
@@ -166,11 +178,8 @@ def start_postgres(at: Endpoint) -> None:
 
 
 def start_redis(at: Endpoint) -> None:
-    if not at.local_tcp:
-        not_here("Redis", at, "OPSPOLISH_REDIS_URL")
     server = shutil.which("redis-server")
-    if not server:
-        sys.exit(f"opspolish: Redis does not answer at {at} and no server is installed (apt-get install redis-server)")
+    assert server  # redis_cannot_start said so
     make_base()
     log = os.path.join(BASE, f"redis-{at.port}.log")
     run([server, "--daemonize", "yes", "--bind", at.host, "--port", str(at.port), "--save", "", "--appendonly", "no",
@@ -217,9 +226,15 @@ def main() -> None:
         return
     pg = postgres_endpoint(os.environ.get("OPSPOLISH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/x"))
     redis = redis_endpoint(os.environ.get("OPSPOLISH_REDIS_URL", "redis://127.0.0.1:6379/0"))
-    if not answers(pg):
+    pg_down, redis_down = not answers(pg), not redis_answers(redis)
+    # Both reasons in one line, before anything starts: neither is left half-done, and neither hides the other.
+    reasons = [why for why in (postgres_cannot_start(pg) if pg_down else None,
+                               redis_cannot_start(redis) if redis_down else None) if why]
+    if reasons:
+        sys.exit("opspolish: " + "; and ".join(reasons))
+    if pg_down:
         start_postgres(pg)
-    if not redis_answers(redis):
+    if redis_down:
         start_redis(redis)
 
 

@@ -65,6 +65,19 @@ def test_an_address_elsewhere_that_does_not_answer_is_one_line_and_nothing_is_st
     assert not services_dir.exists()
 
 
+def test_both_services_that_cannot_be_started_are_named_in_one_line(services_dir: Path) -> None:
+    # The PostgreSQL line came alone, and once PostgreSQL was mended the Redis one came next.
+    out = ensure("--dir", str(services_dir), OPSPOLISH_DATABASE_URL="postgresql://postgres@192.0.2.1:5432/x",
+                 OPSPOLISH_REDIS_URL="redis://192.0.2.1:6379/0")
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        "opspolish: PostgreSQL does not answer at 192.0.2.1:5432; throwaway servers are started only on this "
+        "machine's loopback (127.0.0.1), so start it or point OPSPOLISH_DATABASE_URL elsewhere; and Redis does not "
+        "answer at 192.0.2.1:6379; throwaway servers are started only on this machine's loopback (127.0.0.1), so "
+        "start it or point OPSPOLISH_REDIS_URL elsewhere"]
+    assert not services_dir.exists()
+
+
 def test_a_throwaway_postgres_that_cannot_start_says_why_in_one_line() -> None:
     if not (shutil.which("initdb") or list(Path("/usr/lib/postgresql").glob("*/bin/initdb"))):
         pytest.skip("the PostgreSQL server binaries are not installed")
