@@ -119,6 +119,24 @@ async def test_a_new_run_whose_job_id_another_job_holds_in_redis_is_recorded_fai
     assert (again.verdict, joined.verdict, joined.run_id) == ("queued", "joined", again.run_id)
 
 
+async def test_two_dispatches_racing_for_one_identity_both_get_the_run_and_it_runs_once(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any]
+) -> None:
+    # The dispatch that joined enqueued the run's job id first; the creator's enqueue_job returned None and it recorded
+    # its own run failed queue.conflict, the job in Redis being that very run's (80 of 300 pairs, before).
+    pairs = [(str(t["external_id"]), f"race-{i}") for i in range(40) for t in seeded["tenants"]]
+    results = await asyncio.gather(*(
+        dispatch(rt, EFFECT_TYPE, tenant=ref, inputs={"tag": tag}) for ref, tag in pairs for _ in range(2)))
+    assert all(a.run_id == b.run_id for a, b in zip(results[::2], results[1::2], strict=True))
+    assert sorted(r.verdict for r in results) == ["joined"] * len(pairs) + ["queued"] * len(pairs)
+    await drain(settings)
+    rows = await runs(conn)
+    assert len(rows) == len(pairs)
+    assert {(r["status"], r["outcome"], r["reason_code"]) for r in rows} == {("completed", "succeeded", None)}
+    done = await effects(conn)
+    assert sorted(e["tag"] for e in done) == sorted(tag for _, tag in pairs)
+
+
 async def test_worker_lines_carry_the_tenants_id_whichever_reference_the_delivery_named(
     settings: Settings, rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any]
 ) -> None:

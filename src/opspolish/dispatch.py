@@ -9,7 +9,7 @@ from typing import Any
 
 import structlog
 from arq.connections import ArqRedis
-from arq.jobs import SerializationError
+from arq.jobs import DeserializationError, Job, SerializationError
 
 from opspolish.errors import InputInvalid, QueueConflict, RedisUnavailable, TenantNotFound
 from opspolish.fingerprint import context_and_fingerprint_of
@@ -61,39 +61,66 @@ async def _check_tenant_workspace(rt: Runtime, tenant: str, workspace_id: str | 
         raise TenantNotFound(f"tenant: no tenant {tenant!r} in workspace {where}", field="tenant")
 
 
+async def _held_by_this_run(rt: Runtime, redis: ArqRedis, run_type: str, result: Dispatched) -> bool | None:
+    """Whether the job queued under the run's job id is this run's own: True, False, or None (it is gone).
+
+    Two dispatches of one identity race: the one that joins the run enqueues its job id too (idempotent, it covers a
+    creator that died before enqueueing), and may do so first. That job carries this run's id, type and scope; a job
+    left by another database (or by the ledger before a reset) names another tenant, workspace or type.
+    """
+    try:
+        held = await Job(result.job_id, redis, _queue_name=rt.settings.queue_name).info()
+    except DeserializationError:  # not a job this code wrote
+        return False
+    if held is None:
+        return None
+    tenant_id = str(result.tenant_id) if result.tenant_id else None
+    return (held.function == run_type and held.kwargs.get("run_id") == result.run_id
+            and held.kwargs.get("workspace_id") == str(result.workspace_id)
+            and held.kwargs.get("tenant_id") == tenant_id)
+
+
 async def _enqueue(rt: Runtime, redis: ArqRedis, run_type: str, result: Dispatched, data: dict[str, Any]) -> None:
     """Enqueue the run's job. A new run whose job cannot be enqueued is recorded ``failed`` with the reason."""
-    try:
-        job = await redis.enqueue_job(
-            run_type, run_id=result.run_id, tenant_id=str(result.tenant_id) if result.tenant_id else None,
-            workspace_id=str(result.workspace_id), inputs=data, _job_id=result.job_id,
-            _queue_name=rt.settings.queue_name,
-        )
-    except SerializationError as exc:  # arq cannot pickle the inputs (a local class, a lambda, nesting too deep)
-        said = describe_exception(exc.__cause__ or exc)
-        bad = InputInvalid(f"inputs: cannot be queued ({said})", field="inputs")
-        if result.created:  # no row left queued without a job
-            await rt.ledger.fail_unstarted(result.run_id, reason_code=bad.reason_code,
-                                           reason_message=sanitize_message(bad.message))
-        raise bad from exc
-    except Exception as exc:
-        if not is_redis_error(exc):
-            raise
-        err = RedisUnavailable(f"could not enqueue run {result.run_id} to Redis: {type(exc).__name__}")
-        if result.created:
-            await rt.ledger.fail_unstarted(result.run_id, reason_code=err.reason_code, reason_message=err.message)
-        raise err from exc
-    # None: the job id is queued already. Joining a run, that is its own job (idempotent); for a run just created it
-    # is another's: run ids start again after a ledger reset (or another database shares the queue), and this run,
-    # reported queued, had no job of its own (the other one's delivery is refused as run.not_found).
-    if job is None and result.created:
-        conflict = QueueConflict(
-            f"queue: job id {result.job_id!r} is already taken in Redis by another job (a database sharing the queue "
-            f"{rt.settings.queue_name!r}, or a ledger reset while its jobs stayed queued); run {result.run_id} "
-            "recorded failed, the other job left alone")
-        await rt.ledger.fail_unstarted(result.run_id, reason_code=conflict.reason_code,
-                                       reason_message=conflict.message)
-        raise conflict
+    for _ in range(3):
+        try:
+            job = await redis.enqueue_job(
+                run_type, run_id=result.run_id, tenant_id=str(result.tenant_id) if result.tenant_id else None,
+                workspace_id=str(result.workspace_id), inputs=data, _job_id=result.job_id,
+                _queue_name=rt.settings.queue_name,
+            )
+            # None: the job id is queued already. Joining a run, that is its own job (idempotent). For a run just
+            # created it is its own when a concurrent dispatch that joined it enqueued first; otherwise it is
+            # another's: run ids start again after a ledger reset (or another database shares the queue), and this
+            # run had no job of its own (the other one's delivery is refused as run.not_found).
+            if job is not None or not result.created:
+                return
+            ours = await _held_by_this_run(rt, redis, run_type, result)
+        except SerializationError as exc:  # arq cannot pickle the inputs (a local class, a lambda, nesting too deep)
+            said = describe_exception(exc.__cause__ or exc)
+            bad = InputInvalid(f"inputs: cannot be queued ({said})", field="inputs")
+            if result.created:  # no row left queued without a job
+                await rt.ledger.fail_unstarted(result.run_id, reason_code=bad.reason_code,
+                                               reason_message=sanitize_message(bad.message))
+            raise bad from exc
+        except Exception as exc:
+            if not is_redis_error(exc):
+                raise
+            err = RedisUnavailable(f"could not enqueue run {result.run_id} to Redis: {type(exc).__name__}")
+            if result.created:
+                await rt.ledger.fail_unstarted(result.run_id, reason_code=err.reason_code, reason_message=err.message)
+            raise err from exc
+        if ours:
+            return
+        if ours is False:
+            break
+        # None: the job holding the id finished between the two reads; enqueue again.
+    conflict = QueueConflict(
+        f"queue: job id {result.job_id!r} is already taken in Redis by another job (a database sharing the queue "
+        f"{rt.settings.queue_name!r}, or a ledger reset while its jobs stayed queued); run {result.run_id} "
+        "recorded failed, the other job left alone")
+    await rt.ledger.fail_unstarted(result.run_id, reason_code=conflict.reason_code, reason_message=conflict.message)
+    raise conflict
 
 
 async def dispatch(
