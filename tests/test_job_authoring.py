@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from opspolish.counts import MAX_COUNT, Counts
 from opspolish.dispatch import dispatch
-from opspolish.errors import InputInvalid, ProviderThrottled
+from opspolish.errors import InputInvalid, OpsPolishError, ProviderThrottled
 from opspolish.fingerprint import fingerprint
 from opspolish.runtime import Runtime
 from opspolish.settings import Settings
@@ -135,8 +135,43 @@ async def _raises_empty(run: RunContext) -> None:
     raise KeyError  # str() is '' for some exceptions: the type alone, not "KeyError: "
 
 
+class _LibraryStop(BaseException):  # a library's own BaseException subclass (like gevent's or trio's)
+    pass
+
+
+async def _raises_base_exception(run: RunContext) -> None:
+    raise _LibraryStop("stop everything")
+
+
+async def _raises_keyboard_interrupt(run: RunContext) -> None:
+    raise KeyboardInterrupt
+
+
+class _NoInit(OpsPolishError):
+    def __init__(self, detail: str) -> None:  # skips OpsPolishError.__init__: no .message
+        self.detail = detail
+
+
+class _NoInitTransient(_NoInit):
+    transient = True
+    retry_after_s = 0.0
+
+
+async def _raises_no_init(run: RunContext) -> None:
+    raise _NoInit("upstream said no")
+
+
+async def _raises_no_init_transient(run: RunContext) -> None:
+    run.counts.add_total(1)
+    raise _NoInitTransient("upstream busy")
+
+
 tracked_job("author.unprintable")(_raises_unprintable)
 tracked_job("author.empty_error")(_raises_empty)
+tracked_job("author.base_exception")(_raises_base_exception)
+tracked_job("author.keyboard_interrupt")(_raises_keyboard_interrupt)
+tracked_job("author.no_init")(_raises_no_init)
+tracked_job("author.no_init_transient", max_attempts=2)(_raises_no_init_transient)
 
 
 async def _bumps_a_nul_name(run: RunContext) -> None:
@@ -151,6 +186,13 @@ tracked_job("author.nul_detail")(_bumps_a_nul_name)
     # The broken __str__ raised inside the body's error handling: the run stayed running until its lease went stale.
     ("author.unprintable", "_Unprintable: (its message could not be read: RuntimeError)"),
     ("author.empty_error", "KeyError"),
+    # A BaseException other than SystemExit stopped the worker with its other jobs, and left the run running.
+    ("author.base_exception", "_LibraryStop: stop everything"),
+    ("author.keyboard_interrupt", "KeyboardInterrupt"),
+    # An OpsPolishError subclass that skipped OpsPolishError.__init__ has no .message: reading it raised, run left
+    # running. The retry path read it too, for a transient one.
+    ("author.no_init", "_NoInit: upstream said no"),
+    ("author.no_init_transient", "_NoInitTransient: upstream busy"),
     # A detail count the ledger cannot hold, refused by bump() before the completion.
     ("author.nul_detail", "ValueError: counts: bump('a\\x00b'): a name of 1 to 100 characters with no NUL"),
 ])

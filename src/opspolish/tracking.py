@@ -547,7 +547,7 @@ async def _body_error(rt: Runtime, job: TrackedJob, run: RunContext, secrets: tu
         return (JobTimeout(f"the job exceeded its {job.timeout(rt):g} s timeout") if deadline.expired() else
                 OpsPolishError(sanitize_message(describe_exception(exc), extra_secrets=secrets)))
     except OpsPolishError as exc:
-        return exc
+        return _readable(exc, secrets)
     except Retry as exc:
         # arq's way for a job to ask for a retry: a transient error of the run (released to queued, attempts counted,
         # retried after its defer). Caught as any other exception, it ended the run failed / internal.unexpected.
@@ -555,13 +555,29 @@ async def _body_error(rt: Runtime, job: TrackedJob, run: RunContext, secrets: tu
         return JobRetry(sanitize_message(f"the job body asked for a retry ({describe_exception(exc)})",
                                          extra_secrets=secrets),
                         retry_after_s=None if defer_ms is None else defer_ms / 1000)
-    except (Exception, SystemExit) as exc:
-        # SystemExit too (sys.exit() in a body, or in a library it calls): it would stop the whole worker with its
-        # other jobs, and the run, left running, would take down each worker its redelivery reached.
+    except BaseException as exc:
+        # Any BaseException, not only Exception: a SystemExit (sys.exit() in a body, or in a library it calls), a
+        # KeyboardInterrupt or a BaseException subclass of a library's own stopped the whole worker with its other
+        # jobs, and the run, left running, took down each worker its redelivery reached. (The delivery's own
+        # cancellation is handled above; the worker's signals reach it as that, not as an exception in the body.)
         return OpsPolishError(sanitize_message(describe_exception(exc), extra_secrets=secrets))
     if deadline.expired():  # the body caught the cancellation its deadline sent, and returned: still too late
         return JobTimeout(f"the job exceeded its {job.timeout(rt):g} s timeout")
     return None
+
+def _readable(error: OpsPolishError, secrets: tuple[str, ...]) -> OpsPolishError:
+    """The body's own error, with a ``message`` to record: a subclass whose ``__init__`` skipped OpsPolishError's
+    has none (reading it raised AttributeError, and the run stayed running until reconcile called it orphaned)."""
+    message = getattr(error, "message", None)
+    if isinstance(message, str) and message.strip():
+        return error
+    described = sanitize_message(describe_exception(error), extra_secrets=secrets)
+    try:
+        error.message = described
+    except AttributeError:  # a read-only message of its own: the run still ends, with what can be said of it
+        return OpsPolishError(described)
+    return error
+
 
 async def _cancelled(rt: Runtime, run_id: int, lease: Lease, bound: Any,
                      cancel: asyncio.CancelledError) -> dict[str, Any]:
