@@ -121,6 +121,38 @@ async def test_after_a_queue_flush_queued_runs_are_requeued_and_then_completed(
     assert await conn.fetchval("SELECT count(*) FROM test_effects") == 3
 
 
+async def test_a_run_its_worker_ends_after_the_pass_listed_it_is_left_alone_not_requeued_or_failed(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The pass acted on its page as read: a run its worker ended in between (job gone from the queue) was re-enqueued
+    # as "queued", a stray job for an ended run, and counted failed (the mark found it completed): the pass ended
+    # failed / items.all_failed with nothing wrong.
+    tenant = seeded["tenants"][0]["external_id"]
+    results = [await dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": f"ends-{i}"}) for i in range(3)]
+    real_job_status = reconcile_module._job_status
+    worked: list[bool] = []
+
+    async def worker_runs_first(rt_: Runtime, redis: Any, run: Any) -> Any:
+        if not worked:  # a real worker ends every listed run after the page was read, before the queue is asked
+            worked.append(True)
+            await drain(settings)
+        return await real_job_status(rt_, redis, run)
+
+    monkeypatch.setattr(reconcile_module, "_job_status", worker_runs_first)
+    await reconcile_all(rt, workspace_slug="acme")
+    [pass_run] = await reconcile_runs(conn)
+    assert (pass_run["outcome"], pass_run["reason_code"]) == ("succeeded", None), pass_run
+    assert pass_run["summary_counts"] == {"total": 0, "processed": 0, "failed": 0, "checked": 3, "left_to_queue": 3,
+                                          "requeued": 0, "orphaned": 0, "lost": 0}
+    rows = await conn.fetch("SELECT status, outcome, requeues FROM operation_runs WHERE type = $1", EFFECT_TYPE)
+    assert [tuple(r) for r in rows] == [("completed", "succeeded", 0)] * 3
+    redis = rt.require_redis()
+    assert await redis.zcard(settings.queue_name) == 0, "a stray job was queued for a run that had ended"
+    assert not await redis.exists(*[f"arq:job:{r.job_id}" for r in results])
+    assert await conn.fetchval("SELECT count(*) FROM test_effects") == 3
+
+
 async def test_a_queued_run_whose_queue_entry_vanished_but_not_its_job_key_is_requeued_and_runs(
     settings: Settings, rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any]
 ) -> None:

@@ -310,6 +310,13 @@ class ScopedLedger:
 
     # --- reconcile ---------------------------------------------------------------------------------------
 
+    #: A run the queue may no longer back: a running one whose lease is stale ($2 s), a queued one past the grace
+    #: age ($3 s). $1 is the workspace, $4 the tenant (or NULL), $5 the run id bound.
+    _UNBACKED = """workspace_id = $1 AND status IN ('queued', 'running')
+                   AND ((status = 'running' AND heartbeat_at < now() - make_interval(secs => $2))
+                     OR (status = 'queued' AND created_at < now() - make_interval(secs => $3)))
+                   AND ($4::uuid IS NULL OR tenant_id = $4)"""
+
     async def unbacked_candidates(
         self, *, lease_ttl_s: float, min_age_s: float, after_id: int = 0, limit: int = 500
     ) -> list[Run]:
@@ -318,15 +325,21 @@ class ScopedLedger:
         Keyset-paged by id (``after_id``), served by the partial index on active runs."""
         async with translate_errors():
             rows = await self.pool.fetch(
-                f"""SELECT {RUN_COLUMNS} FROM operation_runs
-                    WHERE workspace_id = $1 AND status IN ('queued', 'running') AND id > $4
-                      AND ((status = 'running' AND heartbeat_at < now() - make_interval(secs => $2))
-                        OR (status = 'queued' AND created_at < now() - make_interval(secs => $3)))
-                      AND ($6::uuid IS NULL OR tenant_id = $6)
-                    ORDER BY id LIMIT $5""",
-                self.scope.workspace_id, lease_ttl_s, min_age_s, after_id, limit, self.scope.tenant_id,
+                f"""SELECT {RUN_COLUMNS} FROM operation_runs WHERE {self._UNBACKED} AND id > $5
+                    ORDER BY id LIMIT $6""",
+                self.scope.workspace_id, lease_ttl_s, min_age_s, self.scope.tenant_id, after_id, limit,
             )
         return [Run.from_record(row) for row in rows]
+
+    async def unbacked_candidate(self, run_id: int, *, lease_ttl_s: float, min_age_s: float) -> Run | None:
+        """The run as it is now, if it is still one :meth:`unbacked_candidates` would return; else None (claimed,
+        ended or beaten since the page that listed it was read)."""
+        async with translate_errors():
+            row = await self.pool.fetchrow(
+                f"SELECT {RUN_COLUMNS} FROM operation_runs WHERE {self._UNBACKED} AND id = $5",
+                self.scope.workspace_id, lease_ttl_s, min_age_s, self.scope.tenant_id, run_id,
+            )
+        return None if row is None else Run.from_record(row)
 
     async def settle_orphaned(self, run_id: int, *, lease_ttl_s: float, message: str) -> bool:
         async with translate_errors():

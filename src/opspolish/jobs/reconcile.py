@@ -122,8 +122,17 @@ async def reconcile_adapter_runs(run: RunContext) -> None:
         ):
             after_id = candidates[-1].id
             run.counts.bump("checked", len(candidates))
-            for candidate in candidates:
-                if await _job_status(rt, redis, candidate) in _BACKED:
+            for listed in candidates:
+                if await _job_status(rt, redis, listed) in _BACKED:
+                    run.counts.bump("left_to_queue")
+                    continue
+                # The page may be stale by now: a run its worker claimed or ended since (its job then gone from
+                # the queue) was re-enqueued from the page's "queued", a stray job for an ended run, and counted
+                # failed when the mark found it no longer queued. Read after the queue's answer, the run's own
+                # row tells: a worker ends the run in the ledger before arq drops the job.
+                candidate = await scoped.unbacked_candidate(listed.id, lease_ttl_s=rt.settings.lease_ttl_s,
+                                                            min_age_s=rt.settings.reconcile_grace_s)
+                if candidate is None:  # moved on by its own worker: the queue's, as above
                     run.counts.bump("left_to_queue")
                     continue
                 run.counts.add_total()
