@@ -558,12 +558,22 @@ async def test_doctor_gives_a_verdict_per_service(settings: Settings) -> None:
         assert out.returncode == 1 and {c["name"]: c["verdict"] for c in json.loads(out.stdout)} == verdict
     # What the worker imports at start: with a module it cannot import it exited with a traceback, while doctor said
     # every service was ok (exit 0).
+    # A module that raises as it runs (here 1 / 0 at its top level) is named with its error too: it was reported as
+    # internal.unexpected, "ZeroDivisionError: division by zero", naming neither the setting nor the module.
+    broken = "tests.support.broken_module"
+    raises = "(ZeroDivisionError: division by zero)"
     for env, says in ((dict(OPSPOLISH_JOB_MODULES="no_such_jobs_module"), "OPSPOLISH_JOB_MODULES: cannot import"),
-                      (dict(OPSPOLISH_PROVIDER="no_such_module:Thing"), "OPSPOLISH_PROVIDER: cannot import")):
+                      (dict(OPSPOLISH_PROVIDER="no_such_module:Thing"), "OPSPOLISH_PROVIDER: cannot import"),
+                      (dict(OPSPOLISH_JOB_MODULES=broken), f"OPSPOLISH_JOB_MODULES: cannot import '{broken}' {raises}"),
+                      (dict(OPSPOLISH_PROVIDER=f"{broken}:Thing"),
+                       f"OPSPOLISH_PROVIDER: cannot import '{broken}:Thing' {raises}")):
         out = await cli(settings, "doctor", "--json", **env)
         checks = {c["name"]: c for c in json.loads(out.stdout)}
         assert out.returncode == 1 and checks["config"]["verdict"] == "fail", out
-        assert says in checks["config"]["detail"] and checks["postgres"]["verdict"] == "ok"
+        assert says in checks["config"]["detail"] and checks["postgres"]["verdict"] == "ok", checks["config"]
+    out = await cli(settings, "dispatch", "assignments.fetch", "--tenant", "acme", OPSPOLISH_JOB_MODULES=broken)
+    assert (out.returncode, out.stderr.strip()) == (
+        2, f"opspolish: input.invalid: OPSPOLISH_JOB_MODULES: cannot import '{broken}' {raises}"), out
     missing = await cli(settings.with_database(f"opspolish_missing_{uuid.uuid4().hex[:8]}"), "doctor")
     [postgres] = [line for line in missing.stdout.splitlines() if "postgres" in line]
     assert missing.returncode == 1 and postgres.startswith("FAIL") and "does not exist" in postgres

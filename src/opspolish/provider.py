@@ -112,6 +112,9 @@ def provider_factory(spec: str) -> Any:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as exc:
         raise InputInvalid(f"OPSPOLISH_PROVIDER: cannot import {spec!r}", field="OPSPOLISH_PROVIDER") from exc
+    except Exception as exc:  # the module raised as it ran: bad configuration (it was internal.unexpected, exit 1)
+        raise InputInvalid(f"OPSPOLISH_PROVIDER: cannot import {spec!r} ({describe_exception(exc)})",
+                           field="OPSPOLISH_PROVIDER") from exc
     if not callable(factory):
         raise InputInvalid(f"OPSPOLISH_PROVIDER: {spec!r} is not callable", field="OPSPOLISH_PROVIDER")
     return factory

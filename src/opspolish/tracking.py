@@ -312,6 +312,9 @@ def load_jobs(module_names: str = "") -> dict[str, TrackedJob]:
         except ImportError as exc:
             raise InputInvalid(f"OPSPOLISH_JOB_MODULES: cannot import {name!r}: {exc}",
                                field="OPSPOLISH_JOB_MODULES") from exc
+        except Exception as exc:  # the module raised as it ran (a declaration refused, a bug at its top level)
+            raise InputInvalid(f"OPSPOLISH_JOB_MODULES: cannot import {name!r} ({describe_exception(exc)})",
+                               field="OPSPOLISH_JOB_MODULES") from exc
     return REGISTRY
 
 
