@@ -656,6 +656,10 @@ async def _run_body(
             released = await rt.ledger.release(run_id, lease.owner, reason_code=error.reason_code,
                                                reason_message=last_error)
         except DbUnavailable as exc:
+            # Not handed back: the run stays ours until its lease goes stale, and the retry then takes it over. Said
+            # here, or the retry's only trace was arq's own line, with neither the run nor the reason.
+            bound.warning("run_release_failed", reason_code=exc.reason_code, message=exc.message,
+                          error_code=error.reason_code, attempt=attempt, defer_s=round(delay, 3))
             raise Retry(defer=delay) from exc
         if released:
             rt.metrics[f"retried:{error.reason_code}"] += 1

@@ -127,6 +127,44 @@ async def test_backend_terminated_during_the_completion_write_retries_and_record
     assert any(e["event"] == "run_completion_failed" and e["reason_code"] == "db.unavailable" for e in events)
 
 
+async def test_backend_terminated_while_handing_a_run_back_for_its_retry_is_logged_and_the_retry_ends_it(
+    settings: Settings, conn: asyncpg.Connection, tenant: str, tmp_path: Path,
+    worker_processes: list[WorkerProcess],
+) -> None:
+    s = settings.model_copy(update={"lease_ttl_s": 1.5})
+    async with opspolish.connect(s) as rt:
+        run = await opspolish.dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={
+            "tag": "release", "fail_times": 1, "sleep_s": 1, "sleep_attempts": 1})
+    worker = WorkerProcess(s, burst=True, log_path=tmp_path / "w.log")
+    worker_processes.append(worker)
+
+    async def started() -> bool:
+        return bool(await effects(conn, "release"))
+
+    await wait_until(started)
+    # Hold the run's row so the hand-back blocks where we can see it, then cut its backend.
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        await conn.execute("SELECT 1 FROM operation_runs WHERE id = $1 FOR UPDATE", run.run_id)
+
+        async def release_blocked() -> list[int]:
+            return await terminate_backends(conn, query_like="%SET status = 'queued', lease_owner = NULL%",
+                                            waiting_on_lock=True)
+
+        assert await wait_until(release_blocked, timeout_s=20)
+    finally:
+        await tx.rollback()
+    assert await worker.wait(60) == 0, worker.log()[-3000:]
+    [row] = await assert_ledger_settled(conn)
+    assert (row["outcome"], row["attempts"]) == ("succeeded", 2)
+    events = [e for e in log_events([worker]) if e.get("run_id") == run.run_id]
+    [failed] = [e for e in events if e["event"] == "run_release_failed"]
+    assert (failed["reason_code"], failed["error_code"], failed["attempt"]) == (
+        "db.unavailable", "provider.unavailable", 1), failed
+    assert "hunter2" not in worker.log()
+
+
 @pytest.mark.parametrize(("max_attempts", "outcome"), [(1, "failed"), (2, "succeeded")])
 async def test_backend_terminated_during_a_body_query_ends_retried_or_failed_with_db_unavailable(
     settings: Settings, conn: asyncpg.Connection, tenant: str, tmp_path: Path,
