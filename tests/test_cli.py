@@ -480,13 +480,26 @@ def test_the_cli_runs_from_a_current_directory_that_was_deleted(tmp_path: Path) 
 async def test_an_error_no_layer_translated_is_one_line_and_exit_1_without_v(
     settings: Settings, tmp_path: Path,
 ) -> None:
-    (tmp_path / "exploding_jobs.py").write_text('raise RuntimeError("module exploded at import")\n')
+    # A job author's validator raising what pydantic does not turn into a validation error: nobody's to translate.
+    # (A module that raises at import was the example here; it is input.invalid naming OPSPOLISH_JOB_MODULES now.)
+    (tmp_path / "exploding_jobs.py").write_text(
+        "from typing import Any\n"
+        "from pydantic import BaseModel, model_validator\n"
+        "from opspolish import RunContext, tracked_job\n\n"
+        "class Inputs(BaseModel):\n"
+        "    @model_validator(mode='before')\n"
+        "    @classmethod\n"
+        "    def _explode(cls, data: Any) -> Any:\n"
+        "        raise RuntimeError('validator exploded')\n\n"
+        "@tracked_job('test.exploding', inputs=Inputs)\n"
+        "async def exploding(run: RunContext) -> None:\n"
+        "    pass\n")
     env = {"PYTHONPATH": str(tmp_path), "OPSPOLISH_JOB_MODULES": "exploding_jobs"}
-    out = await cli(settings, "dispatch", "assignments.fetch", "--tenant", str(uuid.uuid4()), **env)
+    out = await cli(settings, "dispatch", "test.exploding", "--tenant", str(uuid.uuid4()), **env)
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
-    assert out.stderr == ("opspolish: internal.unexpected: RuntimeError: module exploded at import "
+    assert out.stderr == ("opspolish: internal.unexpected: RuntimeError: validator exploded "
                           "(run with -v for the traceback)\n")
-    verbose = await cli(settings, "-v", "dispatch", "assignments.fetch", "--tenant", str(uuid.uuid4()), **env)
+    verbose = await cli(settings, "-v", "dispatch", "test.exploding", "--tenant", str(uuid.uuid4()), **env)
     assert verbose.returncode == 1 and "Traceback" in verbose.stderr
 
 
