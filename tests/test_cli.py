@@ -414,6 +414,8 @@ _UNUSABLE_SETTINGS = [
     ("OPSPOLISH_MAX_ATTEMPTS", "99999999999999999999999", "less than or equal to"),
     ("OPSPOLISH_RECONCILE_INTERVAL_MIN", "7", "must divide 60"),  # :56 then :00 again: uneven passes
     ("OPSPOLISH_WORKER_HEALTH_S", "0", "greater than or equal to 1"),
+    ("OPSPOLISH_REDIS_RETRY_S", "nan", "finite number"),
+    ("OPSPOLISH_REDIS_RETRY_S", "-1", "greater than or equal to 0"),
     ("OPSPOLISH_REDIS_URL", "redis://:cnryUrlPw@127.0.0.1:6379/abc", "must be a number"),  # was int() at connect
     ("OPSPOLISH_REDIS_URL", "redis://:cnryUrlPw@127.0.0.1:6379/0?db=x", "?db= must be a database number"),
 ]

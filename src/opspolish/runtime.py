@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlsplit
 
 import asyncpg
 import structlog
 from arq.connections import ArqRedis, RedisSettings, create_pool
+from redis.asyncio.retry import Retry as RedisRetry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from opspolish import db
 from opspolish.batching import GateBatcher
@@ -25,10 +30,74 @@ from opspolish.settings import Settings
 log = structlog.get_logger("opspolish")
 
 
-def redis_settings(settings: Settings, *, conn_retries: int = 5) -> RedisSettings:
+#: The longest pause between two tries of a command while Redis is away (a worker's, see ``redis_settings``).
+REDIS_BACKOFF_CAP_S = 1.0
+#: At most one ``redis_away`` line per this many seconds per process, however many commands are waiting.
+REDIS_AWAY_LOG_EVERY_S = 10.0
+_T = TypeVar("_T")
+
+
+class RideOutRetry(RedisRetry):
+    """redis-py's Retry bounded by time, not by a count of tries: a command is tried again, with a backoff capped at
+    :data:`REDIS_BACKOFF_CAP_S`, until ``for_s`` have passed since its first failure. (Counted tries nest: a command
+    retries its reconnects, which retry their connects, and a count of N tries waited up to N times N.) The first
+    failure of an outage logs ``redis_away`` (warning), the first success after it ``redis_back``."""
+
+    __slots__ = ("_for_s",)
+    _away_since: ClassVar[float | None] = None
+    _away_logged: ClassVar[float] = 0.0
+
+    def __init__(self, for_s: float) -> None:
+        # The errors it retries on are the client's retry_on_error (see redis_settings), which redis-py adds to it.
+        super().__init__(ExponentialBackoff(cap=REDIS_BACKOFF_CAP_S, base=0.05), -1)
+        self._for_s = for_s
+
+    async def call_with_retry(self, do: Callable[[], Awaitable[_T]], fail: Callable[[Any], Any]) -> _T:
+        failures = 0  # the backoff is stateless: no reset
+        give_up = 0.0
+        while True:
+            try:
+                result = await do()
+            except self._supported_errors as error:
+                failures += 1
+                now = time.monotonic()
+                if failures == 1:
+                    give_up = now + self._for_s
+                    self._note_away(now, error)
+                await fail(error)
+                backoff = self._backoff.compute(failures)
+                if now + backoff > give_up:
+                    raise
+                await asyncio.sleep(backoff)
+                continue
+            if failures and RideOutRetry._away_since is not None:
+                away_s = time.monotonic() - RideOutRetry._away_since
+                RideOutRetry._away_since = None
+                log.info("redis_back", away_s=round(away_s, 3))
+            return result
+
+    def _note_away(self, now: float, error: BaseException) -> None:
+        if RideOutRetry._away_since is None:
+            RideOutRetry._away_since = now
+        if now - RideOutRetry._away_logged >= REDIS_AWAY_LOG_EVERY_S:
+            RideOutRetry._away_logged = now
+            log.warning("redis_away", reason_code="redis.unavailable", message=describe_exception(error),
+                        retry_for_s=self._for_s)
+
+
+def redis_settings(settings: Settings, *, conn_retries: int = 5, ride_out: bool = False) -> RedisSettings:
+    """arq's Redis settings. ``ride_out`` (a worker's): each command is tried again while Redis is away, for
+    ``settings.redis_retry_s`` from its first failure (see :class:`RideOutRetry`). arq's poll loop catches no Redis
+    error: without it, half a second without Redis and every worker exited, the runs in its hands left running until
+    reconcile called them orphaned."""
     rs = RedisSettings.from_dsn(settings.redis_url.get_secret_value())
     rs.conn_retries = conn_retries
     rs.conn_timeout = 2
+    if ride_out and settings.redis_retry_s > 0:
+        rs.retry = RideOutRetry(settings.redis_retry_s)
+        # OSError: a connection refused while Redis is away is raised as such inside the retried connect.
+        rs.retry_on_error = [RedisConnectionError, RedisTimeoutError, OSError]
+        rs.retry_on_timeout = True
     return rs
 
 

@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     #: How often a worker refreshes its health key in Redis (arq's ``health_check_interval``). The key lives one
     #: second longer, so ``doctor`` sees a worker that died as gone within that; arq's default is an hour.
     worker_health_s: float = Field(default=60.0, ge=1, le=3_600, allow_inf_nan=False)
+    #: How long a worker keeps retrying Redis while it is away (each command, with a backoff capped at 1 s) before it
+    #: gives up and exits; 0: at the first error, as arq alone does. The CLI and dispatch never wait: they fail at once.
+    redis_retry_s: float = Field(default=60.0, ge=0, le=3_600, allow_inf_nan=False)
     reconcile_grace_s: float = Field(default=10.0, ge=0, le=MAX_SECONDS, allow_inf_nan=False)
     reconcile_max_queued_age_s: float = Field(default=86_400.0, gt=0, le=MAX_SECONDS, allow_inf_nan=False)
     job_timeout_s: float = Field(default=300.0, gt=0, le=MAX_SECONDS, allow_inf_nan=False)

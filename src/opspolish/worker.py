@@ -122,7 +122,7 @@ def worker_settings(
         "functions": functions,
         "cron_jobs": cron_jobs,
         "queue_name": settings.queue_name,
-        "redis_settings": redis_settings(settings),
+        "redis_settings": redis_settings(settings, ride_out=True),
         "max_jobs": settings.max_jobs,
         "keep_result": 0,  # the ledger is the record of results
         "health_check_interval": settings.worker_health_s,  # what `opspolish doctor` reads (arq's default: an hour)

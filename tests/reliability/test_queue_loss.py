@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import time
 from pathlib import Path
 
 import asyncpg
@@ -14,7 +15,7 @@ import pytest
 import opspolish
 from opspolish.jobs.reconcile import RECONCILE_TYPE, reconcile_all
 from opspolish.settings import Settings
-from tests.conftest import WorkerProcess, drain, wait_until
+from tests.conftest import WorkerProcess, drain, log_events, wait_until
 from tests.reliability.faults import (
     RedisServer,
     assert_ledger_settled,
@@ -186,3 +187,62 @@ async def test_a_re_enqueue_redis_refused_is_not_counted_and_the_next_pass_re_en
 
 async def _slug_of(conn: asyncpg.Connection, workspace_id: object) -> str:
     return str(await conn.fetchval("SELECT slug FROM workspaces WHERE id = $1", workspace_id))
+
+
+async def test_a_worker_rides_out_redis_being_away_for_seconds_and_runs_what_is_queued_after(
+    settings: Settings, private_redis: RedisServer, conn: asyncpg.Connection, tenant: str, tmp_path: Path,
+    worker_processes: list[WorkerProcess],
+) -> None:
+    # arq's poll loop does not catch a Redis error: half a second without Redis and every worker exited (status 1),
+    # the runs in its hands left running until reconcile called them orphaned.
+    s = private_redis.settings_for(settings)
+    async with opspolish.connect(s) as rt:
+        busy = await opspolish.dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "busy", "sleep_s": 1})
+    worker = WorkerProcess(s, log_path=tmp_path / "w.log")
+    worker_processes.append(worker)
+
+    async def busy_started() -> bool:
+        return bool(await effects(conn, "busy"))
+
+    await wait_until(busy_started)
+    private_redis.stop()
+    await asyncio.sleep(4)
+    assert worker.proc.poll() is None, "the worker exited while Redis was away:\n" + worker.log()[-3000:]
+    await private_redis.start()  # empty: the busy run's job went with it
+    async with opspolish.connect(s) as rt:
+        after = await opspolish.dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "after"})
+
+    async def after_done() -> bool:
+        return bool(await conn.fetchval("SELECT status = 'completed' FROM operation_runs WHERE id = $1",
+                                        after.run_id))
+
+    await wait_until(after_done, timeout_s=30)
+    rows = {r["id"]: r for r in await run_rows(conn)}
+    assert (rows[after.run_id]["outcome"], rows[busy.run_id]["outcome"]) == ("succeeded", "succeeded"), rows
+    assert worker.proc.poll() is None, worker.log()[-3000:]
+    worker.kill(signal.SIGTERM)
+    assert await worker.wait(30) == 0, worker.log()[-3000:]
+    executions = await effects(conn)
+    assert sorted(e["tag"] for e in executions if e["finished_at"] is not None) == ["after", "busy"]
+    events = [e["event"] for e in log_events([worker])]
+    assert events.count("redis_away") == 1 and events.count("redis_back") >= 1, events
+
+
+async def test_a_worker_gives_up_once_redis_has_been_away_longer_than_opspolish_redis_retry_s(
+    settings: Settings, private_redis: RedisServer, conn: asyncpg.Connection, tmp_path: Path,
+    worker_processes: list[WorkerProcess],
+) -> None:
+    s = private_redis.settings_for(settings)
+    worker = WorkerProcess(s, log_path=tmp_path / "w.log", OPSPOLISH_REDIS_RETRY_S="1.5")
+    worker_processes.append(worker)
+
+    async def started() -> bool:
+        return "worker_started" in worker.log()
+
+    await wait_until(started)
+    private_redis.stop()
+    stopped = time.monotonic()
+    # Exits (a supervisor restarts it) within about the setting: retries nested in retries do not multiply it.
+    assert await worker.wait(15) != 0
+    assert time.monotonic() - stopped < 10
+    assert "redis_away" in worker.log()
