@@ -4,8 +4,11 @@ and in-process arq workers where a run is involved)."""
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import ipaddress
 import math
 import sys
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -13,7 +16,16 @@ import pytest
 from arq import Retry
 from hypothesis import given
 from hypothesis import strategies as st
-from pydantic import BaseModel, ConfigDict, Field, computed_field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    IPvAnyAddress,
+    IPvAnyNetwork,
+    PostgresDsn,
+    computed_field,
+)
 
 from opspolish.counts import MAX_COUNT, Counts
 from opspolish.dispatch import dispatch
@@ -413,6 +425,55 @@ async def test_inputs_under_aliases_and_defaults_run_as_dispatched_and_are_one_i
     assert [(t["run_id"], t["tag"]) for t in tags] == [
         (friday.run_id, 'friday/1 {"Day": "friday"}'), (default.run_id, "monday/1 {}"),
         (rows[2]["id"], 'sunday/2 {"Day": "sunday", "n": 2}')]
+
+class _RichInputs(BaseModel):
+    url: HttpUrl
+    ip: IPvAnyAddress
+    net: IPvAnyNetwork
+    path: Path
+    every: dt.timedelta
+    at: dt.time
+    dsn: PostgresDsn | None = None
+
+
+async def _reads_rich_inputs(run: RunContext) -> None:
+    m = _RichInputs.model_validate(run.inputs)
+    await run.runtime.pool.execute(
+        "INSERT INTO test_effects (run_id, attempt, tag, pid) VALUES ($1, $2, $3, 0)", run.run_id, run.attempt,
+        f"{m.url}|{m.ip}|{m.net}|{m.path}|{m.every.total_seconds()}|{m.at.isoformat()}|{m.dsn}")
+
+
+tracked_job("author.rich_inputs", inputs=_RichInputs)(_reads_rich_inputs)
+
+
+async def test_inputs_with_urls_addresses_paths_durations_and_times_dispatch_run_and_read_back(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str
+) -> None:
+    # Each was refused at dispatch as "unsupported type" (the model's output holds an HttpUrl, an IPv4Address...):
+    # such a job type could be declared but never dispatched.
+    as_text = {"url": "https://example.com/a?b=1", "ip": "10.0.0.7", "net": "10.0.0.0/8", "path": "/srv/in.csv",
+               "every": "PT1H30M", "at": "10:05:00Z", "dsn": "postgres://app@h1:5432,h2:5432/db"}
+    as_objects = {"url": HttpUrl("https://example.com/a?b=1"), "ip": ipaddress.ip_address("10.0.0.7"),
+                  "net": ipaddress.ip_network("10.0.0.0/8"), "path": Path("/srv/in.csv"),
+                  "every": dt.timedelta(hours=1, minutes=30), "at": dt.time(10, 5, tzinfo=dt.UTC),
+                  "dsn": PostgresDsn("postgres://app@h1:5432,h2:5432/db")}
+    assert fingerprint(as_text, job_type="author.rich_inputs") == fingerprint(as_objects, job_type="author.rich_inputs")
+    first = await dispatch(rt, "author.rich_inputs", tenant=tenant, inputs=as_text)
+    again = await dispatch(rt, "author.rich_inputs", tenant=tenant, inputs=as_objects)
+    assert (first.verdict, again.verdict, again.run_id) == ("queued", "joined", first.run_id)
+    await drain(settings)
+    [run] = await runs(conn)
+    assert (run["status"], run["outcome"]) == ("completed", "succeeded"), run
+    assert run["context"] == {"url": "https://example.com/a?b=1", "ip": "10.0.0.7", "net": "10.0.0.0/8",
+                              "path": "/srv/in.csv", "every": "PT1H30M", "at": "10:05:00Z",
+                              "dsn": "postgres://app@h1:5432,h2:5432/db"}
+    # The recorded context reads back as the same inputs: what a delivery without a payload (reconcile's
+    # re-enqueue) hands the body.
+    assert _RichInputs.model_validate(run["context"]) == _RichInputs.model_validate(as_objects)
+    [effect] = await conn.fetch("SELECT tag FROM test_effects")
+    assert effect["tag"] == ("https://example.com/a?b=1|10.0.0.7|10.0.0.0/8|/srv/in.csv|5400.0|10:05:00+00:00|"
+                             "postgres://app@h1:5432,h2:5432/db")
+
 
 def test_fingerprint_of_a_job_type_finds_it_through_opspolish_job_modules(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch,

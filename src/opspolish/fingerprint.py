@@ -14,14 +14,18 @@ import datetime as dt
 import enum
 import functools
 import hashlib
+import ipaddress
 import json
 import math
 import re
 import uuid
 from collections.abc import Mapping
 from decimal import Decimal
+from pathlib import PurePath
 from typing import Any
 
+import pydantic.networks
+import pydantic_core
 from pydantic import BaseModel, SecretBytes, SecretStr
 
 from opspolish.errors import InputInvalid, InputTooLarge
@@ -156,6 +160,17 @@ class _Budget:
             raise InputTooLarge(f"inputs: larger than {MAX_CANONICAL_BYTES} bytes once canonical", field="inputs")
 
 
+#: Values a model's output holds that are text in JSON: written as pydantic writes them in JSON (``PT1H`` for an hour,
+#: ``10:05:00Z``, ``https://example.com/``), which the model reads back. They were refused as "unsupported type": a
+#: model with an ``HttpUrl``, ``IPvAnyAddress``, ``Path``, ``timedelta`` or ``time`` field could not be dispatched.
+_AS_JSON_TEXT: tuple[type, ...] = tuple(t for t in (
+    dt.time, dt.timedelta, PurePath, ipaddress.IPv4Address, ipaddress.IPv6Address, ipaddress.IPv4Network,
+    ipaddress.IPv6Network, ipaddress.IPv4Interface, ipaddress.IPv6Interface, pydantic.AnyUrl,
+    getattr(pydantic.networks, "_BaseMultiHostUrl", None),  # PostgresDsn, RedisDsn... (pydantic >= 2.10)
+    pydantic_core.Url, pydantic_core.MultiHostUrl,
+) if isinstance(t, type))
+
+
 def _canonical(value: Any, path: str, depth: int, budget: _Budget) -> Any:  # noqa: C901 - a branch per type
     if depth > MAX_DEPTH:
         raise InputInvalid(f"{path}: nested deeper than {MAX_DEPTH} levels", field=path)
@@ -219,6 +234,8 @@ def _canonical(value: Any, path: str, depth: int, budget: _Budget) -> Any:  # no
     if isinstance(value, set | frozenset):
         items = [_canonical(item, f"{path}[]", depth + 1, budget) for item in value]
         return sorted(items, key=_dumps)
+    if isinstance(value, _AS_JSON_TEXT):
+        return _canonical(pydantic_core.to_jsonable_python(value), path, depth, budget)
     if isinstance(value, SecretStr | SecretBytes):
         raise InputInvalid(f"{path}: a secret cannot be the whole input", field=path)
     kind = "bytes are not allowed (decode them)" if isinstance(value, bytes | bytearray) else (
