@@ -18,6 +18,7 @@ import inspect
 import math
 import random
 import time
+import typing
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, fields
@@ -28,7 +29,8 @@ import structlog
 from arq import Retry
 from arq.constants import job_key_prefix, retry_key_prefix
 from arq.worker import Function, func
-from pydantic import BaseModel, ValidationError
+from pydantic import AliasChoices, AliasPath, BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
 from opspolish.counts import Counts as Counts  # re-exported: it lived here before counts.py
 from opspolish.errors import (
@@ -218,19 +220,54 @@ def _check_seconds(where: str, name: str, value: float | None, *, zero_ok: bool)
                          f"(ten years), got {value!r}")
 
 
-def _check_reads_back(where: str, model: builtins.type[BaseModel]) -> None:
+def _names_read(model: builtins.type[BaseModel], name: str, field: FieldInfo) -> set[str]:
+    """The top-level keys under which ``model`` reads field ``name`` (an AliasPath deeper than one key reads none)."""
+    config = model.model_config
+    names = {name} if config.get("populate_by_name") or config.get("validate_by_name") else set()
+    if config.get("validate_by_alias") is False:
+        return names
+    alias = field.validation_alias if field.validation_alias is not None else field.alias or name
+    choices = alias.choices if isinstance(alias, AliasChoices) else [alias]
+    for choice in choices:
+        if isinstance(choice, AliasPath):
+            if len(choice.path) == 1 and isinstance(choice.path[0], str):
+                names.add(choice.path[0])
+        elif isinstance(choice, str):
+            names.add(choice)
+    return names
+
+
+def _check_reads_back(where: str, model: builtins.type[BaseModel], path: str = "inputs",
+                      seen: set[builtins.type[BaseModel]] | None = None) -> None:
     """The run records the model's output under its fields' aliases, and the body and every redelivery read it back
-    with the model: a field the model writes under a name it does not read (a ``serialization_alias`` of its own)
-    failed every run of the type, and on the worker's side only."""
-    by_name = bool(model.model_config.get("populate_by_name") or model.model_config.get("validate_by_name"))
+    with the model: a field the model writes under a name it does not read (a ``serialization_alias`` of its own, a
+    ``validation_alias``, ``AliasChoices`` or ``AliasPath`` without the name it writes, ``validate_by_alias=False``), or
+    does not write at all (``Field(exclude=True)``), failed every run of the type, or ran it without the value, and on
+    the worker's side only. Models nested in a field's type are held to the same."""
+    seen = seen if seen is not None else set()
+    if model in seen:
+        return
+    seen.add(model)
     for name, field in model.model_fields.items():
-        if field.validation_alias is not None and not isinstance(field.validation_alias, str):
-            continue  # AliasPath / AliasChoices: pydantic's own business, not checked here
+        if field.exclude is True:
+            raise ValueError(f"{where}: {path}: field {name!r} is excluded from the model's output "
+                             "(Field(exclude=True)): its runs would record, and their body receive, the inputs "
+                             "without it (for a secret, use SecretStr: it travels with the job, never recorded)")
         written = field.serialization_alias or field.alias or name
-        read = field.validation_alias or field.alias or name
-        if written != read and not (by_name and written == name):
-            raise ValueError(f"{where}: inputs: field {name!r} is written as {written!r} but read as {read!r}: "
+        read = _names_read(model, name, field)
+        if written not in read:
+            said = " or ".join(repr(n) for n in sorted(read)) or "no top-level name"
+            raise ValueError(f"{where}: {path}: field {name!r} is written as {written!r} but read as {said}: "
                              "the run's inputs could not be read back (give it one alias, or none)")
+        for nested in _models_in(field.annotation):
+            _check_reads_back(where, nested, f"{path}.{name}", seen)
+
+
+def _models_in(annotation: Any) -> list[builtins.type[BaseModel]]:
+    """The pydantic models a field's type holds (``Inner``, ``list[Inner]``, ``Inner | None``, ``dict[str, Inner]``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
 
 
 def _check_policy(run_type: str, inputs: object, scope: object, cooldown_s: float | None, timeout_s: float | None,
