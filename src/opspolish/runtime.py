@@ -17,6 +17,7 @@ import structlog
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import AuthenticationError, AuthorizationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -41,11 +42,15 @@ class RideOutRetry(RedisRetry):
     """redis-py's Retry bounded by time, not by a count of tries: a command is tried again, with a backoff capped at
     :data:`REDIS_BACKOFF_CAP_S`, until ``for_s`` have passed since its first failure. (Counted tries nest: a command
     retries its reconnects, which retry their connects, and a count of N tries waited up to N times N.) The first
-    failure of an outage logs ``redis_away`` (warning), the first success after it ``redis_back``."""
+    failure of an outage logs ``redis_away`` (warning), the first success after it ``redis_back``. Only while
+    :attr:`armed`, and never for a refused password."""
 
     __slots__ = ("_for_s",)
+    #: Set while a worker is up (from its start-up hook to its stop signal or shutdown): before, arq's own
+    #: ``conn_retries`` decide how long a start waits for Redis; after, a stopping worker does not wait for it.
+    armed: ClassVar[bool] = False
     _away_since: ClassVar[float | None] = None
-    _away_logged: ClassVar[float] = 0.0
+    _away_logged: ClassVar[float] = float("-inf")
 
     def __init__(self, for_s: float) -> None:
         # The errors it retries on are the client's retry_on_error (see redis_settings), which redis-py adds to it.
@@ -59,6 +64,9 @@ class RideOutRetry(RedisRetry):
             try:
                 result = await do()
             except self._supported_errors as error:
+                if not RideOutRetry.armed or isinstance(error, AuthenticationError | AuthorizationError):
+                    await fail(error)  # a wrong password does not get better with time
+                    raise
                 failures += 1
                 now = time.monotonic()
                 if failures == 1:

@@ -17,7 +17,7 @@ from arq.worker import Worker
 
 from opspolish import db
 from opspolish.logs import configure_logging, log_runs_once
-from opspolish.runtime import Runtime
+from opspolish.runtime import RideOutRetry, Runtime
 from opspolish.settings import Settings
 from opspolish.tracking import TIMEOUT_MARGIN_S, TrackedJob, load_jobs
 
@@ -31,6 +31,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     await db.require_schema_head(settings)
     ctx["opspolish"] = await Runtime.start(settings, redis=ctx["redis"])
     _stop_without_cancelling_arq(ctx, ctx["opspolish"])
+    RideOutRetry.armed = True  # up: from here on, Redis being away is ridden out (OPSPOLISH_REDIS_RETRY_S)
     log.info("worker_started", queue=settings.queue_name)
 
 
@@ -62,6 +63,7 @@ def _stop_without_cancelling_arq(ctx: dict[str, Any], rt: Runtime) -> None:
 
 def _on_stop_signal(worker: Worker, rt: Runtime, main: asyncio.Task[Any] | None, sig: signal.Signals) -> None:
     repeated, rt.stopping = rt.stopping, True
+    RideOutRetry.armed = False  # stopping: a Redis that is away is not waited for
     worker.allow_pick_jobs = False
     running = [task for task in worker.job_tasks.values() if not task.done()]
     log.info("worker_stopping", signal=sig.name, cancelling=len(running),
@@ -82,6 +84,7 @@ def _on_stop_signal(worker: Worker, rt: Runtime, main: asyncio.Task[Any] | None,
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
+    RideOutRetry.armed = False
     rt: Runtime | None = ctx.get("opspolish")
     if rt is not None:
         gate = rt.gate

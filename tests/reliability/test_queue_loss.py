@@ -4,6 +4,7 @@ queued run whose job vanished is re-enqueued once or ends ``failed`` / ``run.los
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import time
@@ -246,3 +247,65 @@ async def test_a_worker_gives_up_once_redis_has_been_away_longer_than_opspolish_
     assert await worker.wait(15) != 0
     assert time.monotonic() - stopped < 10
     assert "redis_away" in worker.log()
+
+
+async def test_a_worker_started_without_redis_or_stopped_while_it_is_away_does_not_wait_for_it(
+    settings: Settings, private_redis: RedisServer, tmp_path: Path, worker_processes: list[WorkerProcess],
+) -> None:
+    # Started with Redis down: arq's own start-up retries (about 5 s), not each of them ridden out for 60 s.
+    private_redis.stop()
+    s = private_redis.settings_for(settings)
+    early = WorkerProcess(s, log_path=tmp_path / "early.log")
+    worker_processes.append(early)
+    started = time.monotonic()
+    assert await early.wait(30) != 0
+    assert time.monotonic() - started < 20, early.log()[-2000:]
+    # Stopped (SIGTERM) while Redis is away: it exits at once rather than waiting out OPSPOLISH_REDIS_RETRY_S.
+    await private_redis.start()
+    worker = WorkerProcess(s, log_path=tmp_path / "w.log")
+    worker_processes.append(worker)
+
+    async def up() -> bool:
+        return "worker_started" in worker.log()
+
+    await wait_until(up)
+    private_redis.stop()
+
+    async def away() -> bool:
+        return "redis_away" in worker.log()
+
+    await wait_until(away, timeout_s=10)
+    worker.kill(signal.SIGTERM)
+    stopping = time.monotonic()
+    await worker.wait(30)
+    assert time.monotonic() - stopping < 10, worker.log()[-2000:]
+
+
+async def test_a_password_refused_while_the_worker_runs_is_not_ridden_out(
+    settings: Settings, tmp_path: Path, worker_processes: list[WorkerProcess],
+) -> None:
+    # A refused password does not get better with time: the worker exits for its supervisor (and its operator)
+    # rather than retrying for OPSPOLISH_REDIS_RETRY_S.
+    server = RedisServer(tmp_path, password="first-pw")
+    await server.start()
+    try:
+        worker = WorkerProcess(server.settings_for(settings), log_path=tmp_path / "w.log")
+        worker_processes.append(worker)
+
+        async def up() -> bool:
+            return "worker_started" in worker.log()
+
+        await wait_until(up)
+        client = server.client()
+        try:
+            await client.config_set("requirepass", "second-pw")  # rotated under the running worker
+            with contextlib.suppress(Exception):  # its connections, and this client's own
+                await client.client_kill_filter(_type="normal")
+        finally:
+            await client.aclose()
+        changed = time.monotonic()
+        assert await worker.wait(30) != 0
+        assert time.monotonic() - changed < 10, worker.log()[-2000:]
+        assert "AuthenticationError" in worker.log() or "invalid" in worker.log().lower()
+    finally:
+        server.stop()
