@@ -336,6 +336,26 @@ async def test_a_reader_that_goes_away_is_no_error_of_ours(
         assert (piped.stdout, piped.stderr) == ("141\n", ""), (args, piped)
 
 
+async def test_a_reader_that_goes_away_midway_through_a_long_output_is_141_not_success(
+    settings: Settings, conn: asyncpg.Connection, seeded: dict[str, Any]
+) -> None:
+    # More than the pipe holds (64 KiB), the reader gone after 10 bytes: the output was cut short with exit 0.
+    tenant = seeded["tenants"][0]
+    await conn.execute(
+        """INSERT INTO operation_runs (workspace_id, tenant_id, type, run_identity_hash, fingerprint, context, status,
+                                       outcome, completed_at, summary_counts)
+           SELECT $1, $2, 'test.effect', encode(sha256(convert_to(g::text, 'UTF8')), 'hex'), repeat('0', 64), '{}',
+                  'completed', 'succeeded', now(), '{"total": 0, "processed": 0, "failed": 0}'
+           FROM generate_series(1, 2000) g""", tenant["workspace_id"], tenant["id"])
+    for args in ("runs list --json --limit 2000", "runs list --limit 2000"):
+        whole = await cli(settings, *args.split())
+        assert whole.returncode == 0 and len(whole.stdout) > 128 * 1024, (args, len(whole.stdout))
+        command = f"{shlex.quote(CLI)} {args} | head -c 10 >/dev/null; echo ${{PIPESTATUS[0]}}"
+        piped = await asyncio.to_thread(subprocess.run, ["bash", "-c", command], cwd=ROOT, env=worker_env(settings),
+                                        capture_output=True, text=True, timeout=90)
+        assert (piped.stdout, piped.stderr) == ("141\n", ""), (args, piped)
+
+
 async def test_seed_is_idempotent_and_scales(settings: Settings, conn: asyncpg.Connection) -> None:
     first = await cli(settings, "seed", "--tenants", "1500", "--policies", "1")
     second = await cli(settings, "seed", "--tenants", "1500", "--policies", "1")

@@ -108,7 +108,20 @@ def run_async(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
 
 
 def emit(as_json: bool, data: Any, text: str) -> None:
-    click.echo(json.dumps(data, default=str, indent=2) if as_json else text)
+    """Write a command's output to stdout. Straight to the descriptor, in a loop: through Python's stream, a reader
+    that went away after the first 64 KiB (`runs list --json | head -c 10`) cut the output short with exit 0, the
+    partial write counted as written; here the next write meets the closed pipe (BrokenPipeError: exit 141)."""
+    out = (json.dumps(data, default=str, indent=2) if as_json else text) + "\n"
+    stream = sys.stdout
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (click's test runner, a caller's StringIO)
+        click.echo(out, nl=False)
+        return
+    stream.flush()
+    rest = memoryview(out.encode(stream.encoding or "utf-8", stream.errors or "strict"))
+    while rest:
+        rest = rest[os.write(fd, rest):]
 
 
 class _Command(click.Command):
