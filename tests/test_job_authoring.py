@@ -3,6 +3,7 @@ and in-process arq workers where a run is involved)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import ipaddress
@@ -124,6 +125,26 @@ async def _client_timeout(run: RunContext) -> None:
 
 
 tracked_job("author.client_timeout")(_client_timeout)
+
+
+async def _wraps_its_cancellation(run: RunContext) -> None:
+    try:
+        await asyncio.sleep(30)
+    except asyncio.CancelledError:
+        raise RuntimeError("request interrupted") from None
+
+
+tracked_job("author.wraps_cancel", timeout_s=0.2, max_attempts=1)(_wraps_its_cancellation)
+
+
+async def test_a_body_that_turns_its_deadlines_cancellation_into_its_own_error_ends_job_timeout(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str
+) -> None:
+    # Recorded as the body's own error: failed / internal.unexpected, "RuntimeError: request interrupted".
+    await dispatch(rt, "author.wraps_cancel", tenant=tenant)
+    await drain(settings)
+    [run] = await runs(conn)
+    assert (run["outcome"], run["reason_code"]) == ("failed", "job.timeout"), run
 
 
 async def test_a_timeout_error_raised_by_the_body_is_its_own_error_not_job_timeout(

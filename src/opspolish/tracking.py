@@ -569,7 +569,7 @@ async def execute(
 
 async def _body_error(rt: Runtime, job: TrackedJob, run: RunContext, secrets: tuple[str, ...]) -> OpsPolishError | None:
     """Run the body under the type's timeout: None, or the error it ends with. A cancellation of the delivery itself
-    (worker shutdown, arq's timeout) propagates."""
+    (worker shutdown, arq's timeout) propagates, whatever the body turned it into."""
     deadline = asyncio.timeout(job.timeout(rt))
     try:
         async with deadline:
@@ -582,28 +582,38 @@ async def _body_error(rt: Runtime, job: TrackedJob, run: RunContext, secrets: tu
         # came straight back, again and again, past max_attempts.
         return OpsPolishError(sanitize_message(f"{describe_exception(exc)} raised inside the job body",
                                                extra_secrets=secrets))
-    except TimeoutError as exc:
-        # Only our deadline is job.timeout: a TimeoutError of the body's own (an HTTP client's) is its error.
-        return (JobTimeout(f"the job exceeded its {job.timeout(rt):g} s timeout") if deadline.expired() else
-                OpsPolishError(sanitize_message(describe_exception(exc), extra_secrets=secrets)))
-    except OpsPolishError as exc:
+    except BaseException as exc:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # The delivery is being cancelled and the body turned the cancellation into an error of its own (a client
+            # library wrapping it, "request interrupted"): recorded as the body's error, a worker's shutdown failed
+            # the run for good instead of handing it back.
+            raise asyncio.CancelledError() from exc
+        if deadline.expired():  # likewise our deadline's cancellation, whatever the body made of it
+            return JobTimeout(f"the job exceeded its {job.timeout(rt):g} s timeout")
+        return _error_of_body(exc, secrets)
+    if deadline.expired():  # the body caught the cancellation its deadline sent, and returned: still too late
+        return JobTimeout(f"the job exceeded its {job.timeout(rt):g} s timeout")
+    return None
+
+
+def _error_of_body(exc: BaseException, secrets: tuple[str, ...]) -> OpsPolishError:
+    """What the run records for an exception its body raised (not a cancellation, not our deadline)."""
+    if isinstance(exc, OpsPolishError):
         return _readable(exc, secrets)
-    except Retry as exc:
+    if isinstance(exc, Retry):
         # arq's way for a job to ask for a retry: a transient error of the run (released to queued, attempts counted,
         # retried after its defer). Caught as any other exception, it ended the run failed / internal.unexpected.
         defer_ms = exc.defer_score
         return JobRetry(sanitize_message(f"the job body asked for a retry ({describe_exception(exc)})",
                                          extra_secrets=secrets),
                         retry_after_s=None if defer_ms is None else defer_ms / 1000)
-    except BaseException as exc:
-        # Any BaseException, not only Exception: a SystemExit (sys.exit() in a body, or in a library it calls), a
-        # KeyboardInterrupt or a BaseException subclass of a library's own stopped the whole worker with its other
-        # jobs, and the run, left running, took down each worker its redelivery reached. (The delivery's own
-        # cancellation is handled above; the worker's signals reach it as that, not as an exception in the body.)
-        return OpsPolishError(sanitize_message(describe_exception(exc), extra_secrets=secrets))
-    if deadline.expired():  # the body caught the cancellation its deadline sent, and returned: still too late
-        return JobTimeout(f"the job exceeded its {job.timeout(rt):g} s timeout")
-    return None
+    # Any other exception, a TimeoutError of the body's own (an HTTP client's) included, and any BaseException: a
+    # SystemExit (sys.exit() in a body, or in a library it calls), a KeyboardInterrupt or a BaseException subclass of
+    # a library's own stopped the whole worker with its other jobs, and the run, left running, took down each worker
+    # its redelivery reached.
+    return OpsPolishError(sanitize_message(describe_exception(exc), extra_secrets=secrets))
+
 
 def _readable(error: OpsPolishError, secrets: tuple[str, ...]) -> OpsPolishError:
     """The body's own error, with a ``message`` to record: a subclass whose ``__init__`` skipped OpsPolishError's

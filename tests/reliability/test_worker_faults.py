@@ -96,13 +96,16 @@ async def test_sigkilled_worker_and_lost_queue_leave_no_run_active_once_reconcil
         (killed.run_id, 1, False), (waiting.run_id, 1, True)]
 
 
+# wrap_cancel: the body turns its cancellation into an error of its own (RuntimeError "request interrupted", as client
+# libraries do): the run was recorded failed / internal.unexpected for good, and never ran again.
+@pytest.mark.parametrize("wrap_cancel", [False, True])
 async def test_sigterm_hands_the_run_back_and_the_next_worker_records_only_its_own_counts(
     settings: Settings, conn: asyncpg.Connection, tenant: str, tmp_path: Path,
-    worker_processes: list[WorkerProcess],
+    worker_processes: list[WorkerProcess], wrap_cancel: bool,
 ) -> None:
     async with opspolish.connect(settings) as rt:
         run = await opspolish.dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={
-            "tag": "term", "sleep_s": 60, "sleep_attempts": 1, "attempt_items": [3, 7]})
+            "tag": "term", "sleep_s": 60, "sleep_attempts": 1, "attempt_items": [3, 7], "wrap_cancel": wrap_cancel})
     first = WorkerProcess(settings, log_path=tmp_path / "first.log")
     worker_processes.append(first)
     await wait_until(lambda: _started(conn, "term"))

@@ -54,6 +54,7 @@ class EffectInputs(BaseModel):
     exit_code: int | None = None  # the body calls sys.exit(exit_code)
     inner_cancel: bool = False  # the body awaits a task that was cancelled (its own CancelledError)
     swallow_cancel: bool = False  # the body's sleep catches a cancellation (its deadline's) and returns
+    wrap_cancel: bool = False  # the body's sleep turns a cancellation into RuntimeError, as client libraries do
     raise_lease_lost: bool = False  # the body raises LeaseLost itself, holding its lease
     crash: bool = False  # raise an unexpected error carrying a secret-looking text
     attempt_items: list[int] | None = None  # attempt n counts attempt_items[n-1] more succeeded items
@@ -67,6 +68,8 @@ async def _sleep(inputs: EffectInputs, attempt: int) -> None:
         try:
             await asyncio.sleep(inputs.sleep_s)
         except asyncio.CancelledError:
+            if inputs.wrap_cancel:
+                raise RuntimeError("request interrupted") from None
             if not inputs.swallow_cancel:
                 raise
 
