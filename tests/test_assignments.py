@@ -222,6 +222,32 @@ async def test_restore_without_any_fetch_fails_with_a_clear_reason(
     assert run["summary_counts"] == {"total": 0, "processed": 0, "failed": 0}
 
 
+async def test_restore_from_a_fetch_that_failed_or_has_not_finished_is_refused_naming_its_state(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: asyncpg.Record
+) -> None:
+    # Each "succeeded" having restored nothing, counts 0/0/0: a failed fetch's snapshot is empty (or partial), a
+    # queued or running one's is not written yet.
+    failed = await dispatch(rt, FETCH_TYPE, tenant=tenant["external_id"], inputs={"policy_ids": [str(uuid.uuid4())]})
+    await run_worker(settings)
+    unfinished = await conn.fetchval(
+        """INSERT INTO operation_runs (workspace_id, tenant_id, type, run_identity_hash, fingerprint, context)
+           VALUES ($1, $2, $3, repeat('a', 64), repeat('0', 64), '{}') RETURNING id""",
+        tenant["workspace_id"], tenant["id"], FETCH_TYPE)
+    restores = [await dispatch(rt, RESTORE_TYPE, tenant=tenant["external_id"], inputs={"source_run_id": source})
+                for source in (failed.run_id, unfinished)]
+    before = await directory(conn, tenant["id"])
+    await run_worker(settings)
+    rows = {r["id"]: r for r in await conn.fetch("SELECT * FROM operation_runs WHERE type = $1", RESTORE_TYPE)}
+    said = [(rows[r.run_id]["outcome"], rows[r.run_id]["reason_code"], rows[r.run_id]["reason_message"])
+            for r in restores]
+    assert said == [
+        ("failed", "input.invalid", f"inputs.source_run_id: run {failed.run_id} is no completed fetch to restore "
+                                    "from (status completed, outcome failed)"),
+        ("failed", "input.invalid", f"inputs.source_run_id: run {unfinished} is no completed fetch to restore "
+                                    "from (status queued, outcome pending)")]
+    assert await directory(conn, tenant["id"]) == before
+
+
 async def test_fetch_of_selected_policies_counts_only_those(
     settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: asyncpg.Record
 ) -> None:

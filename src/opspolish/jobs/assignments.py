@@ -78,20 +78,24 @@ async def _source_snapshot(run: RunContext, source_run_id: int | None) -> tuple[
             if source_run_id is None:
                 raise InputInvalid("inputs.source_run_id: this tenant has no completed fetch to restore",
                                    field="inputs.source_run_id")
+        source = await run.runtime.pool.fetchrow(
+            "SELECT status, outcome FROM operation_runs WHERE id = $1 AND tenant_id = $2 AND workspace_id = $3 "
+            "AND type = $4", source_run_id, run.tenant_id, run.workspace_id, FETCH_TYPE,
+        )
+        if source is None:
+            raise InputInvalid(f"inputs.source_run_id: run {source_run_id} is not a fetch of this tenant",
+                               field="inputs.source_run_id")
+        if source["outcome"] not in ("succeeded", "partially_succeeded"):
+            # A failed fetch's snapshot is empty or partial, a queued or running one's not written yet: restoring from
+            # it "succeeded" with nothing restored.
+            raise InputInvalid(f"inputs.source_run_id: run {source_run_id} is no completed fetch to restore from "
+                               f"(status {source['status']}, outcome {source['outcome']})",
+                               field="inputs.source_run_id")
         rows = await run.runtime.pool.fetch(
-            """SELECT s.policy_id, s.assignments FROM assignment_snapshots s
-               JOIN operation_runs r ON r.id = s.run_id AND r.tenant_id = s.tenant_id
-               WHERE s.run_id = $1 AND s.tenant_id = $2 AND s.workspace_id = $3 AND r.type = $4
-               ORDER BY s.policy_id""",
-            source_run_id, run.tenant_id, run.workspace_id, FETCH_TYPE,
+            """SELECT policy_id, assignments FROM assignment_snapshots
+               WHERE run_id = $1 AND tenant_id = $2 AND workspace_id = $3 ORDER BY policy_id""",
+            source_run_id, run.tenant_id, run.workspace_id,
         )
-        owned = rows or await run.runtime.pool.fetchval(
-            "SELECT true FROM operation_runs WHERE id = $1 AND tenant_id = $2 AND workspace_id = $3 AND type = $4",
-            source_run_id, run.tenant_id, run.workspace_id, FETCH_TYPE,
-        )
-    if not owned:
-        raise InputInvalid(f"inputs.source_run_id: run {source_run_id} is not a fetch of this tenant",
-                           field="inputs.source_run_id")
     return source_run_id, {
         r[0]: [Assignment(a["target"], a["intent"]) for a in r[1]] for r in rows
     }
