@@ -106,7 +106,10 @@ async def _enqueue(rt: Runtime, redis: ArqRedis, run_type: str, result: Dispatch
         except Exception as exc:
             if not is_redis_error(exc):
                 raise
-            err = RedisUnavailable(f"could not enqueue run {result.run_id} to Redis: {type(exc).__name__}")
+            # What Redis said (a WRONGTYPE reply to a key the queue's name collides with, a refusal...), not only the
+            # exception's type: "ResponseError" alone sent the operator looking for a server that was up.
+            said = sanitize_message(describe_exception(exc), extra_secrets=rt.secrets)
+            err = RedisUnavailable(f"could not enqueue run {result.run_id} to Redis: {said}")
             if result.created:
                 await rt.ledger.fail_unstarted(result.run_id, reason_code=err.reason_code, reason_message=err.message)
             raise err from exc

@@ -129,6 +129,25 @@ async def test_redis_dying_between_ledger_row_and_enqueue_leaves_a_failed_run_wi
     assert (rows["kept"]["id"], rows["kept"]["status"], rows["kept"]["reason_code"]) == (kept.run_id, "queued", None)
 
 
+async def test_a_redis_refusal_at_enqueue_says_what_redis_said(
+    settings: Settings, private_redis: RedisServer, conn: asyncpg.Connection, tenant: str,
+) -> None:
+    # Redis up, the queue's key holding a string: "could not enqueue run 1 to Redis: ResponseError", nothing more.
+    s = private_redis.settings_for(settings)
+    client = private_redis.client()
+    try:
+        await client.set(s.queue_name, "not a sorted set")
+    finally:
+        await client.aclose()
+    async with opspolish.connect(s) as rt:
+        with pytest.raises(RedisUnavailable) as exc:
+            await opspolish.dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "refused"})
+    assert "ResponseError" in exc.value.message and "WRONGTYPE" in exc.value.message, exc.value.message
+    [row] = await run_rows(conn)
+    assert (row["status"], row["outcome"], row["reason_code"]) == ("completed", "failed", "redis.unavailable")
+    assert row["reason_message"] == exc.value.message
+
+
 async def test_doctor_keeps_each_verdict_when_one_check_fails_oddly(
     settings: Settings, private_redis: RedisServer,
 ) -> None:
