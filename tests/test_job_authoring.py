@@ -134,15 +134,17 @@ async def _wraps_its_cancellation(run: RunContext) -> None:
         raise RuntimeError("request interrupted") from None
 
 
-tracked_job("author.wraps_cancel", timeout_s=0.2, max_attempts=1)(_wraps_its_cancellation)
-
-
 async def test_a_body_that_turns_its_deadlines_cancellation_into_its_own_error_ends_job_timeout(
     settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str
 ) -> None:
     # Recorded as the body's own error: failed / internal.unexpected, "RuntimeError: request interrupted".
-    await dispatch(rt, "author.wraps_cancel", tenant=tenant)
-    await drain(settings)
+    # Declared here, not at import: a worker built from the whole registry elsewhere would carry its 0.2 s timeout.
+    tracked_job("author.wraps_cancel", timeout_s=0.2, max_attempts=1)(_wraps_its_cancellation)
+    try:
+        await dispatch(rt, "author.wraps_cancel", tenant=tenant)
+        await drain(settings)
+    finally:
+        REGISTRY.pop("author.wraps_cancel", None)
     [run] = await runs(conn)
     assert (run["outcome"], run["reason_code"]) == ("failed", "job.timeout"), run
 
