@@ -384,6 +384,22 @@ async def test_dispatch_prints_the_run_and_whether_it_joined(
     assert "test.effect" in table.stdout and "queued" in table.stdout
 
 
+async def test_cli_numbers_past_a_floats_digits_are_other_identities_and_recorded_exactly(
+    settings: Settings, seeded: dict[str, Any]
+) -> None:
+    # Parsed as floats, 0.10000000000000000001 was 0.1: the second dispatch joined the first's run.
+    tenant = seeded["tenants"][0]["external_id"]
+    ids = []
+    for args in (["--inputs-json", '{"x": 0.1}'], ["--inputs-json", '{"x": 0.10000000000000000001}'],
+                 ["--input", "x=0.10000000000000000001"]):
+        out = await cli(settings, "dispatch", "test.echo", "--tenant", tenant, *args, "--json")
+        assert out.returncode == 0, out.stderr
+        ids.append(json.loads(out.stdout)["run_id"])
+    assert ids[0] != ids[1] and ids[1] == ids[2], ids
+    shown = await cli(settings, "runs", "show", str(ids[1]), "--json")
+    assert json.loads(shown.stdout)["context"] == {"x": "0.10000000000000000001"}  # exact, as text (JSON output)
+
+
 @pytest.mark.parametrize(("args", "field"), [
     (["dispatch", "no.such.job", "--tenant", "x"], "type"),
     (["dispatch", "test.effect", "--tenant", str(uuid.uuid4())], "tenant"),

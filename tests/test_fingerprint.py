@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import enum
 import json
 import math
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 from arq.utils import args_to_string
-from hypothesis import example, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretBytes, SecretStr
 
@@ -32,6 +33,8 @@ from opspolish.fingerprint import (
     fingerprint,
     identity_hash,
     is_secret_key,
+    json_text,
+    load_json,
     lock_key,
     secret_values,
 )
@@ -326,3 +329,34 @@ def test_secret_values_are_held_to_64_kib_in_all_too() -> None:
 
 def test_integers_up_to_4300_digits_are_inputs_like_any_other() -> None:
     assert canonical_inputs({"n": 10**4299 + 7, "d": Decimal("9e4299")}) == {"n": 10**4299 + 7, "d": 9 * 10**4299}
+
+
+@given(st.decimals(allow_nan=False, allow_infinity=False, min_value=-(10**30), max_value=10**30), st.integers(1, 60))
+def test_decimals_that_differ_anywhere_are_other_identities_and_read_back_exact(d: Decimal, shift: int) -> None:
+    # normalize() in the default context rounded to 28 digits: 0.123...789 (29 digits) and 0.123...788 were one
+    # identity (the second dispatch joined the first's run), and 1e-10000000 and -1e-10000000 were both "0".
+    assume(d.adjusted() > -4000)
+    other = decimal.Context(prec=200).add(d, Decimal(1).scaleb(d.adjusted() - shift))  # exact: no rounding
+    assert fingerprint({"x": d}) != fingerprint({"x": other})
+    context = canonical_inputs({"x": other})["x"]
+    assert Decimal(str(context)) == other if isinstance(context, float) else context == other
+
+
+def test_decimals_past_28_digits_and_tiny_ones_keep_their_digits() -> None:
+    a, b = Decimal("0.12345678901234567890123456789"), Decimal("0.12345678901234567890123456788")
+    assert canonical_json({"a": a}) == '{"a":0.12345678901234567890123456789}'
+    assert fingerprint({"a": a}) != fingerprint({"a": b})
+    assert canonical_json({"x": Decimal("-1e-4300")}) == '{"x":-0.' + "0" * 4299 + '1}'
+    with pytest.raises(InputInvalid, match=r"^inputs\.x: number has more than 4300 digits$"):
+        canonical_json({"x": Decimal("1e-10000000")})  # written out, ten million characters
+
+
+@pytest.mark.parametrize(("text", "number"), [
+    ("0.1", 0.1), ("2.5e-07", 2.5e-07), ("1e300", 1e300),  # floats: read back as floats
+    ("0.10000000000000000001", Decimal("0.10000000000000000001")),
+    ("123456789012345678.5", Decimal("123456789012345678.5")), ("1e400", Decimal("1e400")),
+])
+def test_numbers_read_back_as_floats_when_a_float_is_exact_else_as_decimals(text: str, number: Any) -> None:
+    read = load_json(f'{{"x": {text}}}')["x"]
+    assert (type(read), read) == (type(number), number)
+    assert load_json(json_text({"x": read})) == {"x": read}

@@ -11,6 +11,7 @@ import subprocess
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from opspolish.settings import Settings
 from opspolish.tracking import get_job
 from opspolish.worker import worker_settings
 from tests.conftest import ROOT, WorkerProcess, drain, make_worker, wait_until, worker_env
-from tests.support.jobs import EFFECT_TYPE, FREEFORM_TYPE
+from tests.support.jobs import ECHO_TYPE, EFFECT_TYPE, FREEFORM_TYPE
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -151,6 +152,25 @@ async def test_a_run_its_worker_ends_after_the_pass_listed_it_is_left_alone_not_
     assert await redis.zcard(settings.queue_name) == 0, "a stray job was queued for a run that had ended"
     assert not await redis.exists(*[f"arq:job:{r.job_id}" for r in results])
     assert await conn.fetchval("SELECT count(*) FROM test_effects") == 3
+
+
+async def test_a_re_enqueued_runs_body_gets_its_numbers_exactly_as_dispatched(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any]
+) -> None:
+    # Re-enqueued without a payload, the body gets the run's recorded context: read back through floats, a decimal
+    # past a float's digits came back rounded (0.10000000000000000001 as 0.1, the body running on another number).
+    tenant = seeded["tenants"][0]["external_id"]
+    exact, plain = Decimal("0.10000000000000000001"), 0.1
+    results = [await dispatch(rt, ECHO_TYPE, tenant=tenant, inputs={"x": x}) for x in (exact, plain)]
+    assert results[0].run_id != results[1].run_id  # other numbers, other identities
+    recorded = await conn.fetch("SELECT context::text AS text FROM operation_runs ORDER BY id")
+    assert [r["text"] for r in recorded] == ['{"x": 0.10000000000000000001}', '{"x": 0.1}']
+    redis = rt.require_redis()
+    await redis.delete(settings.queue_name, *[f"arq:job:{r.job_id}" for r in results])  # as a queue flush does
+    await reconcile_all(rt, workspace_slug=seeded["tenants"][0]["slug"])
+    await drain(settings)
+    tags = [r["tag"] for r in await conn.fetch("SELECT tag FROM test_effects ORDER BY run_id")]
+    assert tags == ["[('x', Decimal('0.10000000000000000001'))]", "[('x', 0.1)]"]
 
 
 async def test_a_queued_run_whose_queue_entry_vanished_but_not_its_job_key_is_requeued_and_runs(

@@ -33,6 +33,7 @@ import asyncpg
 import structlog
 
 from opspolish.errors import DbUnavailable
+from opspolish.fingerprint import json_text
 from opspolish.ledger import Claim, Ledger, translate_errors
 
 log = structlog.get_logger("opspolish")
@@ -338,7 +339,7 @@ def _completion_row(c: _Completion) -> list[Any]:
 
 def _claim_row(c: _Claim) -> list[Any]:
     return [c.run_id, c.tenant, c.workspace_id, c.run_type, c.fingerprint,
-            None if c.context is None else json.dumps(c.context), c.job_id, c.queue_name, c.lease_owner,
+            None if c.context is None else json_text(c.context), c.job_id, c.queue_name, c.lease_owner,
             c.cooldown_s, c.lease_ttl_s, c.enqueued_at]
 
 

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from opspolish import db
 from opspolish.errors import InputInvalid, OpsPolishError, RunNotFound, TenantNotFound
-from opspolish.fingerprint import MAX_DIGITS, key_segment
+from opspolish.fingerprint import MAX_DIGITS, exact_float, key_segment
 from opspolish.logs import configure_logging
 from opspolish.sanitize import sanitize_message
 from opspolish.settings import ENV_PREFIX, Settings
@@ -377,7 +377,8 @@ def parse_inputs(pairs: tuple[str, ...], inputs_json: str | None) -> dict[str, A
     inputs: dict[str, Any] = {}
     if inputs_json is not None:
         try:
-            parsed = json.loads(inputs_json, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+            parsed = json.loads(inputs_json, parse_constant=_refuse_constant, parse_float=exact_float,
+                                object_pairs_hook=_unique_keys)
         except (ValueError, RecursionError) as exc:
             # Python's own words for a long integer end in advice for Python programmers (sys.set_int_max_str_digits)
             why = f"a number has more than {MAX_DIGITS} digits" if "digits" in str(exc) else f"not valid JSON ({exc})"
@@ -396,7 +397,8 @@ def parse_inputs(pairs: tuple[str, ...], inputs_json: str | None) -> dict[str, A
         if key in inputs:  # a second value would silently replace the first
             raise InputInvalid(f"{path}: given more than once", field=path)
         try:
-            inputs[key] = json.loads(raw, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+            inputs[key] = json.loads(raw, parse_constant=_refuse_constant, parse_float=exact_float,
+                                     object_pairs_hook=_unique_keys)
         except ValueError as exc:
             # JSON that is refused, not text: a non-finite number, an integer too long to read, a repeated key
             why = f"number has more than {MAX_DIGITS} digits" if "digits" in str(exc) else str(exc)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from opspolish.errors import DbUnavailable, InputInvalid, SchemaMismatch
+from opspolish.fingerprint import json_text, load_json
 from opspolish.settings import Settings
 
 #: Connection-level settings for the pool (cold paths, replays, heartbeats): custom plans, so a statement
@@ -101,8 +101,9 @@ def create_engine(settings: Settings, **kwargs: Any) -> AsyncEngine:
 
 
 async def init_connection(conn: asyncpg.Connection) -> None:
-    """Per-connection setup: jsonb travels as Python objects."""
-    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    """Per-connection setup: jsonb travels as Python objects, its numbers exact (a Decimal both ways where a float
+    would round it)."""
+    await conn.set_type_codec("jsonb", encoder=json_text, decoder=load_json, schema="pg_catalog")
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

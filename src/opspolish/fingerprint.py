@@ -20,7 +20,7 @@ import math
 import re
 import uuid
 from collections.abc import Mapping
-from decimal import Decimal
+from decimal import MAX_EMAX, MIN_EMIN, Context, Decimal
 from pathlib import PurePath
 from typing import Any
 
@@ -106,11 +106,49 @@ def _number(value: Decimal, path: str, budget: _Budget) -> Decimal | int:
         raise InputInvalid(f"{path}: non-finite number is not allowed", field=path)
     if value.adjusted() >= MAX_DIGITS:  # an integer part of more than MAX_DIGITS digits
         raise _too_many_digits(path)
-    budget.spend(len(value.as_tuple().digits) // 2)
+    digits = value.as_tuple().digits
+    budget.spend(len(digits) // 2)
     if value == value.to_integral_value():
         return int(value)
+    if value.adjusted() < -MAX_DIGITS:  # more than MAX_DIGITS zeros after the point: as long to write out
+        raise _too_many_digits(path)
     budget.decimals = True
-    return value.normalize()
+    # Trailing zeros stripped exactly: normalize() in the default context rounded to 28 digits (two numbers that
+    # differ in the 29th were one identity, the second dispatch joining the first's run) and flushed tiny ones to 0.
+    return value.normalize(Context(prec=len(digits), Emin=MIN_EMIN, Emax=MAX_EMAX))
+
+
+def exact_float(text: str) -> float | Decimal:
+    """``parse_float`` for JSON this library reads back (the ledger's jsonb, the CLI's inputs): the float when it is
+    exactly that number (``0.1``, ``2.5e-07``: every float's canonical text), else the exact Decimal
+    (``0.10000000000000000001``, ``123456789012345678.5``), which a float would have rounded: the context read back
+    for a re-enqueued run's body, and two inputs the CLI was given, were other numbers than the ones dispatched."""
+    number = Decimal(text)
+    as_float = float(number)
+    return as_float if math.isfinite(as_float) and Decimal(repr(as_float)) == number else number
+
+
+def json_text(value: Any) -> str:
+    """JSON text of a value that may hold Decimals (written as exact numbers); json.dumps for anything else."""
+    try:
+        return json.dumps(value)
+    except TypeError:
+        if not _holds_decimal(value):
+            raise
+        return _dumps(value)
+
+
+def _holds_decimal(value: Any) -> bool:
+    if isinstance(value, Decimal):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_decimal(v) for v in value.values())
+    return isinstance(value, list | tuple) and any(_holds_decimal(v) for v in value)
+
+
+def load_json(text: str | bytes) -> Any:
+    """json.loads with :func:`exact_float`: what :func:`json_text` wrote reads back as the same numbers."""
+    return json.loads(text, parse_float=exact_float)
 
 
 def _check_secret(value: Any, path: str, depth: int, budget: _Budget) -> None:
@@ -272,7 +310,7 @@ def canonical_json(inputs: Mapping[str, Any] | None) -> str:
 
 def canonical_inputs(inputs: Mapping[str, Any] | None) -> dict[str, Any]:
     """The non-secret inputs as plain JSON values (what the ledger stores as ``context``)."""
-    value = json.loads(canonical_json(inputs))
+    value = load_json(canonical_json(inputs))
     assert isinstance(value, dict)
     return value
 
@@ -284,7 +322,7 @@ def context_and_fingerprint(inputs: Mapping[str, Any] | None) -> tuple[dict[str,
 
 def context_and_fingerprint_of(text: str) -> tuple[dict[str, Any], str]:
     """The context and the fingerprint of a :func:`canonical_json` text."""
-    context = json.loads(text)
+    context = load_json(text)  # exact: a float would round what the canonical text spells in full
     assert isinstance(context, dict)
     return context, fingerprint_of(text)
 

@@ -23,6 +23,8 @@ SECRETIVE_TYPE = "test.secretive"
 FENCED_TYPE = "test.fenced"
 ALIASED_TYPE = "test.aliased"
 FREEFORM_TYPE = "test.freeform"
+#: A tenant job with no inputs model that records the inputs its body got, as their repr.
+ECHO_TYPE = "test.echo"
 #: A fenced body waits here, by its tag, between its two writes (absent: it does not wait).
 FENCED_PAUSES: dict[str, asyncio.Event] = {}
 
@@ -247,3 +249,12 @@ async def freeform(run: RunContext) -> None:
 
 
 freeform_job = tracked_job(FREEFORM_TYPE, scope="workspace")(freeform)
+
+
+async def echo(run: RunContext) -> None:
+    await run.runtime.pool.execute(
+        "INSERT INTO test_effects (run_id, attempt, tag, pid) VALUES ($1, $2, $3, $4)",
+        run.run_id, run.attempt, repr(sorted(run.inputs.items())), os.getpid())
+
+
+echo_job = tracked_job(ECHO_TYPE)(echo)
