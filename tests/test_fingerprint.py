@@ -45,7 +45,11 @@ SECRET_KEYS = ["password", "client_secret", "api_key", "X-Api-Key", "authorizati
                "password_confirmation", "passwordHash", "pwd_hash", "user_pwd", "auth_key", "authKey", "db_pass",
                # a secret word where a word of the key ends, however the words are joined
                "accesstoken", "clientsecret", "secretKey", "githubTokenValue", "refresh_tokens", "csrftoken",
-               "sessionId", "x-auth-token", "HTTPToken"]
+               "sessionId", "x-auth-token", "HTTPToken",
+               # kept in fingerprints and context before: a key named for what it signs or encrypts with, a PIN, a
+               # one-time code, a passcode, a JWT or bearer credential
+               "passcode", "encryption_key", "signing_key", "signingKey", "privkey", "ssh_key", "master_key",
+               "hmac_key", "license_key", "pin", "pin_code", "pincode", "otp", "totp_code", "jwt", "id_jwt", "bearer"]
 # An alphabet that cannot spell a secret-looking key (no c, h, k, o, p, r, s, t, u, w).
 safe_keys = st.text(alphabet="abdefgijlmnqvxyz_", min_size=1, max_size=10)
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.text(max_size=20),
@@ -80,6 +84,8 @@ _password = st.text(alphabet="ABCDEFGHabcdefgh0123456789", min_size=6, max_size=
     # password with an @ in it (the rule stopped at its first @).
     "host=db user=app password='{}' dbname=x", 'host=db password="{} x" dbname=x', "postgresql://app:p@{}@db/x",
     "aws access_key={}",
+    # Kept before: an API-key header's value (only Authorization's was known)
+    "X-Api-Key: {}", "x-auth-token: {}", "Api-Key:{}",
 ]), _password, _password)
 def test_credentials_inside_text_under_any_key_are_redacted_and_never_move_the_fingerprint(
     inputs: dict[str, Any], key: str, shape: str, a: str, b: str,
@@ -93,10 +99,17 @@ def test_credentials_inside_text_under_any_key_are_redacted_and_never_move_the_f
     assert a not in json.dumps(canonical_inputs(with_a)[key])
 
 
+def test_an_authorization_headers_scheme_is_kept_and_only_its_credential_redacted() -> None:
+    # "Authorization: [redacted] [redacted]": the scheme word was taken for the credential once it was redacted.
+    assert redact_credentials("Authorization: Bearer abcdef123456") == "Authorization: Bearer [redacted]"
+    assert redact_credentials("authorization: Basic QWxhZGRpbjpvcGVu") == "authorization: Basic [redacted]"
+    assert redact_credentials("X-Api-Key: zzzsecretzzz sent") == "X-Api-Key: [redacted] sent"
+
+
 def test_ordinary_text_that_only_resembles_a_credential_is_kept_verbatim() -> None:
     text = ["Basic Compliance", "design: v2", "max_tokens=100", "tokenizer=bert", "https://example.com:8443/a@b",
             "token rotation policy", "signature: approved by ops", "bypass=true", "compass=north",
-            "Authorization header required"]
+            "Authorization header required", "api-key rotation: weekly"]
     assert canonical_inputs({"t": text})["t"] == text
 
 
@@ -283,7 +296,9 @@ def test_text_under_a_secret_word_and_anything_under_a_password_key_stay_secrets
 
 
 @pytest.mark.parametrize("key", ["passenger", "passage_count", "author", "session", "sig_figs", "compass",
-                                 "bypass_cache", "tokenizer", "secretary", "tokenizerName", "cookiecutter_template"])
+                                 "bypass_cache", "tokenizer", "secretary", "tokenizerName", "cookiecutter_template",
+                                 "signing_key_id", "design_key", "spinner", "potpourri", "pinned", "keyboard",
+                                 "monkey", "sort_key", "partition_key", "jwt_issuer"])
 def test_a_key_that_only_contains_a_secret_words_letters_is_no_secret(key: str) -> None:
     assert not is_secret_key(key)
 

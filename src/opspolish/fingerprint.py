@@ -35,15 +35,22 @@ FINGERPRINT_VERSION = 1
 MAX_DEPTH = 32
 MAX_CANONICAL_BYTES = 64 * 1024
 
-#: The password family: password/passwd/passphrase anywhere (password2, password_confirmation, passwordhash); pass
-#: and pwd as a word of the key (db_pass, pwd_hash), never inside another (passenger, passage). Under these keys even
-#: a number is a secret (a numeric password or PIN).
-_PASSWORD_WORDS = r"pass(word|wd|phrase)|(^|_)pass(_|$)|(^|_)pwd"
+#: The password family: password/passwd/passphrase/passcode anywhere (password2, password_confirmation,
+#: passwordhash); pass and pwd as a word of the key (db_pass, pwd_hash), and pin, otp, totp as the whole of a word
+#: (pin_code, otp; never spinner, potpourri), never inside another (passenger, passage). Under these keys even a number
+#: is a secret (a numeric password, PIN or one-time code).
+_PASSWORD_WORDS = r"pass(word|wd|phrase|code)|(^|_)pass(_|$)|(^|_)pwd|(^|_)(pin|otp|totp)(_?code)?(_|$)"
 _PASSWORD_KEY = re.compile(_PASSWORD_WORDS)
 _SECRET_KEY = re.compile(
     # auth as a word of the key (auth_key), never inside another (author)
     _PASSWORD_WORDS + r"|api_?key|authorization|(^|_)auth(_|$)|auth_?key|"
     r"private_?key|access_?key|secret_?key|"
+    # a key named for what it signs or encrypts with (signing_key, encryption_key, ssh_key, privkey, hmac_key,
+    # master_key, license_key): where the key's name ends, so that signing_key_id stays an identifier (and a word of
+    # its own: design_key is none)
+    r"(^|_)(ssh|signing|sign|encryption|encrypt|crypt|master|hmac|priv|license|licence)_?keys?$|"
+    # a bearer credential or a JWT named as such (jwt, id_jwt, bearer; never jwt_issuer)
+    r"(^|_)(jwt|bearer)s?$|"
     # secret, token, credential, cookie, signature, session id: where a word of the key ends (client_secret,
     # accesstoken, refreshTokens, token_id), never inside a longer word: a tokenizer or a secretary is no secret,
     # and left out of the identity, tokenizer="bert" and tokenizer="gpt2" were one run

@@ -60,8 +60,11 @@ _CREDENTIAL_SHAPES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"(?i)\b(bearer)\s+(?!bearer\b)[A-Za-z0-9\-._~+/=]{6,}"), rf"\1 {REDACTED}"),
     _PATTERNS[3],  # JWTs
     _PATTERNS[5],  # well-known token prefixes
-    # An HTTP Authorization header's credential, whatever its scheme (the word "Basic" alone is ordinary text)
-    (re.compile(r"(?i)\b(authorization\s*+:\s*+(?:(?:basic|bearer|digest|token)\s++)?)"
+    # An HTTP Authorization header's credential, whatever its scheme (the word "Basic" alone is ordinary text), and
+    # the API-key headers' (X-Api-Key, Api-Key, X-Auth-Token, X-Access-Token). The scheme is taken whole or not at all
+    # (?+): "Authorization: Bearer [redacted]" came out "[redacted] [redacted]", the word Bearer taken for the token.
+    (re.compile(r"(?i)\b((?:authorization|(?:x-)?api-key|x-auth-token|x-access-token)\s*+:\s*+"
+                r"(?:(?:basic|bearer|digest|token)\s++)?+)"
                 + r"(?!" + re.escape(REDACTED) + r")[A-Za-z0-9\-._~+/=]{6,}+"), rf"\1{REDACTED}"),
     # key=value (a query string, a connection string, an environment line) whose key ends in an unmistakable secret
     # word: password/passwd after anything (PGPASSWORD=), the shorter words after a separator (bypass= is no secret)
