@@ -241,6 +241,19 @@ class Ledger:
             value = await self.pool.fetchval("SELECT context FROM operation_runs WHERE id = $1", run_id)
         return dict(value or {})
 
+    async def give_up(self, run_id: int, lease_owner: uuid.UUID, *, message: str) -> bool:
+        """End a run this caller has just taken over, past its attempts, without running it: failed / run.orphaned,
+        its attempts those that ran (the takeover's own is not one)."""
+        async with translate_errors():
+            status = await self.pool.execute(
+                """UPDATE operation_runs SET status = 'completed', outcome = 'failed', reason_code = 'run.orphaned',
+                          reason_message = $3, attempts = attempts - 1, summary_counts = coalesce(summary_counts, $4),
+                          completed_at = now(), heartbeat_at = now()
+                   WHERE id = $1 AND lease_owner = $2 AND status NOT IN ('queued', 'completed')""",
+                run_id, lease_owner, message, ZERO_COUNTS,
+            )
+        return status.endswith(" 1")
+
     async def fail_unstarted(self, run_id: int, *, reason_code: str, reason_message: str) -> bool:
         async with translate_errors():
             status = await self.pool.execute(_FAIL_UNSTARTED, run_id, reason_code, reason_message, ZERO_COUNTS)

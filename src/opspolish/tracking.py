@@ -557,6 +557,8 @@ async def execute(
                                         reason_message="its inputs could not be read; handed back for redelivery")
             bound.warning("gate_unavailable", reason_code=exc.reason_code, message=exc.message)
             raise Retry(defer=_backoff_s(min(job_try, 5))) from exc
+    if decision == "taken_over" and claim.attempts > job.attempts_allowed(rt):
+        return await _give_up(rt, job, claim.run_id, owner, bound)
     bound.debug("run_claimed", attempt=claim.attempts, decision=decision)
     rt.metrics[decision] += 1
     lease = rt.leases.hold(claim.run_id, owner, bound)
@@ -565,6 +567,27 @@ async def execute(
                                data, job_id, lease, bound)
     finally:
         rt.leases.drop(lease)
+
+
+async def _give_up(rt: Runtime, job: TrackedJob, run_id: int, owner: uuid.UUID, bound: Any) -> dict[str, Any]:
+    """A run taken over from a worker that stopped mid-body (killed, out of memory, its process crashed) on its last
+    allowed attempt ends failed / run.orphaned, not run again: max_attempts bounded only the errors a body raised, and
+    a body that took its process down took down every worker its redelivery reached, for ever."""
+    allowed = job.attempts_allowed(rt)
+    message = (f"its worker stopped mid-run on its last allowed attempt ({allowed} of max_attempts {allowed}); "
+               "not run again")
+    try:
+        ended = await rt.ledger.give_up(run_id, owner, message=message)
+    except DbUnavailable as exc:  # still ours, stale again soon: the next delivery decides anew
+        bound.warning("gate_unavailable", reason_code=exc.reason_code, message=exc.message)
+        raise Retry(defer=rt.settings.lease_ttl_s) from exc
+    if not ended:
+        bound.warning("run_abandoned", reason_code="dedupe.overlap", message="lease lost before giving up")
+        return _skip_result("lease_lost", run_id, "dedupe.overlap", None)
+    rt.metrics["completed:failed"] += 1
+    bound.info("run_completed", outcome="failed", reason_code="run.orphaned", counts=None, attempt=allowed,
+               duration_s=0.0, message=message)
+    return {"decision": "completed", "run_id": run_id, "outcome": "failed", "reason_code": "run.orphaned"}
 
 
 async def _body_error(rt: Runtime, job: TrackedJob, run: RunContext, secrets: tuple[str, ...]) -> OpsPolishError | None:

@@ -300,3 +300,31 @@ async def test_a_body_calling_sys_exit_fails_its_run_and_the_worker_goes_on(
     [completed] = [e for e in log_events([worker]) if e.get("event") == "run_completed"
                    and e.get("run_id") == exiting.run_id]
     assert completed["outcome"] == "failed"
+
+
+async def test_a_run_whose_worker_dies_on_every_attempt_ends_orphaned_at_max_attempts_not_run_again(
+    settings: Settings, conn: asyncpg.Connection, tenant: str, tmp_path: Path,
+    worker_processes: list[WorkerProcess],
+) -> None:
+    # max_attempts bounded only the errors a body raised: a body that takes its process down (OOM, a crash) was taken
+    # over and run again by each worker its redelivery reached, for ever (4 executions of a max_attempts=2 run).
+    s = settings.model_copy(update={"lease_ttl_s": 1.0})
+    async with opspolish.connect(s) as rt:
+        run = await opspolish.dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "doomed", "sleep_s": 60})
+    for attempt in (1, 2):
+        worker = WorkerProcess(s, log_path=tmp_path / f"w{attempt}.log", OPSPOLISH_MAX_ATTEMPTS="2")
+        worker_processes.append(worker)
+        await wait_until(lambda attempt=attempt: _started(conn, "doomed", attempt), timeout_s=30)
+        worker.kill(signal.SIGKILL)
+        await worker.wait()
+        await _expire_in_progress_marker(s, run.job_id)
+    last = WorkerProcess(s, burst=True, log_path=tmp_path / "w3.log", OPSPOLISH_MAX_ATTEMPTS="2")
+    worker_processes.append(last)
+    assert await last.wait(60) == 0, last.log()[-3000:]
+    row = await conn.fetchrow("SELECT * FROM operation_runs WHERE id = $1", run.run_id)
+    assert row is not None
+    assert (row["status"], row["outcome"], row["reason_code"], row["attempts"]) == (
+        "completed", "failed", "run.orphaned", 2), dict(row)
+    assert row["reason_message"] == ("its worker stopped mid-run on its last allowed attempt (2 of max_attempts 2); "
+                                     "not run again")
+    assert [e["attempt"] for e in await effects(conn, "doomed")] == [1, 2]  # counted: never a third execution
