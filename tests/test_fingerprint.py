@@ -106,6 +106,13 @@ def test_an_authorization_headers_scheme_is_kept_and_only_its_credential_redacte
     assert redact_credentials("X-Api-Key: zzzsecretzzz sent") == "X-Api-Key: [redacted] sent"
 
 
+def test_a_word_that_only_contains_sig_is_no_secret_name_in_messages() -> None:
+    # "..._sigconv:[redacted]": a job id whose queue or database name held "sig" lost its run number in every line.
+    job = "opspolish-test:audit_wk_sigconv:run:1"
+    assert sanitize_message(f"job_id={job} design: v2") == f"job_id={job} design: v2"
+    assert sanitize_message("sig: abcdef123 url_sig=abcdef123") == "sig: [redacted] url_sig=[redacted]"
+
+
 def test_ordinary_text_that_only_resembles_a_credential_is_kept_verbatim() -> None:
     text = ["Basic Compliance", "design: v2", "max_tokens=100", "tokenizer=bert", "https://example.com:8443/a@b",
             "token rotation policy", "signature: approved by ops", "bypass=true", "compass=north",
