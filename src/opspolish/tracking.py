@@ -25,6 +25,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, Literal, NoReturn
 
+import asyncpg
 import structlog
 from arq import Retry
 from arq.constants import job_key_prefix, retry_key_prefix
@@ -620,6 +621,13 @@ async def _body_error(rt: Runtime, job: TrackedJob, run: RunContext, secrets: tu
     return None
 
 
+#: asyncpg's errors for a connection PostgreSQL closed or refused (not OSError: a body's HTTP client raises that too).
+_LOST_CONNECTION: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError, asyncpg.ConnectionDoesNotExistError, asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+)
+
+
 def _error_of_body(exc: BaseException, secrets: tuple[str, ...]) -> OpsPolishError:
     """What the run records for an exception its body raised (not a cancellation, not our deadline)."""
     if isinstance(exc, OpsPolishError):
@@ -631,6 +639,12 @@ def _error_of_body(exc: BaseException, secrets: tuple[str, ...]) -> OpsPolishErr
         return JobRetry(sanitize_message(f"the job body asked for a retry ({describe_exception(exc)})",
                                          extra_secrets=secrets),
                         retry_after_s=None if defer_ms is None else defer_ms / 1000)
+    if isinstance(exc, _LOST_CONNECTION) or (isinstance(exc, asyncpg.PostgresError)
+                                             and getattr(exc, "severity_en", None) == "FATAL"):
+        # The body's own query on the runtime's pool met PostgreSQL going away (a backend terminated, a restart):
+        # transient, as the same error is in the library's own statements. It ended the run failed for good.
+        return DbUnavailable(sanitize_message(f"PostgreSQL unavailable: {describe_exception(exc)}",
+                                              extra_secrets=secrets))
     # Any other exception, a TimeoutError of the body's own (an HTTP client's) included, and any BaseException: a
     # SystemExit (sys.exit() in a body, or in a library it calls), a KeyboardInterrupt or a BaseException subclass of
     # a library's own stopped the whole worker with its other jobs, and the run, left running, took down each worker

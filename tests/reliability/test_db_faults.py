@@ -127,6 +127,32 @@ async def test_backend_terminated_during_the_completion_write_retries_and_record
     assert any(e["event"] == "run_completion_failed" and e["reason_code"] == "db.unavailable" for e in events)
 
 
+async def test_a_bodys_own_query_on_a_terminated_backend_is_retried_as_db_unavailable(
+    settings: Settings, conn: asyncpg.Connection, tenant: str, tmp_path: Path,
+    worker_processes: list[WorkerProcess],
+) -> None:
+    # The body's own statement on the runtime's pool (run.runtime.pool) met its backend terminated: the run ended
+    # failed / internal.unexpected for good ("ConnectionDoesNotExistError"), where the library's own statements
+    # meeting the same retry it as db.unavailable.
+    async with opspolish.connect(settings) as rt:
+        run = await opspolish.dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={
+            "tag": "raw", "db_sleep_s": 30, "sleep_attempts": 1})
+    worker = WorkerProcess(settings, burst=True, log_path=tmp_path / "w.log")
+    worker_processes.append(worker)
+
+    async def sleeping() -> list[int]:
+        return await terminate_backends(conn, query_like="SELECT pg_sleep(%")
+
+    assert await wait_until(sleeping, timeout_s=20), "the body's query was never seen, so never cut"
+    assert await worker.wait(60) == 0, worker.log()[-3000:]
+    [row] = await assert_ledger_settled(conn)
+    assert (row["outcome"], row["attempts"]) == ("succeeded", 2), row
+    executions = await effects(conn, "raw")
+    assert [(e["attempt"], e["finished_at"] is not None) for e in executions] == [(1, False), (2, True)]
+    events = [e for e in log_events([worker]) if e.get("run_id") == run.run_id and e["event"] == "run_retrying"]
+    assert [e["reason_code"] for e in events] == ["db.unavailable"], events
+
+
 async def test_backend_terminated_while_handing_a_run_back_for_its_retry_is_logged_and_the_retry_ends_it(
     settings: Settings, conn: asyncpg.Connection, tenant: str, tmp_path: Path,
     worker_processes: list[WorkerProcess],

@@ -57,6 +57,7 @@ class EffectInputs(BaseModel):
     inner_cancel: bool = False  # the body awaits a task that was cancelled (its own CancelledError)
     swallow_cancel: bool = False  # the body's sleep catches a cancellation (its deadline's) and returns
     wrap_cancel: bool = False  # the body's sleep turns a cancellation into RuntimeError, as client libraries do
+    db_sleep_s: float = 0.0  # attempts up to sleep_attempts run SELECT pg_sleep(db_sleep_s) on the runtime's pool
     raise_lease_lost: bool = False  # the body raises LeaseLost itself, holding its lease
     crash: bool = False  # raise an unexpected error carrying a secret-looking text
     attempt_items: list[int] | None = None  # attempt n counts attempt_items[n-1] more succeeded items
@@ -107,6 +108,8 @@ async def effect(run: RunContext) -> None:
         run.counts.add_total(n)
         run.counts.item_succeeded(n)
     await _sleep(inputs, run.attempt)
+    if inputs.db_sleep_s and run.attempt <= inputs.sleep_attempts:
+        await pool.execute("SELECT pg_sleep($1)", inputs.db_sleep_s)
     if run.attempt <= inputs.fail_times:
         if inputs.throttle:
             raise ProviderThrottled("slow down", retry_after_s=inputs.retry_after_s)
