@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from opspolish import db
 from opspolish.errors import InputInvalid, OpsPolishError, RunNotFound, TenantNotFound
-from opspolish.fingerprint import MAX_DIGITS, exact_float, key_segment
+from opspolish.fingerprint import MAX_DEPTH, MAX_DIGITS, exact_float, key_segment
 from opspolish.logs import configure_logging
 from opspolish.sanitize import sanitize_message
 from opspolish.settings import ENV_PREFIX, Settings
@@ -379,7 +379,10 @@ def parse_inputs(pairs: tuple[str, ...], inputs_json: str | None) -> dict[str, A
         try:
             parsed = json.loads(inputs_json, parse_constant=_refuse_constant, parse_float=exact_float,
                                 object_pairs_hook=_unique_keys)
-        except (ValueError, RecursionError) as exc:
+        except RecursionError:  # "not valid JSON (maximum recursion depth exceeded...)": valid, only too deep
+            raise InputInvalid(f"--inputs-json: nested deeper than {MAX_DEPTH} levels",
+                               field="--inputs-json") from None
+        except ValueError as exc:
             # Python's own words for a long integer end in advice for Python programmers (sys.set_int_max_str_digits)
             why = f"a number has more than {MAX_DIGITS} digits" if "digits" in str(exc) else f"not valid JSON ({exc})"
             raise InputInvalid(f"--inputs-json: {why}", field="--inputs-json") from None
@@ -406,7 +409,7 @@ def parse_inputs(pairs: tuple[str, ...], inputs_json: str | None) -> dict[str, A
                 raise InputInvalid(f"{path}: {why}", field=path) from None
             inputs[key] = raw
         except RecursionError:
-            raise InputInvalid(f"{path}: nested too deeply", field=path) from None
+            raise InputInvalid(f"{path}: nested deeper than {MAX_DEPTH} levels", field=path) from None
     return inputs
 
 

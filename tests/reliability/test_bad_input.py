@@ -286,8 +286,11 @@ CLI_CASES = [
     CliCase("JSON that is not an object", _fetch("--inputs-json", "[1]"), "input.invalid", "--inputs-json"),
     CliCase("deep nesting", _fetch("--inputs-json", '{"x":' * 40 + "1" + "}" * 40), "input.invalid",
             "inputs.x.x.x"),
+    # It said "not valid JSON (maximum recursion depth exceeded while decoding a JSON array from a unicode string)".
     CliCase("nesting deeper than the JSON parser", _fetch("--inputs-json", "[" * 50_000 + "]" * 50_000),
-            "input.invalid", "--inputs-json"),
+            "input.invalid", "--inputs-json: nested deeper than 32 levels"),
+    CliCase("nesting deeper than the JSON parser, one input", _fetch("--input", "x=" + "[" * 50_000 + "]" * 50_000),
+            "input.invalid", "inputs.x: nested deeper than 32 levels"),
     CliCase("1 MB payload", _fetch(*[a for i in range(10) for a in ("--input", f"k{i}={'z' * 100_000}")]),
             "input.invalid", "inputs"),
     CliCase("value that is not UTF-8", _fetch("--input", b"policy_ids=\xff\xfe"), "input.invalid",
