@@ -35,11 +35,12 @@ FINGERPRINT_VERSION = 1
 MAX_DEPTH = 32
 MAX_CANONICAL_BYTES = 64 * 1024
 
-#: The password family: password/passwd/passphrase/passcode anywhere (password2, password_confirmation,
-#: passwordhash); pass and pwd as a word of the key (db_pass, pwd_hash), and pin, otp, totp as the whole of a word
-#: (pin_code, otp; never spinner, potpourri), never inside another (passenger, passage). Under these keys even a number
-#: is a secret (a numeric password, PIN or one-time code).
-_PASSWORD_WORDS = r"pass(word|wd|phrase|code)|(^|_)pass(_|$)|(^|_)pwd|(^|_)(pin|otp|totp)(_?code)?(_|$)"
+#: The password family: password/passwd/passphrase anywhere (password2, password_confirmation, passwordhash); pass
+#: and pwd as a word of the key (db_pass, pwd_hash), never inside another (passenger, passage); passcode where the
+#: key's name ends (user_passcode); pin, otp and totp as the whole key (pin, pin_code, otp; never gpio_pin, pin_version,
+#: otp_digits: settings such as those would be dropped and distinct requests merged). Under these keys even a number is
+#: a secret (a numeric password, PIN or one-time code).
+_PASSWORD_WORDS = r"pass(word|wd|phrase)|(^|_)pass(_|$)|(^|_)pwd|(^|_)passcode$|^(pin|otp|totp)(_?code)?$"
 _PASSWORD_KEY = re.compile(_PASSWORD_WORDS)
 _SECRET_KEY = re.compile(
     # auth as a word of the key (auth_key), never inside another (author)
