@@ -575,8 +575,8 @@ async def _give_up(rt: Runtime, job: TrackedJob, run_id: int, owner: uuid.UUID, 
     allowed attempt ends failed / run.orphaned, not run again: max_attempts bounded only the errors a body raised, and
     a body that took its process down took down every worker its redelivery reached, for ever."""
     allowed = job.attempts_allowed(rt)
-    message = (f"its worker stopped mid-run on its last allowed attempt ({allowed} of max_attempts {allowed}); "
-               "not run again")
+    message = (f"its last allowed attempt ({allowed} of max_attempts {allowed}) never ended: its worker stopped "
+               "mid-run, or could not record the outcome; not run again")
     try:
         ended = await rt.ledger.give_up(run_id, owner, message=message)
     except DbUnavailable as exc:  # still ours, stale again soon: the next delivery decides anew
@@ -756,13 +756,24 @@ async def _run_body(
 
     outcome, code, message = _outcome(counts, error, secrets)
     summary = counts.as_dict()
-    try:
-        written, outcome, code, summary = await _complete(rt, run_id, lease.owner, outcome, code, message, summary,
-                                                          secrets)
-    except DbUnavailable as exc:
-        # Not written: the run stays ours until the lease goes stale; a redelivery then takes it over.
-        bound.warning("run_completion_failed", reason_code=exc.reason_code, message=exc.message)
-        raise Retry(defer=rt.settings.lease_ttl_s) from exc
+    # The outcome is written by this delivery, tried again while the lease is ours, for up to a lease's TTL: left to
+    # a redelivery, a blip under the write ran the body again, and on the run's last allowed attempt the takeover
+    # ended it run.orphaned though its body had finished.
+    give_up_at = time.monotonic() + rt.settings.lease_ttl_s
+    tries = 0
+    while True:
+        try:
+            written, outcome, code, summary = await _complete(rt, run_id, lease.owner, outcome, code, message,
+                                                              summary, secrets)
+            break
+        except DbUnavailable as exc:
+            tries += 1
+            if tries == 1:
+                bound.warning("run_completion_failed", reason_code=exc.reason_code, message=exc.message)
+            if lease.lost or time.monotonic() >= give_up_at:
+                # Not written: the run stays ours until the lease goes stale; a redelivery then takes it over.
+                raise Retry(defer=rt.settings.lease_ttl_s) from exc
+            await asyncio.sleep(min(0.1 * 2 ** tries, 1.0))
     if not written:
         bound.warning("run_abandoned", reason_code="dedupe.overlap", message="lease lost before completion")
         return _skip_result("lease_lost", run_id, "dedupe.overlap", None)
