@@ -373,8 +373,18 @@ def test_decimals_past_28_digits_and_tiny_ones_keep_their_digits() -> None:
     assert canonical_json({"a": a}) == '{"a":0.12345678901234567890123456789}'
     assert fingerprint({"a": a}) != fingerprint({"a": b})
     assert canonical_json({"x": Decimal("-1e-4300")}) == '{"x":-0.' + "0" * 4299 + '1}'
-    with pytest.raises(InputInvalid, match=r"^inputs\.x: number has more than 4300 digits$"):
-        canonical_json({"x": Decimal("1e-10000000")})  # written out, ten million characters
+    for tiny in (Decimal("1e-10000000"), Decimal("1e-4301"), Decimal("0." + "1" * 17_000)):
+        # Written out, ten million characters; past PostgreSQL's 16,383 digits after the point, a driver error and
+        # internal.unexpected at dispatch (and no ledger row, no line, for a raw enqueue).
+        with pytest.raises(InputInvalid, match=r"^inputs\.x: number has more than 4300 digits after the point$"):
+            canonical_json({"x": tiny})
+
+
+@pytest.mark.timeout(10)  # 60,000 copies of 1E+4299 took 45 s and 600 MB before the size cap refused them
+def test_numbers_are_held_to_the_size_cap_as_they_are_written_out() -> None:
+    for number in (Decimal("1E+4299"), Decimal("1E-4300")):
+        with pytest.raises(InputTooLarge, match=r"^inputs: larger than 65536 bytes once canonical$"):
+            canonical_json({"x": [number] * 60_000})
 
 
 @pytest.mark.parametrize(("text", "number"), [
