@@ -18,6 +18,7 @@ import inspect
 import math
 import random
 import time
+import types
 import typing
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -260,15 +261,33 @@ def _check_reads_back(where: str, model: builtins.type[BaseModel], path: str = "
             said = " or ".join(repr(n) for n in sorted(read)) or "no top-level name"
             raise ValueError(f"{where}: {path}: field {name!r} is written as {written!r} but read as {said}: "
                              "the run's inputs could not be read back (give it one alias, or none)")
-        for nested in _models_in(field.annotation):
+        for nested, in_union in _models_in(field.annotation):
+            if in_union:
+                _check_union_member(where, nested, f"{path}.{name}")
             _check_reads_back(where, nested, f"{path}.{name}", seen)
 
 
-def _models_in(annotation: Any) -> list[builtins.type[BaseModel]]:
-    """The pydantic models a field's type holds (``Inner``, ``list[Inner]``, ``Inner | None``, ``dict[str, Inner]``)."""
+def _check_union_member(where: str, model: builtins.type[BaseModel], path: str) -> None:
+    """A model among others in a union is told apart by its tag (``kind: Literal["dog"]``): a tag with a default is
+    left out of the recorded output like any default, and the run's inputs then read back as another member (a dog as
+    a cat) or as none (a discriminated union's ``union_tag_not_found``): every run of the type failed, or ran on
+    another value than dispatched."""
+    for name, field in model.model_fields.items():
+        if typing.get_origin(field.annotation) is Literal and not field.is_required():
+            raise ValueError(f"{where}: {path}: field {name!r} of {model.__name__}, one of a union's members, has a "
+                             "default, which is not recorded: the union could not tell its members apart when the "
+                             "run's inputs are read back (make the tag required)")
+
+
+def _models_in(annotation: Any, in_union: bool = False) -> list[tuple[builtins.type[BaseModel], bool]]:
+    """The pydantic models a field's type holds (``Inner``, ``list[Inner]``, ``Inner | None``, ``dict[str, Inner]``),
+    each with whether it is one of several models of a union."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+        return [(annotation, in_union)]
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        in_union = sum(isinstance(a, type) and issubclass(a, BaseModel) for a in args) > 1
+    return [m for arg in args for m in _models_in(arg, in_union)]
 
 
 def _check_policy(run_type: str, inputs: object, scope: object, cooldown_s: float | None, timeout_s: float | None,
