@@ -12,7 +12,7 @@ from arq.connections import ArqRedis
 from arq.jobs import DeserializationError, Job, SerializationError
 
 from opspolish.errors import InputInvalid, QueueConflict, RedisUnavailable, TenantNotFound
-from opspolish.fingerprint import context_and_fingerprint_of
+from opspolish.fingerprint import canonical_json, context_and_fingerprint_of
 from opspolish.ledger import Dispatched, translate_errors
 from opspolish.runtime import Runtime, is_redis_error
 from opspolish.sanitize import describe_exception, sanitize_message
@@ -61,7 +61,8 @@ async def _check_tenant_workspace(rt: Runtime, tenant: str, workspace_id: str | 
         raise TenantNotFound(f"tenant: no tenant {tenant!r} in workspace {where}", field="tenant")
 
 
-async def _held_by_this_run(rt: Runtime, redis: ArqRedis, run_type: str, result: Dispatched) -> bool | None:
+async def _held_by_this_run(rt: Runtime, redis: ArqRedis, run_type: str, result: Dispatched,
+                            data: dict[str, Any]) -> bool | None:
     """Whether the job queued under the run's job id is this run's own: True, False, or None (it is gone).
 
     Two dispatches of one identity race: the one that joins the run enqueues its job id too (idempotent, it covers a
@@ -75,9 +76,17 @@ async def _held_by_this_run(rt: Runtime, redis: ArqRedis, run_type: str, result:
     if held is None:
         return None
     tenant_id = str(result.tenant_id) if result.tenant_id else None
-    return (held.function == run_type and held.kwargs.get("run_id") == result.run_id
+    if not (held.function == run_type and held.kwargs.get("run_id") == result.run_id
             and held.kwargs.get("workspace_id") == str(result.workspace_id)
-            and held.kwargs.get("tenant_id") == tenant_id)
+            and held.kwargs.get("tenant_id") == tenant_id):
+        return False
+    # And the same inputs, secrets aside: after a ledger reset, run ids and a seed's workspaces and tenants come back
+    # the same, and a job left queued from before matched on all of the above (its delivery then refused as other
+    # inputs than the run's, the new run left queued with no job of its own).
+    try:
+        return bool(canonical_json(held.kwargs.get("inputs")) == canonical_json(data))
+    except Exception:  # inputs this code would not have queued
+        return False
 
 
 async def _enqueue(rt: Runtime, redis: ArqRedis, run_type: str, result: Dispatched, data: dict[str, Any]) -> None:
@@ -95,7 +104,7 @@ async def _enqueue(rt: Runtime, redis: ArqRedis, run_type: str, result: Dispatch
             # run had no job of its own (the other one's delivery is refused as run.not_found).
             if job is not None or not result.created:
                 return
-            ours = await _held_by_this_run(rt, redis, run_type, result)
+            ours = await _held_by_this_run(rt, redis, run_type, result, data)
         except SerializationError as exc:  # arq cannot pickle the inputs (a local class, a lambda, nesting too deep)
             said = describe_exception(exc.__cause__ or exc)
             bad = InputInvalid(f"inputs: cannot be queued ({said})", field="inputs")
