@@ -59,7 +59,6 @@ class RideOutRetry(RedisRetry):
 
     async def call_with_retry(self, do: Callable[[], Awaitable[_T]], fail: Callable[[Any], Any]) -> _T:
         failures = 0  # the backoff is stateless: no reset
-        give_up = 0.0
         while True:
             try:
                 result = await do()
@@ -70,11 +69,13 @@ class RideOutRetry(RedisRetry):
                 failures += 1
                 now = time.monotonic()
                 if failures == 1:
-                    give_up = now + self._for_s
                     self._note_away(now, error)
                 await fail(error)
                 backoff = self._backoff.compute(failures)
-                if now + backoff > give_up:
+                # One window per outage, from its first failure: a command's retries nest its reconnect's, each with a
+                # window of its own, and the worker gave up after twice the setting.
+                started = RideOutRetry._away_since if RideOutRetry._away_since is not None else now
+                if now + backoff > started + self._for_s:
                     raise
                 await asyncio.sleep(backoff)
                 continue
@@ -91,6 +92,21 @@ class RideOutRetry(RedisRetry):
             RideOutRetry._away_logged = now
             log.warning("redis_away", reason_code="redis.unavailable", message=describe_exception(error),
                         retry_for_s=self._for_s)
+
+
+#: How long a worker waits for one Redis reply (arq sets none): a Redis that accepts connections but never answers
+#: (frozen, SIGSTOPped, a network that drops packets) held a worker for ever, deaf to SIGTERM. A timed-out read is
+#: ridden out like a refused connection.
+REDIS_READ_TIMEOUT_S = 10.0
+
+
+def bound_redis_reads(redis: ArqRedis) -> None:
+    """Give the worker's Redis connections a read timeout (:data:`REDIS_READ_TIMEOUT_S`): the pool's new ones, and
+    those arq's start-up already made (redis-py keeps each connection's timeout on the connection)."""
+    pool = redis.connection_pool
+    pool.connection_kwargs["socket_timeout"] = REDIS_READ_TIMEOUT_S
+    for conn in (*getattr(pool, "_available_connections", ()), *getattr(pool, "_in_use_connections", ())):
+        conn.socket_timeout = REDIS_READ_TIMEOUT_S
 
 
 def redis_settings(settings: Settings, *, conn_retries: int = 5, ride_out: bool = False) -> RedisSettings:

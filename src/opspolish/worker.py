@@ -17,7 +17,7 @@ from arq.worker import Worker
 
 from opspolish import db
 from opspolish.logs import configure_logging, log_runs_once
-from opspolish.runtime import RideOutRetry, Runtime
+from opspolish.runtime import RideOutRetry, Runtime, bound_redis_reads
 from opspolish.settings import Settings
 from opspolish.tracking import TIMEOUT_MARGIN_S, TrackedJob, load_jobs
 
@@ -31,6 +31,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     await db.require_schema_head(settings)
     ctx["opspolish"] = await Runtime.start(settings, redis=ctx["redis"])
     _stop_without_cancelling_arq(ctx, ctx["opspolish"])
+    bound_redis_reads(ctx["redis"])
     RideOutRetry.armed = True  # up: from here on, Redis being away is ridden out (OPSPOLISH_REDIS_RETRY_S)
     log.info("worker_started", queue=settings.queue_name)
 

@@ -309,3 +309,27 @@ async def test_a_password_refused_while_the_worker_runs_is_not_ridden_out(
         assert "AuthenticationError" in worker.log() or "invalid" in worker.log().lower()
     finally:
         server.stop()
+
+
+async def test_a_worker_whose_redis_stops_answering_gives_up_in_bounded_time(
+    settings: Settings, private_redis: RedisServer, tmp_path: Path, worker_processes: list[WorkerProcess],
+) -> None:
+    # A Redis that holds its connections open and never answers (here SIGSTOPped): with no read timeout, the worker
+    # waited for ever, without a line, and deaf to SIGTERM.
+    s = private_redis.settings_for(settings)
+    worker = WorkerProcess(s, log_path=tmp_path / "w.log", OPSPOLISH_REDIS_RETRY_S="2")
+    worker_processes.append(worker)
+
+    async def up() -> bool:
+        return "worker_started" in worker.log()
+
+    await wait_until(up)
+    assert private_redis.proc is not None
+    private_redis.proc.send_signal(signal.SIGSTOP)
+    try:
+        frozen = time.monotonic()
+        assert await worker.wait(60) != 0
+        assert time.monotonic() - frozen < 45, worker.log()[-2000:]
+        assert "redis_away" in worker.log() and "TimeoutError" in worker.log()
+    finally:
+        private_redis.proc.send_signal(signal.SIGCONT)
