@@ -336,6 +336,22 @@ async def test_a_reader_that_goes_away_is_no_error_of_ours(
         assert (piped.stdout, piped.stderr) == ("141\n", ""), (args, piped)
 
 
+async def test_output_to_an_ascii_stdout_is_written_not_an_encoding_error(
+    settings: Settings, seeded: dict[str, Any]
+) -> None:
+    # PYTHONIOENCODING=ascii (or a C locale): "internal.unexpected: UnicodeEncodeError", exit 1, for a context
+    # holding "ü" (click itself writes UTF-8 to such a stream).
+    tenant = seeded["tenants"][0]["external_id"]
+    out = await cli(settings, "dispatch", "test.echo", "--tenant", tenant, "--input", "city=Zürich", "--json")
+    assert out.returncode == 0, out.stderr
+    run_id = json.loads(out.stdout)["run_id"]
+    for args in (["runs", "show", str(run_id)], ["runs", "show", str(run_id), "--json"]):
+        shown = await asyncio.to_thread(subprocess.run, [CLI, *args], cwd=ROOT, capture_output=True, timeout=90,
+                                        env={**worker_env(settings), "PYTHONIOENCODING": "ascii"})
+        assert shown.returncode == 0, shown.stderr
+        assert "Zürich".encode() in shown.stdout or b"Z\\u00fcrich" in shown.stdout, shown.stdout
+
+
 async def test_a_reader_that_goes_away_midway_through_a_long_output_is_141_not_success(
     settings: Settings, conn: asyncpg.Connection, seeded: dict[str, Any]
 ) -> None:

@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import uuid
+from pathlib import PurePosixPath, PureWindowsPath
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
@@ -111,7 +112,8 @@ def test_a_word_that_only_contains_sig_is_no_secret_name_in_messages() -> None:
     # "..._sigconv:[redacted]": a job id whose queue or database name held "sig" lost its run number in every line.
     job = "opspolish-test:audit_wk_sigconv:run:1"
     assert sanitize_message(f"job_id={job} design: v2") == f"job_id={job} design: v2"
-    assert sanitize_message("sig: abcdef123 url_sig=abcdef123") == "sig: [redacted] url_sig=[redacted]"
+    assert sanitize_message("sig: abcdef123 url_sig=abcdef123 sigs=abcdef123") == (
+        "sig: [redacted] url_sig=[redacted] sigs=[redacted]")
 
 
 def test_ordinary_text_that_only_resembles_a_credential_is_kept_verbatim() -> None:
@@ -396,3 +398,12 @@ def test_numbers_read_back_as_floats_when_a_float_is_exact_else_as_decimals(text
     read = load_json(f'{{"x": {text}}}')["x"]
     assert (type(read), read) == (type(number), number)
     assert load_json(json_text({"x": read})) == {"x": read}
+
+
+def test_pure_paths_and_equal_aware_times_are_canonical_text() -> None:
+    # A pure path raised pydantic's "Unable to serialize unknown type" out of dispatch; 10:05+02:00 and 08:05Z, equal
+    # times, were two identities.
+    assert canonical_inputs({"p": PurePosixPath("a/b"), "w": PureWindowsPath("c:/x")}) == {"p": "a/b", "w": "c:\\x"}
+    plus_two = dt.timezone(dt.timedelta(hours=2))
+    assert canonical_inputs({"t": dt.time(10, 5, tzinfo=plus_two)}) == {"t": "08:05:00Z"}
+    assert fingerprint({"t": dt.time(10, 5, tzinfo=plus_two)}) == fingerprint({"t": dt.time(8, 5, tzinfo=dt.UTC)})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import dataclasses
 import functools
@@ -119,7 +120,12 @@ def emit(as_json: bool, data: Any, text: str) -> None:
         click.echo(out, nl=False)
         return
     stream.flush()
-    rest = memoryview(out.encode(stream.encoding or "utf-8", stream.errors or "strict"))
+    # As click does: UTF-8 where the stream says ASCII (a C locale, PYTHONIOENCODING=ascii), and a character the
+    # stream's encoding cannot hold replaced, not a UnicodeEncodeError for the whole output.
+    encoding = stream.encoding or "utf-8"
+    if codecs.lookup(encoding).name == "ascii":
+        encoding = "utf-8"
+    rest = memoryview(out.encode(encoding, "replace"))
     while rest:
         rest = rest[os.write(fd, rest):]
 

@@ -285,6 +285,11 @@ def _canonical(value: Any, path: str, depth: int, budget: _Budget) -> Any:  # no
     if isinstance(value, set | frozenset):
         items = [_canonical(item, f"{path}[]", depth + 1, budget) for item in value]
         return sorted(items, key=_dumps)
+    if isinstance(value, PurePath):  # a pure path too, which pydantic's JSON cannot write
+        return _canonical(str(value), path, depth, budget)
+    if isinstance(value, dt.time) and value.utcoffset() is not None:
+        # As aware datetimes are, in UTC: 10:05+02:00 and 08:05Z are equal times, and were two identities.
+        value = dt.datetime.combine(dt.date(2000, 1, 1), value).astimezone(dt.UTC).timetz()
     if isinstance(value, _AS_JSON_TEXT):
         return _canonical(pydantic_core.to_jsonable_python(value), path, depth, budget)
     if isinstance(value, SecretStr | SecretBytes):

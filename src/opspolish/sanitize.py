@@ -9,10 +9,10 @@ REDACTED = "[redacted]"
 
 _SECRET_WORDS = (
     r"pass(?:word|wd)?|pwd|secret|client[_-]?secret|token|access[_-]?token|refresh[_-]?token|api[_-]?key|"
-    # sig where it ends a word (sig, url_sig): inside one (design, a database named ..._sigconv) it took the value
+    # sig where it ends a word (sig, sigs, url_sig): inside one (design, a database named ..._sigconv) it took the value
     # after any "design:" or job id's "..._sigconv:" for a secret
     r"apikey|access[_-]?key|auth(?:orization)?|credentials?|private[_-]?key|cookie|session[_-]?id|signature|"
-    r"sig(?![a-z])"
+    r"sigs?(?![a-z])"
 )
 #: A PEM private key block, BEGIN line to END line (or to the end of a text cut short), whatever key word or line
 #: breaks come before it: the key=value rule took only "-----BEGIN" and left the key's body in the message. Runs
