@@ -12,9 +12,9 @@ import re
 import subprocess
 import sys
 import uuid
-from pathlib import PurePosixPath, PureWindowsPath
 from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
 import pytest
