@@ -94,19 +94,58 @@ class RideOutRetry(RedisRetry):
                         retry_for_s=self._for_s)
 
 
-#: How long a worker waits for one Redis reply (arq sets none): a Redis that accepts connections but never answers
-#: (frozen, SIGSTOPped, a network that drops packets) held a worker for ever, deaf to SIGTERM. A timed-out read is
-#: ridden out like a refused connection.
+#: How long a worker waits for a Redis reply once Redis has stopped answering (arq sets no read timeout): a Redis
+#: that holds connections open and never replies (frozen, SIGSTOPped, a network that drops packets) held a worker for
+#: ever, deaf to SIGTERM. Not set while Redis answers: redis-py then wraps every send in a task of its own and every
+#: read in a timer, 160 us of a worker's CPU per job.
 REDIS_READ_TIMEOUT_S = 10.0
+#: How often the worker's watchdog pings Redis, on a connection of its own.
+REDIS_WATCH_INTERVAL_S = 5.0
 
 
-def bound_redis_reads(redis: ArqRedis) -> None:
-    """Give the worker's Redis connections a read timeout (:data:`REDIS_READ_TIMEOUT_S`): the pool's new ones, and
-    those arq's start-up already made (redis-py keeps each connection's timeout on the connection)."""
+def _set_read_timeout(redis: ArqRedis, timeout_s: float | None) -> None:
+    """The read timeout of the pool's connections, new and existing (redis-py keeps it on each connection)."""
     pool = redis.connection_pool
-    pool.connection_kwargs["socket_timeout"] = REDIS_READ_TIMEOUT_S
+    pool.connection_kwargs["socket_timeout"] = timeout_s
     for conn in (*getattr(pool, "_available_connections", ()), *getattr(pool, "_in_use_connections", ())):
-        conn.socket_timeout = REDIS_READ_TIMEOUT_S
+        conn.socket_timeout = timeout_s
+
+
+async def watch_redis_replies(redis: ArqRedis, settings: Settings) -> None:
+    """A worker's watchdog: while Redis accepts connections but does not reply, its pool's commands get a read
+    timeout and those waiting are cut (their connections closed), so that the worker rides the silence out like an
+    outage, and gives up past ``OPSPOLISH_REDIS_RETRY_S``; once Redis replies again, the timeout goes. Logs
+    ``redis_not_answering`` (warning)."""
+    from redis.asyncio import Redis
+
+    probe = Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=REDIS_READ_TIMEOUT_S,
+                           socket_connect_timeout=2)
+    silent = False
+    try:
+        while True:
+            await asyncio.sleep(REDIS_WATCH_INTERVAL_S)
+            try:
+                await probe.ping()
+            except (RedisTimeoutError, TimeoutError) as exc:
+                if not silent:
+                    silent = True
+                    log.warning("redis_not_answering", reason_code="redis.unavailable", message=describe_exception(exc),
+                                timeout_s=REDIS_READ_TIMEOUT_S)
+                    _set_read_timeout(redis, REDIS_READ_TIMEOUT_S)
+                    for conn in list(getattr(redis.connection_pool, "_in_use_connections", ())):
+                        with contextlib.suppress(Exception):
+                            await conn.disconnect(nowait=True)
+                continue
+            except Exception as exc:  # away, refused...: the pool's own commands ride that out
+                if not is_redis_error(exc):
+                    raise
+                continue
+            if silent:
+                silent = False
+                _set_read_timeout(redis, None)
+    finally:
+        with contextlib.suppress(Exception):
+            await probe.aclose()
 
 
 def redis_settings(settings: Settings, *, conn_retries: int = 5, ride_out: bool = False) -> RedisSettings:

@@ -6,6 +6,7 @@ Startup builds the runtime (asyncpg pool, provider, lease keeper) from settings;
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections.abc import Iterable
 from functools import partial
@@ -17,7 +18,7 @@ from arq.worker import Worker
 
 from opspolish import db
 from opspolish.logs import configure_logging, log_runs_once
-from opspolish.runtime import RideOutRetry, Runtime, bound_redis_reads
+from opspolish.runtime import RideOutRetry, Runtime, watch_redis_replies
 from opspolish.settings import Settings
 from opspolish.tracking import TIMEOUT_MARGIN_S, TrackedJob, load_jobs
 
@@ -31,7 +32,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     await db.require_schema_head(settings)
     ctx["opspolish"] = await Runtime.start(settings, redis=ctx["redis"])
     _stop_without_cancelling_arq(ctx, ctx["opspolish"])
-    bound_redis_reads(ctx["redis"])
+    ctx["opspolish_redis_watch"] = asyncio.ensure_future(watch_redis_replies(ctx["redis"], settings))
     RideOutRetry.armed = True  # up: from here on, Redis being away is ridden out (OPSPOLISH_REDIS_RETRY_S)
     log.info("worker_started", queue=settings.queue_name)
 
@@ -86,6 +87,11 @@ def _on_stop_signal(worker: Worker, rt: Runtime, main: asyncio.Task[Any] | None,
 
 async def shutdown(ctx: dict[str, Any]) -> None:
     RideOutRetry.armed = False
+    watch = ctx.pop("opspolish_redis_watch", None)
+    if watch is not None:
+        watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await watch
     rt: Runtime | None = ctx.get("opspolish")
     if rt is not None:
         gate = rt.gate

@@ -328,8 +328,8 @@ async def test_a_worker_whose_redis_stops_answering_gives_up_in_bounded_time(
     private_redis.proc.send_signal(signal.SIGSTOP)
     try:
         frozen = time.monotonic()
-        assert await worker.wait(60) != 0
-        assert time.monotonic() - frozen < 45, worker.log()[-2000:]
-        assert "redis_away" in worker.log() and "TimeoutError" in worker.log()
+        assert await worker.wait(90) != 0
+        assert time.monotonic() - frozen < 60, worker.log()[-2000:]
+        assert "redis_not_answering" in worker.log() and "redis_away" in worker.log()
     finally:
         private_redis.proc.send_signal(signal.SIGCONT)
