@@ -51,7 +51,8 @@ SECRET_KEYS = ["password", "client_secret", "api_key", "X-Api-Key", "authorizati
                # one-time code, a passcode, a JWT or bearer credential
                "passcode", "encryption_key", "signing_key", "signingKey", "privkey", "ssh_key", "master_key",
                "hmac_key", "license_key", "pin", "pin_code", "pincode", "user_passcode", "otp", "totp_code", "jwt",
-               "id_jwt", "bearer"]
+               "id_jwt", "bearer", "cvv", "card_cvc", "security_code", "recovery_codes", "backup_code", "mfa_code",
+               "verification_code", "aes_key", "gpg_key", "otpauth_uri"]
 # An alphabet that cannot spell a secret-looking key (no c, h, k, o, p, r, s, t, u, w).
 safe_keys = st.text(alphabet="abdefgijlmnqvxyz_", min_size=1, max_size=10)
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.text(max_size=20),
@@ -311,7 +312,8 @@ def test_text_under_a_secret_word_and_anything_under_a_password_key_stay_secrets
                                  "monkey", "sort_key", "partition_key", "jwt_issuer",
                                  # settings, not secrets: dropped, gpio_pin=4 and gpio_pin=17 were one identity
                                  "pin_version", "pinToTop", "otp_digits", "otp_issuer", "otp_enabled", "totp_period",
-                                 "passcode_length", "map_pin_color", "pin_count", "gpio_pin", "user_pin_hint"])
+                                 "passcode_length", "map_pin_color", "pin_count", "gpio_pin", "user_pin_hint",
+                                 "security_code_length", "backup_codes_count", "cvv_required", "gpg_key_id"])
 def test_a_key_that_only_contains_a_secret_words_letters_is_no_secret(key: str) -> None:
     assert not is_secret_key(key)
 

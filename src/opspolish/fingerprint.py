@@ -40,7 +40,9 @@ MAX_CANONICAL_BYTES = 64 * 1024
 #: key's name ends (user_passcode); pin, otp and totp as the whole key (pin, pin_code, otp; never gpio_pin, pin_version,
 #: otp_digits: settings such as those would be dropped and distinct requests merged). Under these keys even a number is
 #: a secret (a numeric password, PIN or one-time code).
-_PASSWORD_WORDS = r"pass(word|wd|phrase)|(^|_)pass(_|$)|(^|_)pwd|(^|_)passcode$|^(pin|otp|totp)(_?code)?$"
+_PASSWORD_WORDS = (r"pass(word|wd|phrase)|(^|_)pass(_|$)|(^|_)pwd|(^|_)passcode$|^(pin|otp|totp)(_?code)?$|"
+                   # a card's security code and the one-time or recovery codes of a login, where the key ends
+                   r"(^|_)(cvv|cvc|cvv2|security_code|(mfa|2fa|verification|recovery|backup)_codes?)$")
 _PASSWORD_KEY = re.compile(_PASSWORD_WORDS)
 _SECRET_KEY = re.compile(
     # auth as a word of the key (auth_key), never inside another (author)
@@ -49,7 +51,9 @@ _SECRET_KEY = re.compile(
     # a key named for what it signs or encrypts with (signing_key, encryption_key, ssh_key, privkey, hmac_key,
     # master_key, license_key): where the key's name ends, so that signing_key_id stays an identifier (and a word of
     # its own: design_key is none)
-    r"(^|_)(ssh|signing|sign|encryption|encrypt|crypt|master|hmac|priv|license|licence)_?keys?$|"
+    r"(^|_)(ssh|signing|sign|encryption|encrypt|crypt|master|hmac|priv|license|licence|aes|gpg|pgp)_?keys?$|"
+    # an otpauth:// URI carries the TOTP seed itself
+    r"(^|_)otpauth(_?ur[il])?$|"
     # a bearer credential or a JWT named as such (jwt, id_jwt, bearer; never jwt_issuer)
     r"(^|_)(jwt|bearer)s?$|"
     # secret, token, credential, cookie, signature, session id: where a word of the key ends (client_secret,
