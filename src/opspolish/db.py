@@ -35,17 +35,29 @@ MIGRATIONS_DIR = (
     _PACKAGED_MIGRATIONS if _PACKAGED_MIGRATIONS.is_dir() else Path(__file__).resolve().parents[2] / "migrations"
 )
 
-DRIVER_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
+#: asyncpg's errors for a session PostgreSQL closed or refused: none of them is raised by anything but the driver.
+SESSION_LOST: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+)
+DRIVER_ERRORS: tuple[type[BaseException], ...] = (
+    *SESSION_LOST,
+    OSError,
     asyncpg.InterfaceError,
     # Raised when the server's "terminating connection" has arrived and the socket's close not yet (a pooled
     # connection after a backend was terminated, or PostgreSQL restarted): "cannot switch to state ...".
     asyncpg.InternalClientError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
     asyncio.TimeoutError,
 )
+
+
+def session_lost(exc: BaseException, *, errors: tuple[type[BaseException], ...] = SESSION_LOST) -> bool:
+    """Whether ``exc`` says PostgreSQL went away: one of ``errors``, or a FATAL server error, which ends the session
+    whatever its SQLSTATE. The library's own statements pass :data:`DRIVER_ERRORS` (their OSErrors and timeouts can
+    only be the driver's); a job body's errors are held to :data:`SESSION_LOST` (its HTTP client raises OSError too)."""
+    return isinstance(exc, errors) or getattr(exc, "severity_en", None) == "FATAL"
 #: What the server answers when it refuses a new connection (no such database, bad credentials, too many
 #: clients): as operational as a closed port, so it is DbUnavailable too, not a traceback.
 CONNECT_ERRORS: tuple[type[BaseException], ...] = (

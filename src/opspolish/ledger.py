@@ -17,7 +17,7 @@ from typing import Any
 
 import asyncpg
 
-from opspolish.db import DRIVER_ERRORS
+from opspolish.db import DRIVER_ERRORS, session_lost
 from opspolish.errors import DbUnavailable, InputInvalid
 
 ZERO_COUNTS = {"total": 0, "processed": 0, "failed": 0}
@@ -31,7 +31,7 @@ async def translate_errors() -> AsyncIterator[None]:
     except Exception as exc:
         # A FATAL server error ends the session too, whatever its SQLSTATE: a new pooled connection refused because
         # the database does not accept connections (ObjectNotInPrerequisiteStateError) was internal.unexpected.
-        if not isinstance(exc, DRIVER_ERRORS) and getattr(exc, "severity_en", None) != "FATAL":
+        if not session_lost(exc, errors=DRIVER_ERRORS):
             raise
         raise DbUnavailable(f"PostgreSQL unavailable: {type(exc).__name__}: {exc}") from exc
 

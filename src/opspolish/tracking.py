@@ -26,7 +26,6 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, Literal, NoReturn
 
-import asyncpg
 import structlog
 from arq import Retry
 from arq.constants import job_key_prefix, retry_key_prefix
@@ -35,6 +34,7 @@ from pydantic import AliasChoices, AliasPath, BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from opspolish.counts import Counts as Counts  # re-exported: it lived here before counts.py
+from opspolish.db import session_lost
 from opspolish.errors import (
     DbUnavailable,
     InputInvalid,
@@ -594,8 +594,8 @@ async def _give_up(rt: Runtime, job: TrackedJob, run_id: int, owner: uuid.UUID, 
     allowed attempt ends failed / run.orphaned, not run again: max_attempts bounded only the errors a body raised, and
     a body that took its process down took down every worker its redelivery reached, for ever."""
     allowed = job.attempts_allowed(rt)
-    message = (f"its last allowed attempt ({allowed} of max_attempts {allowed}) never ended: its worker stopped "
-               "mid-run, or could not record the outcome; not run again")
+    message = (f"its last allowed attempt (max_attempts {allowed}) never ended: its worker stopped mid-run, or "
+               "could not record the outcome; not run again")
     try:
         ended = await rt.ledger.give_up(run_id, owner, message=message)
     except DbUnavailable as exc:  # still ours, stale again soon: the next delivery decides anew
@@ -640,13 +640,6 @@ async def _body_error(rt: Runtime, job: TrackedJob, run: RunContext, secrets: tu
     return None
 
 
-#: asyncpg's errors for a connection PostgreSQL closed or refused (not OSError: a body's HTTP client raises that too).
-_LOST_CONNECTION: tuple[type[BaseException], ...] = (
-    asyncpg.PostgresConnectionError, asyncpg.ConnectionDoesNotExistError, asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
-)
-
-
 def _error_of_body(exc: BaseException, secrets: tuple[str, ...]) -> OpsPolishError:
     """What the run records for an exception its body raised (not a cancellation, not our deadline)."""
     if isinstance(exc, OpsPolishError):
@@ -658,8 +651,7 @@ def _error_of_body(exc: BaseException, secrets: tuple[str, ...]) -> OpsPolishErr
         return JobRetry(sanitize_message(f"the job body asked for a retry ({describe_exception(exc)})",
                                          extra_secrets=secrets),
                         retry_after_s=None if defer_ms is None else defer_ms / 1000)
-    if isinstance(exc, _LOST_CONNECTION) or (isinstance(exc, asyncpg.PostgresError)
-                                             and getattr(exc, "severity_en", None) == "FATAL"):
+    if session_lost(exc):
         # The body's own query on the runtime's pool met PostgreSQL going away (a backend terminated, a restart):
         # transient, as the same error is in the library's own statements. It ended the run failed for good.
         return DbUnavailable(sanitize_message(f"PostgreSQL unavailable: {describe_exception(exc)}",

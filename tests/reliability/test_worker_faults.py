@@ -325,6 +325,6 @@ async def test_a_run_whose_worker_dies_on_every_attempt_ends_orphaned_at_max_att
     assert row is not None
     assert (row["status"], row["outcome"], row["reason_code"], row["attempts"]) == (
         "completed", "failed", "run.orphaned", 2), dict(row)
-    assert row["reason_message"] == ("its last allowed attempt (2 of max_attempts 2) never ended: its worker "
-                                     "stopped mid-run, or could not record the outcome; not run again")
+    assert row["reason_message"] == ("its last allowed attempt (max_attempts 2) never ended: its worker stopped "
+                                     "mid-run, or could not record the outcome; not run again")
     assert [e["attempt"] for e in await effects(conn, "doomed")] == [1, 2]  # counted: never a third execution
