@@ -149,18 +149,8 @@ def json_text(value: Any) -> str:
     """JSON text of a value that may hold Decimals (written as exact numbers); json.dumps for anything else."""
     try:
         return json.dumps(value)
-    except TypeError:
-        if not _holds_decimal(value):
-            raise
+    except TypeError:  # a Decimal somewhere (a value of another type raises TypeError from _dumps too)
         return _dumps(value)
-
-
-def _holds_decimal(value: Any) -> bool:
-    if isinstance(value, Decimal):
-        return True
-    if isinstance(value, dict):
-        return any(_holds_decimal(v) for v in value.values())
-    return isinstance(value, list | tuple) and any(_holds_decimal(v) for v in value)
 
 
 def load_json(text: str | bytes) -> Any:
@@ -217,9 +207,10 @@ class _Budget:
 
 #: Values a model's output holds that are text in JSON: written as pydantic writes them in JSON (``PT1H`` for an hour,
 #: ``10:05:00Z``, ``https://example.com/``), which the model reads back. They were refused as "unsupported type": a
-#: model with an ``HttpUrl``, ``IPvAnyAddress``, ``Path``, ``timedelta`` or ``time`` field could not be dispatched.
+#: model with an ``HttpUrl``, ``IPvAnyAddress``, ``timedelta`` or ``time`` field could not be dispatched (paths, the
+#: same, are written by str() below).
 _AS_JSON_TEXT: tuple[type, ...] = tuple(t for t in (
-    dt.time, dt.timedelta, PurePath, ipaddress.IPv4Address, ipaddress.IPv6Address, ipaddress.IPv4Network,
+    dt.time, dt.timedelta, ipaddress.IPv4Address, ipaddress.IPv6Address, ipaddress.IPv4Network,
     ipaddress.IPv6Network, ipaddress.IPv4Interface, ipaddress.IPv6Interface, pydantic.AnyUrl,
     getattr(pydantic.networks, "_BaseMultiHostUrl", None),  # PostgresDsn, RedisDsn... (pydantic >= 2.10)
     pydantic_core.Url, pydantic_core.MultiHostUrl,
@@ -289,7 +280,7 @@ def _canonical(value: Any, path: str, depth: int, budget: _Budget) -> Any:  # no
     if isinstance(value, set | frozenset):
         items = [_canonical(item, f"{path}[]", depth + 1, budget) for item in value]
         return sorted(items, key=_dumps)
-    if isinstance(value, PurePath):  # a pure path too, which pydantic's JSON cannot write
+    if isinstance(value, PurePath):  # str(): pydantic's JSON cannot write a pure path
         return _canonical(str(value), path, depth, budget)
     if isinstance(value, dt.time) and value.utcoffset() is not None:
         # As aware datetimes are, in UTC: 10:05+02:00 and 08:05Z are equal times, and were two identities.
