@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pytest
@@ -28,10 +27,20 @@ pytestmark = pytest.mark.timeout(90)
 _COMPLETION_WRITE = "%UPDATE operation_runs%SET status = 'completed'%"
 
 
-async def _row(conn: asyncpg.Connection, run_id: int) -> dict[str, Any]:
-    row = await conn.fetchrow("SELECT * FROM operation_runs WHERE id = $1", run_id)
-    assert row is not None
-    return dict(row)
+async def _cut_when_blocked_on_the_row(conn: asyncpg.Connection, run_id: int, query_like: str) -> None:
+    """Hold the run's row so the worker's statement like ``query_like`` blocks where it can be seen, then terminate
+    its backend (and let the row go)."""
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        await conn.execute("SELECT 1 FROM operation_runs WHERE id = $1 FOR UPDATE", run_id)
+
+        async def blocked() -> list[int]:
+            return await terminate_backends(conn, query_like=query_like, waiting_on_lock=True)
+
+        assert await wait_until(blocked, timeout_s=20), f"no statement like {query_like!r} blocked on the row"
+    finally:
+        await tx.rollback()
 
 
 async def test_backends_terminated_during_the_body_do_not_break_the_run(
@@ -100,18 +109,7 @@ async def test_backend_terminated_during_the_completion_write_is_written_again_b
         return bool(await effects(conn, "write"))
 
     await wait_until(started)
-    # Hold the run's row so the completion write blocks where we can see it, then cut its backend.
-    tx = conn.transaction()
-    await tx.start()
-    try:
-        await conn.execute("SELECT 1 FROM operation_runs WHERE id = $1 FOR UPDATE", run.run_id)
-
-        async def completion_blocked() -> list[int]:
-            return await terminate_backends(conn, query_like=_COMPLETION_WRITE, waiting_on_lock=True)
-
-        assert await wait_until(completion_blocked, timeout_s=20)
-    finally:
-        await tx.rollback()
+    await _cut_when_blocked_on_the_row(conn, run.run_id, _COMPLETION_WRITE)
     # Written again by the delivery whose write was cut, with its own counts: left to a redelivery, the body ran a
     # second time (and on a run's last allowed attempt, the takeover ended it run.orphaned, its body finished).
     assert await worker.wait(60) == 0, worker.log()[-3000:]
@@ -166,19 +164,7 @@ async def test_backend_terminated_while_handing_a_run_back_for_its_retry_is_logg
         return bool(await effects(conn, "release"))
 
     await wait_until(started)
-    # Hold the run's row so the hand-back blocks where we can see it, then cut its backend.
-    tx = conn.transaction()
-    await tx.start()
-    try:
-        await conn.execute("SELECT 1 FROM operation_runs WHERE id = $1 FOR UPDATE", run.run_id)
-
-        async def release_blocked() -> list[int]:
-            return await terminate_backends(conn, query_like="%SET status = 'queued', lease_owner = NULL%",
-                                            waiting_on_lock=True)
-
-        assert await wait_until(release_blocked, timeout_s=20)
-    finally:
-        await tx.rollback()
+    await _cut_when_blocked_on_the_row(conn, run.run_id, "%SET status = 'queued', lease_owner = NULL%")
     assert await worker.wait(60) == 0, worker.log()[-3000:]
     [row] = await assert_ledger_settled(conn)
     assert (row["outcome"], row["attempts"]) == ("succeeded", 2)

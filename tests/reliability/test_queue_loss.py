@@ -39,6 +39,15 @@ async def _flush(server: RedisServer) -> None:
         await client.aclose()
 
 
+async def _up(worker: WorkerProcess) -> None:
+    """Wait until the worker has started (its start-up hook logged worker_started)."""
+
+    async def started() -> bool:
+        return "worker_started" in worker.log()
+
+    await wait_until(started)
+
+
 async def test_a_flushed_queue_is_re_enqueued_once_and_the_runs_complete(
     settings: Settings, private_redis: RedisServer, conn: asyncpg.Connection, tenant: str,
 ) -> None:
@@ -237,10 +246,7 @@ async def test_a_worker_gives_up_once_redis_has_been_away_longer_than_opspolish_
     worker = WorkerProcess(s, log_path=tmp_path / "w.log", OPSPOLISH_REDIS_RETRY_S="1.5")
     worker_processes.append(worker)
 
-    async def started() -> bool:
-        return "worker_started" in worker.log()
-
-    await wait_until(started)
+    await _up(worker)
     private_redis.stop()
     stopped = time.monotonic()
     # Exits (a supervisor restarts it) within about the setting: retries nested in retries do not multiply it.
@@ -265,10 +271,7 @@ async def test_a_worker_started_without_redis_or_stopped_while_it_is_away_does_n
     worker = WorkerProcess(s, log_path=tmp_path / "w.log")
     worker_processes.append(worker)
 
-    async def up() -> bool:
-        return "worker_started" in worker.log()
-
-    await wait_until(up)
+    await _up(worker)
     private_redis.stop()
 
     async def away() -> bool:
@@ -292,10 +295,7 @@ async def test_a_password_refused_while_the_worker_runs_is_not_ridden_out(
         worker = WorkerProcess(server.settings_for(settings), log_path=tmp_path / "w.log")
         worker_processes.append(worker)
 
-        async def up() -> bool:
-            return "worker_started" in worker.log()
-
-        await wait_until(up)
+        await _up(worker)
         client = server.client()
         try:
             await client.config_set("requirepass", "second-pw")  # rotated under the running worker
@@ -320,10 +320,7 @@ async def test_a_worker_whose_redis_stops_answering_gives_up_in_bounded_time(
     worker = WorkerProcess(s, log_path=tmp_path / "w.log", OPSPOLISH_REDIS_RETRY_S="2")
     worker_processes.append(worker)
 
-    async def up() -> bool:
-        return "worker_started" in worker.log()
-
-    await wait_until(up)
+    await _up(worker)
     assert private_redis.proc is not None
     private_redis.proc.send_signal(signal.SIGSTOP)
     try:
