@@ -565,6 +565,8 @@ async def execute(
         return _skip_result(decision, claim.run_id, claim.reason_code, claim.dedupe_of)
 
     assert claim.run_id is not None and claim.workspace_id is not None
+    if decision == "taken_over" and claim.attempts > job.attempts_allowed(rt):
+        return await _give_up(rt, job, claim.run_id, owner, bound)
     if run_id is not None and inputs is None:  # a re-enqueue without a payload: the run's non-secret inputs
         try:
             data = await rt.ledger.context_of(claim.run_id)
@@ -577,8 +579,6 @@ async def execute(
                                         reason_message="its inputs could not be read; handed back for redelivery")
             bound.warning("gate_unavailable", reason_code=exc.reason_code, message=exc.message)
             raise Retry(defer=_backoff_s(min(job_try, 5))) from exc
-    if decision == "taken_over" and claim.attempts > job.attempts_allowed(rt):
-        return await _give_up(rt, job, claim.run_id, owner, bound)
     bound.debug("run_claimed", attempt=claim.attempts, decision=decision)
     rt.metrics[decision] += 1
     lease = rt.leases.hold(claim.run_id, owner, bound)
