@@ -117,9 +117,25 @@ def test_a_word_that_only_contains_sig_is_no_secret_name_in_messages() -> None:
         "sig: [redacted] url_sig=[redacted] sigs=[redacted]")
 
 
+def test_a_signed_urls_signature_is_left_out_of_fingerprint_and_context() -> None:
+    # An Azure SAS, S3 or CloudFront URL grants what it points at until it expires: its signature was recorded in
+    # context and fingerprinted, so the same blob with a fresh signature was another identity.
+    def sas(sig: str, blob: str = "report.csv") -> str:
+        return f"https://acct.blob.core.windows.net/c/{blob}?sv=2022-11-02&se=2026-12-07&sp=r&sig={sig}"
+
+    assert fingerprint({"url": sas("AbC%2Bdef%3D")}) == fingerprint({"url": sas("ZzZ%2Fxyz%3D")})
+    assert fingerprint({"url": sas("AbC%2Bdef%3D")}) != fingerprint({"url": sas("AbC%2Bdef%3D", "other.csv")})
+    assert canonical_inputs({"url": sas("AbC%2Bdef%3D")})["url"] == sas("[redacted]")
+    s3 = "https://b.s3.amazonaws.com/k?X-Amz-Algorithm=AWS4&X-Amz-Signature=deadbeef01&X-Amz-Expires=60"
+    assert canonical_inputs({"u": [s3]})["u"] == [s3.replace("deadbeef01", "[redacted]")]
+    cloudfront = "https://d1.cloudfront.net/a.mp4?Expires=1&Signature=abc~def_&Key-Pair-Id=K2"
+    assert "abc~def_" not in canonical_json({"u": cloudfront}) and "Key-Pair-Id=K2" in canonical_json({"u": cloudfront})
+
+
 def test_ordinary_text_that_only_resembles_a_credential_is_kept_verbatim() -> None:
     text = ["Basic Compliance", "design: v2", "max_tokens=100", "tokenizer=bert", "https://example.com:8443/a@b",
-            "token rotation policy", "signature: approved by ops", "bypass=true", "compass=north",
+            "token rotation policy", "signature: approved by ops", "signature=approved", "design?sigma=2",
+            "bypass=true", "compass=north",
             "Authorization header required", "api-key rotation: weekly"]
     assert canonical_inputs({"t": text})["t"] == text
 

@@ -76,6 +76,11 @@ _CREDENTIAL_SHAPES: tuple[tuple[re.Pattern[str], str], ...] = (
                 # a quoted value whole, as libpq's connection strings quote one (password='a b'): the bare-run rule
                 # stopped at the quote and kept it. Unclosed, to the end of the text.
                 + r"(?!" + re.escape(REDACTED) + r")('[^']*+'?|\"[^\"]*+\"?|[^\s,;&\]}\"']+)"), rf"\1{REDACTED}"),
+    # A signed URL's signature, as a query parameter only (Azure SAS ``sig=``, S3 ``X-Amz-Signature=``, GCS
+    # ``X-Goog-Signature=``, CloudFront ``Signature=``): it grants what the URL points at. Elsewhere "signature=" and
+    # "sig:" are ordinary words of a text (a design, a sign-off), left alone.
+    (re.compile(r"(?i)([?&](?:[\w\-]*[_\-])?(?:sig|signature)=)(?!" + re.escape(REDACTED) + r")([^\s&#\"'<>]+)"),
+     rf"\1{REDACTED}"),
 )
 
 

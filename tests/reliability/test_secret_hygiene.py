@@ -38,10 +38,11 @@ CANARIES = {
     "password_key": "cnryPasswordKey6c0d",
     "nested_client_secret": "cnryNestedClientSecret3e9f",
     "deep_api_key": "cnryDeepApiKey8a7b",
-    # Credentials inside text under keys that name no secret: a DSN, a bearer header, a query-string pair.
+    # Credentials inside text under keys that name no secret: a DSN, a bearer header, a query-string pair, a SAS URL.
     "dsn_in_text": "cnryDsnInText4f2a",
     "bearer_in_text": "cnryBearerInText9c1e",
     "pair_in_text": "cnryPairInText7d3b",
+    "sig_in_url": "cnrySigInUrl1a6f",
     **{f"provider_{k}": v for k, v in PROVIDER_CANARIES.items()},
 }
 
@@ -59,7 +60,8 @@ def _secret_inputs(tag: str, leak: str) -> dict[str, Any]:
                         "auth": {"api_key": CANARIES["deep_api_key"]},
                         "source": f"postgresql://reader:{CANARIES['dsn_in_text']}@db.example/app",
                         "headers": [f"Bearer {CANARIES['bearer_in_text']}"],
-                        "callback": f"https://hooks.example/done?token={CANARIES['pair_in_text']}&v=1"}}
+                        "callback": f"https://hooks.example/done?token={CANARIES['pair_in_text']}&v=1",
+                        "blob": f"https://acct.blob.core.windows.net/c/b.csv?sv=2022-11-02&sig={CANARIES['sig_in_url']}"}}
 
 
 @pytest.fixture
