@@ -109,6 +109,17 @@ def test_an_authorization_headers_scheme_is_kept_and_only_its_credential_redacte
     assert redact_credentials("X-Api-Key: zzzsecretzzz sent") == "X-Api-Key: [redacted] sent"
 
 
+def test_a_messages_authorization_header_keeps_its_scheme_word() -> None:
+    # "Authorization: [redacted] [redacted]": the key=value rule took the scheme word for the credential, once the
+    # bearer rule had redacted the credential after it.
+    assert sanitize_message("401 with Authorization: Bearer abcdef123456") == (
+        "401 with Authorization: Bearer [redacted]")
+    assert sanitize_message("authorization=Basic QWxhZGRpbjpvcGVu sent") == "authorization=Basic [redacted] sent"
+    assert sanitize_message('headers: {"Authorization": "token ghx1234567890"}') == (
+        'headers: {"Authorization": "token [redacted]"}')
+    assert sanitize_message('password="[redacted]cnry"') == "password=[redacted]"  # a value that only starts so
+
+
 def test_a_word_that_only_contains_sig_is_no_secret_name_in_messages() -> None:
     # "..._sigconv:[redacted]": a job id whose queue or database name held "sig" lost its run number in every line.
     job = "opspolish-test:audit_wk_sigconv:run:1"

@@ -37,11 +37,12 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     # JWTs anywhere
     (re.compile(r"\beyJ[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]*"), REDACTED),
     # key=value, key: value, "key": "value" for secret-named keys (a value already redacted is left alone, so
-    # sanitizing a sanitized message changes nothing)
+    # sanitizing a sanitized message changes nothing; so is a scheme word before one, as the rule above leaves an
+    # Authorization header: its Bearer was taken for the value, "Authorization: [redacted] [redacted]")
     (
         re.compile(
             rf"(?i)([\"']?(?<![\w\-])(?=[\w\-]*?(?:{_SECRET_WORDS}))[\w\-]++[\"']?\s*+[:=]\s*+)"
-            + r"(?!" + re.escape(REDACTED) + r"(?:[\s,;&}\]]|$))"
+            + r"(?![\"']?(?:(?:bearer|basic|token)\s++)?+" + re.escape(REDACTED) + r"(?:[\"'\s,;&}\]]|$))"
             # A value that opens a mapping ({'api_key': ...}) is not taken: its first key was, and the nested secret
             # after it stayed. A brace that opens no mapping ({x) is a value like any other.
             + r"(\"[^\"]*\"|'[^']*'|(?:\{(?![\s\"'])|[^\s,;&}\]{])[^\s,;&}\]]*)"
