@@ -11,6 +11,7 @@ import shlex
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -412,8 +413,14 @@ async def test_cli_numbers_past_a_floats_digits_are_other_identities_and_recorde
         assert out.returncode == 0, out.stderr
         ids.append(json.loads(out.stdout)["run_id"])
     assert ids[0] != ids[1] and ids[1] == ids[2], ids
-    shown = await cli(settings, "runs", "show", str(ids[1]), "--json")
-    assert json.loads(shown.stdout)["context"] == {"x": "0.10000000000000000001"}  # exact, as text (JSON output)
+    # Written as that exact JSON number (it was text, so the field's type changed with its value).
+    for args in (["runs", "show", str(ids[1]), "--json"], ["runs", "list", "--json"]):
+        shown = await cli(settings, *args)
+        assert shown.returncode == 0, shown.stderr
+        assert '"x": 0.10000000000000000001' in shown.stdout, shown.stdout
+        data = json.loads(shown.stdout, parse_float=Decimal)
+        runs = data if isinstance(data, list) else [data]
+        assert {"x": Decimal("0.10000000000000000001")} in [r.get("context") for r in runs], runs
 
 
 @pytest.mark.parametrize(("args", "field"), [

@@ -9,9 +9,11 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Coroutine
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import asyncpg
@@ -108,11 +110,35 @@ def run_async(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
     return wrapper
 
 
+#: Where a Decimal stands in the JSON text until it is written out (NUL: in no text the ledger or inputs hold).
+_NUMBER_SLOT = re.compile(r'"\\u0000(\d+)\\u0000"')
+
+
+def json_output(data: Any) -> str:
+    """``--json`` text: indented, with a Decimal (a number the ledger holds that a float cannot, such as
+    ``0.10000000000000000001`` in ``context``) as that exact JSON number, where it was printed as text (the field's
+    type changed with its value); other values JSON cannot hold (datetimes, UUIDs) as text."""
+    numbers: list[str] = []
+
+    def slot(value: Any) -> Any:
+        if isinstance(value, Decimal):
+            numbers.append(format(value, "f"))
+            return f"\0{len(numbers) - 1}\0"
+        if isinstance(value, dict):
+            return {key: slot(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [slot(item) for item in value]
+        return value
+
+    text = json.dumps(slot(data), default=str, indent=2)
+    return _NUMBER_SLOT.sub(lambda m: numbers[int(m[1])], text) if numbers else text
+
+
 def emit(as_json: bool, data: Any, text: str) -> None:
     """Write a command's output to stdout. Straight to the descriptor, in a loop: through Python's stream, a reader
     that went away after the first 64 KiB (`runs list --json | head -c 10`) cut the output short with exit 0, the
     partial write counted as written; here the next write meets the closed pipe (BrokenPipeError: exit 141)."""
-    out = (json.dumps(data, default=str, indent=2) if as_json else text) + "\n"
+    out = (json_output(data) if as_json else text) + "\n"
     stream = sys.stdout
     try:
         fd = stream.fileno()
