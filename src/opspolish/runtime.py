@@ -9,7 +9,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -43,19 +43,39 @@ class RideOutRetry(RedisRetry):
     :data:`REDIS_BACKOFF_CAP_S`, until ``for_s`` have passed since its first failure. (Counted tries nest: a command
     retries its reconnects, which retry their connects, and a count of N tries waited up to N times N.) The first
     failure of an outage logs ``redis_away`` (warning), the first success after it ``redis_back``. Only while
-    :attr:`armed`, and never for a refused password."""
+    :attr:`armed`, and never for a refused password.
 
-    __slots__ = ("_for_s",)
-    #: Set while a worker is up (from its start-up hook to its stop signal or shutdown): before, arq's own
-    #: ``conn_retries`` decide how long a start waits for Redis; after, a stopping worker does not wait for it.
-    armed: ClassVar[bool] = False
-    _away_since: ClassVar[float | None] = None
-    _away_logged: ClassVar[float] = float("-inf")
+    One instance is one pool's outage state: redis-py copies a client's retry into each connection, and a copy here is
+    the instance itself, so that every connection of the pool shares the outage's window. A worker installs an armed
+    one of its own on its pool (:meth:`armed_for`): two workers in one process no longer share "armed" (one stopping
+    disarmed the other, which then exited on the next blip) or an outage's window."""
 
-    def __init__(self, for_s: float) -> None:
+    __slots__ = ("_away_logged", "_away_since", "_for_s", "armed")
+
+    def __init__(self, for_s: float, *, armed: bool = False) -> None:
         # The errors it retries on are the client's retry_on_error (see redis_settings), which redis-py adds to it.
         super().__init__(ExponentialBackoff(cap=REDIS_BACKOFF_CAP_S, base=0.05), -1)
         self._for_s = for_s
+        #: Set while a worker is up (from its start-up hook to its stop signal or shutdown): before, arq's own
+        #: ``conn_retries`` decide how long a start waits for Redis; after, a stopping worker does not wait for it.
+        self.armed = armed
+        self._away_since: float | None = None
+        self._away_logged = float("-inf")
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> RideOutRetry:
+        return self
+
+    @classmethod
+    def armed_for(cls, redis: ArqRedis) -> RideOutRetry | None:
+        """Install an armed ride-out of its own on ``redis``'s pool (existing connections included) and return it;
+        None (nothing changed) when the pool has no ride-out (``OPSPOLISH_REDIS_RETRY_S=0``, a pool of the caller's)."""
+        current = redis.get_retry()
+        if not isinstance(current, cls):
+            return None
+        armed = cls(current._for_s, armed=True)
+        armed._supported_errors = current._supported_errors  # set_retry does not hand the errors to existing ones
+        redis.set_retry(armed)
+        return armed
 
     async def call_with_retry(self, do: Callable[[], Awaitable[_T]], fail: Callable[[Any], Any]) -> _T:
         failures = 0  # the backoff is stateless: no reset
@@ -63,7 +83,7 @@ class RideOutRetry(RedisRetry):
             try:
                 result = await do()
             except self._supported_errors as error:
-                if not RideOutRetry.armed or isinstance(error, AuthenticationError | AuthorizationError):
+                if not self.armed or isinstance(error, AuthenticationError | AuthorizationError):
                     await fail(error)  # a wrong password does not get better with time
                     raise
                 failures += 1
@@ -74,22 +94,22 @@ class RideOutRetry(RedisRetry):
                 backoff = self._backoff.compute(failures)
                 # One window per outage, from its first failure: a command's retries nest its reconnect's, each with a
                 # window of its own, and the worker gave up after twice the setting.
-                started = RideOutRetry._away_since if RideOutRetry._away_since is not None else now
+                started = self._away_since if self._away_since is not None else now
                 if now + backoff > started + self._for_s:
                     raise
                 await asyncio.sleep(backoff)
                 continue
-            if failures and RideOutRetry._away_since is not None:
-                away_s = time.monotonic() - RideOutRetry._away_since
-                RideOutRetry._away_since = None
+            if failures and self._away_since is not None:
+                away_s = time.monotonic() - self._away_since
+                self._away_since = None
                 log.info("redis_back", away_s=round(away_s, 3))
             return result
 
     def _note_away(self, now: float, error: BaseException) -> None:
-        if RideOutRetry._away_since is None:
-            RideOutRetry._away_since = now
-        if now - RideOutRetry._away_logged >= REDIS_AWAY_LOG_EVERY_S:
-            RideOutRetry._away_logged = now
+        if self._away_since is None:
+            self._away_since = now
+        if now - self._away_logged >= REDIS_AWAY_LOG_EVERY_S:
+            self._away_logged = now
             log.warning("redis_away", reason_code="redis.unavailable", message=describe_exception(error),
                         retry_for_s=self._for_s)
 

@@ -33,7 +33,8 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["opspolish"] = await Runtime.start(settings, redis=ctx["redis"])
     _stop_without_cancelling_arq(ctx, ctx["opspolish"])
     ctx["opspolish_redis_watch"] = asyncio.ensure_future(watch_redis_replies(ctx["redis"], settings))
-    RideOutRetry.armed = True  # up: from here on, Redis being away is ridden out (OPSPOLISH_REDIS_RETRY_S)
+    # Up: from here on, Redis being away is ridden out (OPSPOLISH_REDIS_RETRY_S), by this worker's pool alone.
+    ctx["opspolish_ride_out"] = RideOutRetry.armed_for(ctx["redis"])
     log.info("worker_started", queue=settings.queue_name)
 
 
@@ -63,9 +64,16 @@ def _stop_without_cancelling_arq(ctx: dict[str, Any], rt: Runtime) -> None:
         asyncio.get_running_loop().add_signal_handler(sig, partial(_on_stop_signal, worker, rt, main, sig))
 
 
+def _disarm(ctx: dict[str, Any]) -> None:
+    """Stopping: a Redis that is away is not waited for (by this worker; another in the process goes on)."""
+    ride_out: RideOutRetry | None = ctx.get("opspolish_ride_out")
+    if ride_out is not None:
+        ride_out.armed = False
+
+
 def _on_stop_signal(worker: Worker, rt: Runtime, main: asyncio.Task[Any] | None, sig: signal.Signals) -> None:
     repeated, rt.stopping = rt.stopping, True
-    RideOutRetry.armed = False  # stopping: a Redis that is away is not waited for
+    _disarm(worker.ctx)
     worker.allow_pick_jobs = False
     running = [task for task in worker.job_tasks.values() if not task.done()]
     log.info("worker_stopping", signal=sig.name, cancelling=len(running),
@@ -86,7 +94,7 @@ def _on_stop_signal(worker: Worker, rt: Runtime, main: asyncio.Task[Any] | None,
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
-    RideOutRetry.armed = False
+    _disarm(ctx)
     watch = ctx.pop("opspolish_redis_watch", None)
     if watch is not None:
         watch.cancel()

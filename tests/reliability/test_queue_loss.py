@@ -16,7 +16,7 @@ import pytest
 import opspolish
 from opspolish.jobs.reconcile import RECONCILE_TYPE, reconcile_all
 from opspolish.settings import Settings
-from tests.conftest import WorkerProcess, drain, log_events, wait_until
+from tests.conftest import WorkerProcess, drain, log_events, make_worker, wait_until
 from tests.reliability.faults import (
     RedisServer,
     assert_ledger_settled,
@@ -330,3 +330,42 @@ async def test_a_worker_whose_redis_stops_answering_gives_up_in_bounded_time(
         assert "redis_not_answering" in worker.log() and "redis_away" in worker.log()
     finally:
         private_redis.proc.send_signal(signal.SIGCONT)
+
+
+async def test_two_workers_in_one_process_ride_out_apart_one_stopping_leaves_the_other_riding(
+    settings: Settings, private_redis: RedisServer, conn: asyncpg.Connection, tenant: str,
+) -> None:
+    # The ride-out's "armed" and outage window were the class's: the first of two in-process workers to shut down
+    # disarmed the other, which exited on the next Redis blip (arq's poll loop lets the error out).
+    s = private_redis.settings_for(settings)
+    staying, leaving = make_worker(s, burst=False), make_worker(s, burst=False)
+    tasks = [asyncio.create_task(w.main()) for w in (staying, leaving)]
+    try:
+        async def both_up() -> bool:
+            return all(w.ctx.get("opspolish") is not None for w in (staying, leaving))
+
+        await wait_until(both_up)
+        tasks[1].cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await tasks[1]
+        await leaving.close()  # its shutdown hook
+
+        private_redis.stop()
+        await asyncio.sleep(1.5)
+        assert not tasks[0].done(), tasks[0].exception() if tasks[0].done() else None
+        await private_redis.start()
+        async with opspolish.connect(s) as rt:
+            after = await opspolish.dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "after-blip"})
+
+        async def after_done() -> bool:
+            return bool(await conn.fetchval("SELECT status = 'completed' FROM operation_runs WHERE id = $1",
+                                            after.run_id))
+
+        await wait_until(after_done, timeout_s=30)
+        assert not tasks[0].done()
+    finally:
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        await staying.close()
