@@ -32,8 +32,8 @@ from opspolish.logs import (
 from opspolish.runtime import LeaseKeeper, Runtime
 from opspolish.settings import Settings
 from opspolish.tracking import execute, get_job
-from tests.conftest import WorkerProcess, log_events, wait_until
-from tests.support.jobs import EFFECT_TYPE, WORKSPACE_EFFECT_TYPE
+from tests.conftest import WorkerProcess, drain, log_events, wait_until
+from tests.support.jobs import ECHO_TYPE, EFFECT_TYPE, WORKSPACE_EFFECT_TYPE
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -244,3 +244,20 @@ async def test_a_repeated_stop_signal_cancels_again_a_body_that_swallowed_the_fi
     finally:
         rt.stopping = False
         task.cancel()
+
+
+async def test_arqs_start_line_never_shows_a_credential_its_cut_to_80_characters_split(
+    settings: Settings, seeded: dict[str, Any], caplog: pytest.LogCaptureFixture,
+) -> None:
+    # arq cuts a job's arguments to 80 characters before any log filter sees its line: a URL's password cut before
+    # its "@" had no shape redaction knew, and its first 40-odd characters were printed.
+    tenant = seeded["tenants"][0]["external_id"]
+    password = "cnryCutShort" + "x" * 60
+    async with opspolish.connect(settings) as rt:
+        await opspolish.dispatch(rt, ECHO_TYPE, tenant=tenant,
+                                 inputs={"dsn": f"postgresql://reader:{password}@db.example/app"})
+    with caplog.at_level(logging.INFO, logger="arq.worker"):
+        await drain(settings)
+    started = [r.getMessage() for r in caplog.records if "→" in r.getMessage()]
+    assert len(started) == 1 and "test.echo(inputs={'dsn': 'postgresql://reader:" in started[0], started
+    assert "cnry" not in started[0] and "[redacted]" in started[0] and started[0].endswith("…)"), started

@@ -7,10 +7,11 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import structlog
+from arq.utils import truncate
 
 from opspolish.fingerprint import is_secret_key
 from opspolish.sanitize import REDACTED, redact_secrets, sanitize_message
@@ -107,6 +108,22 @@ class _OneLinePerRun(logging.Filter):
         args = record.args
         ref = args[1] if isinstance(args, tuple) and len(args) == 3 else None
         return not (isinstance(ref, str) and ref.endswith(self.suffixes))
+
+
+def _redacted_job_arguments(args: Sequence[Any], kwargs: dict[str, Any]) -> str:
+    """arq's ``args_to_string`` (its start line's ``job(arguments)``), redacted before it is cut to arq's 80
+    characters."""
+    parts = [repr(arg) for arg in args] + [f"{key}={value!r}" for key, value in sorted(kwargs.items())]
+    return truncate(redact_secrets(", ".join(parts)))
+
+
+def redact_job_arguments_before_arq_cuts_them() -> None:
+    """arq cuts a job's arguments to 80 characters for its start line before any log filter sees the line: a
+    credential cut short no longer had the shape redaction knows (a URL's password cut before its ``@``), and its
+    first characters were printed. arq's worker gets the arguments redacted whole, then cut. Idempotent."""
+    import arq.worker
+
+    arq.worker.args_to_string = _redacted_job_arguments  # type: ignore[attr-defined]
 
 
 def log_runs_once(job_types: Iterable[str]) -> None:

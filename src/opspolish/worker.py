@@ -17,7 +17,7 @@ from arq.cron import cron
 from arq.worker import Worker
 
 from opspolish import db
-from opspolish.logs import configure_logging, log_runs_once
+from opspolish.logs import configure_logging, log_runs_once, redact_job_arguments_before_arq_cuts_them
 from opspolish.runtime import RideOutRetry, Runtime, watch_redis_replies
 from opspolish.settings import Settings
 from opspolish.tracking import TIMEOUT_MARGIN_S, TrackedJob, load_jobs
@@ -123,6 +123,7 @@ def worker_settings(
     from opspolish.jobs.reconcile import RECONCILE_TYPE, reconcile_cron
 
     settings = settings or Settings()
+    redact_job_arguments_before_arq_cuts_them()
     registry = load_jobs(settings.job_modules)
     chosen = list(jobs) if jobs is not None else list(registry.values())
     tracked = [job for job in chosen if job.type != RECONCILE_TYPE]  # reconcile runs as a cron job instead
