@@ -314,6 +314,10 @@ async def test_reset_refuses_seed_options_without_seed_and_changes_nothing(
      "input.invalid: --inputs-json: given more than once"),
     (["runs", "list", "--limit", "3", "--limit", "4"], "input.invalid: --limit: given more than once"),
     (["db", "reset", "--seed", "--tenants", "1", "--tenants", "2"], "input.invalid: --tenants: given more than once"),
+    # A space for the "=": click quoted the stray value, a secret maybe, on the terminal.
+    (["dispatch", "test.effect", "--tenant", "a", "--input", "password", "cnryStray7"],
+     "input.invalid: 1 unexpected extra argument (not echoed: one may be a secret typed without its KEY=)"),
+    (["runs", "list", "cnryA", "cnryB"], "input.invalid: 2 unexpected extra arguments (not echoed"),
 ])
 async def test_usage_errors_are_one_line_naming_the_option_exit_2(
     settings: Settings, args: list[str], says: str
@@ -322,6 +326,7 @@ async def test_usage_errors_are_one_line_naming_the_option_exit_2(
     out = await cli(settings, *args)
     assert out.returncode == 2 and out.stdout == "", out
     assert out.stderr.startswith("opspolish: ") and out.stderr.count("\n") == 1 and says in out.stderr, out.stderr
+    assert "cnry" not in out.stderr
 
 
 async def test_a_reader_that_goes_away_is_no_error_of_ours(

@@ -182,6 +182,16 @@ class _Command(click.Command):
         return super().parse_args(ctx, args)
 
 
+def _unechoed(message: str) -> str:
+    """click's usage message, without the stray arguments it quotes: ``--input password hunter2`` (a space for the
+    ``=``) printed ``Got unexpected extra argument (hunter2)``, the secret echoed on the terminal and in CI logs."""
+    if message.startswith("Got unexpected extra argument"):
+        stray = message[message.find("(") + 1:message.rfind(")")].split()
+        return (f"{len(stray)} unexpected extra argument{'s' if len(stray) != 1 else ''} (not echoed: one may be a "
+                "secret typed without its KEY=)")
+    return message
+
+
 class _Main(click.Group):
     """The command group (and its subgroups, whose commands are _Command): click's usage errors (a bad option
     value, a missing argument) come out as one line, exit 2, like every other bad input, instead of click's usage
@@ -210,7 +220,7 @@ class _Main(click.Group):
             sys.exit(exc.exit_code)
         except click.UsageError as exc:
             where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
-            fail(2, f"input.invalid: {exc.format_message()}{where}")
+            fail(2, f"input.invalid: {_unechoed(exc.format_message())}{where}")
         except click.Abort:
             fail(1, "interrupted")
         except click.ClickException as exc:
