@@ -276,3 +276,18 @@ async def test_the_most_policy_ids_a_run_takes_fit_the_input_cap_and_one_more_na
         assert err.value.field == "inputs.policy_ids"
         assert f"at most {MAX_POLICY_IDS} items" in err.value.message
     assert await conn.fetchval("SELECT count(*) FROM operation_runs") == 1
+
+
+@pytest.mark.parametrize("source", [True, "7", 7.0, 7.5])
+async def test_a_restore_source_that_is_no_whole_number_is_refused_not_coerced(
+    rt: Runtime, seeded: dict[str, Any], conn: asyncpg.Connection, source: Any
+) -> None:
+    # pydantic's lax mode took `source_run_id=true` for run 1 (and the text "7" for run 7): a restore from a run the
+    # operator never named.
+    tenant = seeded["tenants"][0]
+    with pytest.raises(InputInvalid) as err:
+        await dispatch(rt, RESTORE_TYPE, tenant=tenant["external_id"], inputs={"source_run_id": source})
+    assert err.value.field == "inputs.source_run_id", err.value
+    assert await conn.fetchval("SELECT count(*) FROM operation_runs") == 0
+    ok = await dispatch(rt, RESTORE_TYPE, tenant=tenant["external_id"], inputs={"source_run_id": 7})
+    assert ok.created

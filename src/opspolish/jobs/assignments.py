@@ -32,7 +32,8 @@ class RestoreInputs(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     policy_ids: list[uuid.UUID] | None = Field(default=None, max_length=MAX_POLICY_IDS)
-    source_run_id: int | None = Field(default=None, gt=0, lt=2**63)
+    # Strict: in lax mode `source_run_id=true` was run 1, and the text "7" run 7.
+    source_run_id: int | None = Field(default=None, gt=0, lt=2**63, strict=True)
 
 
 @tracked_job(FETCH_TYPE, inputs=FetchInputs)
