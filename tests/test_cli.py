@@ -428,6 +428,22 @@ async def test_cli_numbers_past_a_floats_digits_are_other_identities_and_recorde
         assert {"x": Decimal("0.10000000000000000001")} in [r.get("context") for r in runs], runs
 
 
+async def test_runs_show_text_writes_mappings_as_one_line_of_json_not_pythons_repr(
+    settings: Settings, seeded: dict[str, Any]
+) -> None:
+    # It printed {'x': Decimal('0.10000000000000000001'), 'k': True, 'n': None}: Python, not what was dispatched.
+    tenant = seeded["tenants"][0]["external_id"]
+    out = await cli(settings, "dispatch", "test.echo", "--tenant", tenant, "--inputs-json",
+                    '{"x": 0.10000000000000000001, "k": true, "n": null, "s": "caf\u00e9", "l": [1.5, 2]}', "--json")
+    assert out.returncode == 0, out.stderr
+    shown = await cli(settings, "runs", "show", str(json.loads(out.stdout)["run_id"]))
+    assert shown.returncode == 0, shown.stderr
+    lines = {k.strip(): v for k, _, v in (line.partition(": ") for line in shown.stdout.splitlines())}
+    assert lines["context"] == '{"k": true, "l": [1.5, 2], "n": null, "s": "café", "x": 0.10000000000000000001}'
+    assert lines["summary_counts"] == "-" and lines["reason_code"] == "-"
+    assert json.loads(lines["context"], parse_float=Decimal)["x"] == Decimal("0.10000000000000000001")
+
+
 @pytest.mark.parametrize(("args", "field"), [
     (["dispatch", "no.such.job", "--tenant", "x"], "type"),
     (["dispatch", "test.effect", "--tenant", str(uuid.uuid4())], "tenant"),

@@ -114,7 +114,7 @@ def run_async(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
 _NUMBER_SLOT = re.compile(r'"\\u0000(\d+)\\u0000"')
 
 
-def json_output(data: Any) -> str:
+def json_output(data: Any, *, indent: int | None = 2) -> str:
     """``--json`` text: indented, with a Decimal (a number the ledger holds that a float cannot, such as
     ``0.10000000000000000001`` in ``context``) as that exact JSON number, where it was printed as text (the field's
     type changed with its value); other values JSON cannot hold (datetimes, UUIDs) as text."""
@@ -130,7 +130,7 @@ def json_output(data: Any) -> str:
             return [slot(item) for item in value]
         return value
 
-    text = json.dumps(slot(data), default=str, indent=2)
+    text = json.dumps(slot(data), default=str, indent=indent, ensure_ascii=indent is not None)
     return _NUMBER_SLOT.sub(lambda m: numbers[int(m[1])], text) if numbers else text
 
 
@@ -587,7 +587,17 @@ async def runs_show(ctx: Ctx, run_id: int, as_json: bool) -> None:
     if run is None:
         raise RunNotFound(f"RUN_ID: no run {run_id}", field="RUN_ID")
     data = run.as_json()
-    emit(as_json, data, "\n".join(f"{k:>18}: {v if v is not None else '-'}" for k, v in data.items()))
+    emit(as_json, data, "\n".join(f"{k:>18}: {_shown(v)}" for k, v in data.items()))
+
+
+def _shown(value: Any) -> str:
+    """A field of ``runs show``'s text: ``-`` for none, a mapping or list as one line of JSON (it was Python's repr:
+    ``{'x': Decimal('0.1...'), 'k': True}``), anything else as text."""
+    if value is None:
+        return "-"
+    if isinstance(value, dict | list):
+        return json_output(value, indent=None)
+    return str(value)
 
 
 @main.command("reconcile")
