@@ -436,3 +436,14 @@ def test_pure_paths_and_equal_aware_times_are_canonical_text() -> None:
     plus_two = dt.timezone(dt.timedelta(hours=2))
     assert canonical_inputs({"t": dt.time(10, 5, tzinfo=plus_two)}) == {"t": "08:05:00Z"}
     assert fingerprint({"t": dt.time(10, 5, tzinfo=plus_two)}) == fingerprint({"t": dt.time(8, 5, tzinfo=dt.UTC)})
+
+
+@pytest.mark.parametrize("when", [
+    dt.datetime(1, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=5))),
+    dt.datetime(9999, 12, 31, 23, 0, tzinfo=dt.timezone(dt.timedelta(hours=-5))),
+])
+def test_an_aware_datetime_that_leaves_the_calendar_in_utc_is_bad_input_naming_it(when: dt.datetime) -> None:
+    # An OverflowError out of fingerprint(), dispatch (internal.unexpected, exit 1) and the worker (no ledger row).
+    with pytest.raises(InputInvalid) as err:
+        fingerprint({"window": {"when": when}})
+    assert err.value.field == 'inputs.window.when' and "out of range" in err.value.message, err.value

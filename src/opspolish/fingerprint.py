@@ -241,6 +241,9 @@ def _canonical(value: Any, path: str, depth: int, budget: _Budget) -> Any:  # no
             value.encode("utf-8")
         except UnicodeEncodeError:
             raise InputInvalid(f"{path}: text is not valid UTF-8", field=path) from None
+        if "\x00" in value:  # PostgreSQL's text and jsonb cannot hold it: input.invalid, not a driver error. Here,
+            # every text of the canonical tree (an enum's value, a model's or a path's text too) is checked.
+            raise InputInvalid(f"{path}: text contains a NUL character", field=path)
         text = redact_credentials(value)
         budget.spend(len(text) + 1)  # its characters and quotes (the 1 spent above is the other quote)
         return text
@@ -249,7 +252,10 @@ def _canonical(value: Any, path: str, depth: int, budget: _Budget) -> Any:  # no
     if isinstance(value, dt.datetime):
         if value.tzinfo is None or value.utcoffset() is None:
             raise InputInvalid(f"{path}: naive datetime (give it a timezone)", field=path)
-        return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+        try:
+            return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+        except OverflowError:  # 0001-01-01T00:00+05:00 is in year 0 in UTC: it raised out of dispatch and the worker
+            raise InputInvalid(f"{path}: datetime out of range once in UTC (years 1-9999)", field=path) from None
     if isinstance(value, dt.date):
         return value.isoformat()
     if isinstance(value, BaseModel):
@@ -266,6 +272,9 @@ def _canonical(value: Any, path: str, depth: int, budget: _Budget) -> Any:  # no
             if is_secret_item(key, item) or isinstance(item, SecretStr | SecretBytes):
                 _check_secret(item, path + key_segment(key), depth + 1, budget)
                 continue
+            if "\x00" in key:
+                raise InputInvalid(f"{path + key_segment(key)}: text contains a NUL character",
+                                   field=path + key_segment(key))
             budget.spend(len(key) + 3)  # "key":
             out[key] = _canonical(item, path + key_segment(key), depth + 1, budget)
         return dict(sorted(out.items()))
@@ -380,25 +389,6 @@ def lock_key(identity_hex: str) -> int:
     Never Python's ``hash()``, which is salted per process. SQL: ``opspolish_lock_key()``.
     """
     return int.from_bytes(bytes.fromhex(identity_hex[:16]), "big", signed=True)
-
-
-def refuse_nul(value: Any, path: str = "inputs") -> None:
-    """Refuse NUL characters in the non-secret inputs, naming the field: PostgreSQL text and jsonb cannot hold
-    them, so the ledger's ``context`` could not either (better ``input.invalid`` than a driver error)."""
-    if isinstance(value, str):
-        if "\x00" in value:
-            raise InputInvalid(f"{path}: text contains a NUL character", field=path)
-    elif isinstance(value, Mapping):
-        for key, item in value.items():
-            if isinstance(key, str) and not is_secret_item(key, item) and not isinstance(item, SecretStr | SecretBytes):
-                refuse_nul(key, path + key_segment(key))
-                refuse_nul(item, path + key_segment(key))
-    elif isinstance(value, list | tuple):
-        for i, item in enumerate(value):
-            refuse_nul(item, f"{path}[{i}]")
-    elif isinstance(value, set | frozenset):
-        for item in value:
-            refuse_nul(item, f"{path}[]")
 
 
 #: Shorter secret values are not redacted by value (they would mangle every message they occur in).

@@ -50,7 +50,6 @@ from opspolish.fingerprint import (
     context_and_fingerprint_of,
     fingerprint_of,
     key_segment,
-    refuse_nul,
     secret_values,
 )
 from opspolish.ledger import HOLDS_LEASE, Claim, translate_errors
@@ -138,7 +137,6 @@ class TrackedJob:
             if too_long is not None:
                 raise too_long from None
             raise
-        refuse_nul(data)
         if self.inputs_model is None or not validate:
             return data, text
         try:

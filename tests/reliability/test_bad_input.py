@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import enum
 import math
 import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import asyncpg
@@ -32,7 +33,7 @@ from opspolish.settings import Settings
 from opspolish.tracking import get_job
 from tests.conftest import drain
 from tests.reliability.faults import queued_job_ids, run_cli, run_rows
-from tests.support.jobs import EFFECT_TYPE, WORKSPACE_EFFECT_TYPE
+from tests.support.jobs import ECHO_TYPE, EFFECT_TYPE, WORKSPACE_EFFECT_TYPE
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -62,7 +63,23 @@ class Case:
     field_is_prefix: bool = False
 
 
+class _Nul(enum.Enum):
+    A = "a\x00b"
+
+
+#: Values whose text the canonical form takes from an object (an enum's value, a path) or moves (a time in UTC): a NUL
+#: there was a driver error (UntranslatableCharacterError), a year leaving the calendar an OverflowError, out of
+#: dispatch and out of the worker (arq's traceback, no ledger row, no run_rejected line).
+ODD_OBJECTS = {
+    "NUL in a path": ({"p": PurePosixPath("a\x00b")}, "inputs.p"),
+    "NUL in an enum's value": ({"e": [_Nul.A]}, "inputs.e[0]"),
+    "aware datetime out of range in UTC": ({"at": dt.datetime(1, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=5)))},
+                                           "inputs.at"),
+}
+
 API_CASES = [
+    *(Case(name, ECHO_TYPE, TENANT_A, inputs, "input.invalid", field)
+      for name, (inputs, field) in ODD_OBJECTS.items()),
     Case("unknown tenant", EFFECT_TYPE, str(uuid.uuid4()), {}, "tenant.not_found", "tenant"),
     Case("unknown tenant as a UUID object", EFFECT_TYPE, uuid.uuid4(), {}, "tenant.not_found", "tenant"),
     Case("tenant that is not an id", EFFECT_TYPE, "not-a-tenant", {}, "tenant.not_found", "tenant"),
@@ -198,6 +215,22 @@ async def test_malformed_raw_enqueues_are_rejected_visibly_and_leave_no_state(
     metrics = worker.ctx["opspolish"].metrics
     assert {k: n for k, n in metrics.items() if k.startswith(("rejected:", "skipped:"))} == {
         "rejected:tenant.not_found": 4, "rejected:input.invalid": 4}
+    await assert_no_state(conn, settings, tables)
+
+
+async def test_raw_enqueues_of_odd_objects_are_refused_naming_the_field(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str,
+) -> None:
+    tables = await _table_counts(conn)
+    redis = rt.require_redis()
+    for inputs, _ in ODD_OBJECTS.values():
+        await redis.enqueue_job(ECHO_TYPE, _queue_name=settings.queue_name, tenant_id=tenant, inputs=inputs)
+    with structlog.testing.capture_logs() as events:
+        worker = await drain(settings)
+    assert (worker.jobs_complete, worker.jobs_failed) == (len(ODD_OBJECTS), 0)
+    rejected = [e for e in events if e["event"] == "run_rejected"]
+    assert sorted(e["message"].split(":")[0] for e in rejected) == sorted(f for _, f in ODD_OBJECTS.values())
+    assert {e["reason_code"] for e in rejected} == {"input.invalid"}
     await assert_no_state(conn, settings, tables)
 
 
