@@ -61,7 +61,10 @@ _TRACEBACK = re.compile(r"Traceback \(most recent call last\):.*", re.DOTALL)
 _CREDENTIAL_SHAPES: tuple[tuple[re.Pattern[str], str], ...] = (
     _PEM_PRIVATE_KEY,
     _PATTERNS[1],  # scheme://user:password@host
-    (re.compile(r"(?i)\b(bearer)\s+(?!bearer\b)[A-Za-z0-9\-._~+/=]{6,}"), rf"\1 {REDACTED}"),
+    # A bearer token: with a digit in it (8 characters or more) or of 20 or more, so that "Flag bearer training" and
+    # "Flag bearer marching" stay two inputs (any 6 characters after the word were taken, and the two were one).
+    (re.compile(r"(?i)\b(bearer)\s+(?!bearer\b)(?=[A-Za-z\-._~+/=]*+[0-9]|[A-Za-z0-9\-._~+/=]{20})"
+                r"[A-Za-z0-9\-._~+/=]{8,}"), rf"\1 {REDACTED}"),
     _PATTERNS[3],  # JWTs
     _PATTERNS[5],  # well-known token prefixes
     # An HTTP Authorization header's credential, whatever its scheme (the word "Basic" alone is ordinary text), and
