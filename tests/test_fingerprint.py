@@ -122,6 +122,14 @@ def test_a_messages_authorization_header_keeps_its_scheme_word() -> None:
     assert sanitize_message('password="[redacted]cnry"') == "password=[redacted]"  # a value that only starts so
 
 
+def test_a_quoted_secret_with_escaped_quotes_is_redacted_whole() -> None:
+    # repr() escapes a quote inside a value ('it\'s "x"'): the rule stopped at the escaped quote, and the rest of
+    # the secret stayed in reason messages and log lines.
+    text = "bad config " + repr({"password": "it's \"cnryQuoted\" x", "region": "eu"})
+    assert sanitize_message(text) == "bad config {'password': [redacted], 'region': 'eu'}"
+    assert sanitize_message('{"token": "a\\"b cnryEscaped", "n": 2}') == '{"token": [redacted], "n": 2}'
+
+
 def test_a_word_that_only_contains_sig_is_no_secret_name_in_messages() -> None:
     # "..._sigconv:[redacted]": a job id whose queue or database name held "sig" lost its run number in every line.
     job = "opspolish-test:audit_wk_sigconv:run:1"

@@ -232,7 +232,8 @@ async def test_a_repeated_stop_signal_cancels_again_a_body_that_swallowed_the_fi
     await rt.leases.stop()  # no beat: its lease (of no real run) would be found lost, and its body cancelled
     task = asyncio.create_task(stubborn_body())
     await asyncio.sleep(0)
-    worker: Any = SimpleNamespace(job_tasks={"job": task}, tasks={"job": task}, allow_pick_jobs=True, on_stop=None)
+    worker: Any = SimpleNamespace(job_tasks={"job": task}, tasks={"job": task}, allow_pick_jobs=True, on_stop=None,
+                                ctx={})
     try:
         _on_stop_signal(worker, rt, None, signal.SIGTERM)
         await asyncio.wait_for(swallowed.wait(), 5)

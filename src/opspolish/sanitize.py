@@ -45,7 +45,9 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
             + r"(?![\"']?(?:(?:bearer|basic|token)\s++)?+" + re.escape(REDACTED) + r"(?:[\"'\s,;&}\]]|$))"
             # A value that opens a mapping ({'api_key': ...}) is not taken: its first key was, and the nested secret
             # after it stayed. A brace that opens no mapping ({x) is a value like any other.
-            + r"(\"[^\"]*\"|'[^']*'|(?:\{(?![\s\"'])|[^\s,;&}\]{])[^\s,;&}\]]*)"
+            # A quoted value to its closing quote, past escaped ones (repr's 'it\'s "x"'): stopping at the first
+            # quote left the rest of the secret in the text.
+            + r"(\"(?:[^\"\\]|\\.)*+\"|'(?:[^'\\]|\\.)*+'|(?:\{(?![\s\"'])|[^\s,;&}\]{])[^\s,;&}\]]*)"
         ),
         rf"\1{REDACTED}",
     ),
