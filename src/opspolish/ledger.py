@@ -241,6 +241,29 @@ class Ledger:
             value = await self.pool.fetchval("SELECT context FROM operation_runs WHERE id = $1", run_id)
         return dict(value or {})
 
+    async def undo_claim(self, run_id: int | None, job_id: str, lease_owner: uuid.UUID) -> bool:
+        """Undo a claim whose answer never came back (the connection was lost under it): if it committed, its run goes
+        back to ``queued`` as it was, the attempt it counted taken back, for the delivery's retry to claim at once.
+        Found by ``lease_owner``, the claim's own fresh id: a claim that never committed matches nothing. Whether one
+        was undone."""
+        where = "id = $1" if run_id is not None else "job_id = $1"
+        async with translate_errors():
+            status = await self.pool.execute(
+                f"""UPDATE operation_runs SET status = 'queued', lease_owner = NULL, attempts = attempts - 1,
+                           started_at = CASE WHEN attempts = 1 THEN NULL ELSE started_at END
+                    WHERE {where} AND lease_owner = $2 AND status = 'running'""",
+                run_id if run_id is not None else job_id, lease_owner,
+            )
+        return status.endswith(" 1")
+
+    async def ended_by(self, run_id: int, lease_owner: uuid.UUID) -> tuple[str, str | None] | None:
+        """The outcome and reason code of a run ``lease_owner`` completed (None: not completed by it)."""
+        async with translate_errors():
+            row = await self.pool.fetchrow(
+                "SELECT outcome, reason_code FROM operation_runs WHERE id = $1 AND lease_owner = $2 "
+                "AND status = 'completed'", run_id, lease_owner)
+        return None if row is None else (row["outcome"], row["reason_code"])
+
     async def give_up(self, run_id: int, lease_owner: uuid.UUID, *, message: str) -> bool:
         """End a run this caller has just taken over, past its attempts, without running it: failed / run.orphaned,
         its attempts those that ran (the takeover's own is not one)."""

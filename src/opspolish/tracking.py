@@ -538,7 +538,9 @@ async def execute(
                                 workspace_id=ws, fingerprint=fp, context=context, job_id=job_id, owner=owner,
                                 enqueued_at=enqueued_at if run_id is None else None)
     except DbUnavailable as exc:
-        log.warning("gate_unavailable", **where, run_id=run_id, reason_code=exc.reason_code, message=exc.message)
+        undone = await _undo_unanswered_claim(rt, run_id, job_id, owner)
+        log.warning("gate_unavailable", **where, run_id=run_id, reason_code=exc.reason_code, message=exc.message,
+                    claim_undone=undone)
         raise Retry(defer=_backoff_s(min(job_try, 5))) from exc
 
     if claim.tenant_id is not None:  # the tenant's id, as the ledger holds it (the delivery may name its external_id)
@@ -585,6 +587,25 @@ async def execute(
                                data, job_id, lease, bound)
     finally:
         rt.leases.drop(lease)
+
+
+#: Pauses between the tries to undo a claim whose answer was lost (about 1.5 s in all).
+UNDO_CLAIM_PAUSES_S = (0.1, 0.4, 1.0)
+
+
+async def _undo_unanswered_claim(rt: Runtime, run_id: int | None, job_id: str, owner: uuid.UUID) -> bool | None:
+    """A claim that met the database going away may have committed, its answer lost with the connection: the run then
+    sat ``running`` under a lease nobody held, the retry waited out the lease's TTL to take it over, and that counted
+    a second attempt for a body that never ran (with ``max_attempts=1``, ``run.orphaned``, never run at all). Undone
+    here, tried again for a second or so. True: one was undone; False: none had committed; None: the database is
+    still away (then the takeover after the TTL stands)."""
+    for pause in (0.0, *UNDO_CLAIM_PAUSES_S):
+        await asyncio.sleep(pause)
+        try:
+            return await rt.ledger.undo_claim(run_id, job_id, owner)
+        except DbUnavailable:
+            continue
+    return None
 
 
 async def _give_up(rt: Runtime, job: TrackedJob, run_id: int, owner: uuid.UUID, bound: Any) -> dict[str, Any]:
@@ -764,10 +785,29 @@ async def _run_body(
         return _skip_result("lease_lost", run_id, "dedupe.overlap", None)
 
     outcome, code, message = _outcome(counts, error, secrets)
-    summary = counts.as_dict()
-    # The outcome is written by this delivery, tried again while the lease is ours, for up to a lease's TTL: left to
-    # a redelivery, a blip under the write ran the body again, and on the run's last allowed attempt the takeover
-    # ended it run.orphaned though its body had finished.
+    written, outcome, code, summary = await _write_outcome(rt, run_id, lease, outcome, code, message,
+                                                           counts.as_dict(), secrets, bound)
+    if not written:
+        bound.warning("run_abandoned", reason_code="dedupe.overlap", message="lease lost before completion")
+        return _skip_result("lease_lost", run_id, "dedupe.overlap", None)
+    rt.metrics[f"completed:{outcome}"] += 1
+    # The run's one end-of-run line: the worker drops arq's own "← job" line for tracked types (logs.log_runs_once).
+    bound.info("run_completed", outcome=outcome, reason_code=code, counts=summary, attempt=attempt,
+               duration_s=round(time.monotonic() - started, 3))
+    return {"decision": "completed", "run_id": run_id, "outcome": outcome, "reason_code": code}
+
+
+async def _write_outcome(
+    rt: Runtime, run_id: int, lease: Lease, outcome: str, code: str | None, message: str | None,
+    summary: dict[str, int], secrets: tuple[str, ...], bound: Any,
+) -> tuple[bool, str, str | None, dict[str, int]]:
+    """Write the run's outcome, fenced on the lease (see :func:`_complete`): whether it was written, and what was.
+
+    Tried again while the lease is ours, for up to a lease's TTL: left to a redelivery, a blip under the write ran the
+    body again, and on the run's last allowed attempt the takeover ended it run.orphaned though its body had
+    finished. A try that met the database going away may have written it, its answer lost: a later try then finds
+    the run ended by this delivery, and that is the outcome (it was logged ``run_abandoned``, "lease lost", with no
+    ``run_completed``)."""
     give_up_at = time.monotonic() + rt.settings.lease_ttl_s
     tries = 0
     while True:
@@ -783,14 +823,12 @@ async def _run_body(
                 # Not written: the run stays ours until the lease goes stale; a redelivery then takes it over.
                 raise Retry(defer=rt.settings.lease_ttl_s) from exc
             await asyncio.sleep(min(0.1 * 2 ** tries, 1.0))
-    if not written:
-        bound.warning("run_abandoned", reason_code="dedupe.overlap", message="lease lost before completion")
-        return _skip_result("lease_lost", run_id, "dedupe.overlap", None)
-    rt.metrics[f"completed:{outcome}"] += 1
-    # The run's one end-of-run line: the worker drops arq's own "← job" line for tracked types (logs.log_runs_once).
-    bound.info("run_completed", outcome=outcome, reason_code=code, counts=summary, attempt=attempt,
-               duration_s=round(time.monotonic() - started, 3))
-    return {"decision": "completed", "run_id": run_id, "outcome": outcome, "reason_code": code}
+    if not written and tries:
+        with contextlib.suppress(DbUnavailable):
+            ended = await rt.ledger.ended_by(run_id, lease.owner)
+            if ended is not None and ended in ((outcome, code), ("failed", "internal.unexpected")):
+                return True, ended[0], ended[1], summary  # ours, or the one written when the ledger refused ours
+    return written, outcome, code, summary
 
 
 async def _complete(

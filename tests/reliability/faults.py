@@ -21,6 +21,7 @@ from typing import Any
 import asyncpg
 from pydantic import SecretStr
 from redis.asyncio import Redis
+from sqlalchemy.engine import make_url
 
 from opspolish.settings import Settings
 from tests.conftest import ROOT, wait_until, worker_env
@@ -100,6 +101,66 @@ class RedisServer:
     async def restart(self) -> None:
         self.stop()
         await self.start()
+
+
+class ReplyCutter:
+    """A TCP proxy in front of the test's PostgreSQL that can cut a connection right after the server answered a
+    statement: the statement committed, and the client never heard so (``cut_reply_containing``). What a network
+    blip, a failover or a killed pooler does to a statement in flight, which ``pg_terminate_backend`` (which kills
+    the backend before it answers, rolling back) cannot."""
+
+    def __init__(self, settings: Settings) -> None:
+        url = make_url(settings.database_url.get_secret_value())
+        self.upstream = (url.host or "127.0.0.1", url.port or 5432)
+        self.settings = settings
+        self.marker: bytes | None = None
+        self.cuts = 0
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> Settings:
+        """Start listening; returns ``settings`` with the database URL through the proxy."""
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        url = make_url(self.settings.database_url.get_secret_value()).set(host="127.0.0.1", port=self.port)
+        return self.settings.model_copy(update={"database_url": SecretStr(url.render_as_string(hide_password=False))})
+
+    def cut_reply_containing(self, marker: bytes) -> None:
+        """Cut the next server reply that contains ``marker`` (once): neither it nor anything after it arrives."""
+        self.marker = marker
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        try:
+            server_r, server_w = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            client_w.transport.abort()
+            return
+
+        def cut() -> None:
+            client_w.transport.abort()
+            server_w.transport.abort()
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, replies: bool) -> None:
+            try:
+                while data := await src.read(65536):
+                    if replies and self.marker is not None and self.marker in data:
+                        self.marker = None
+                        self.cuts += 1
+                        cut()
+                        return
+                    dst.write(data)
+                    await dst.drain()
+            except (OSError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                dst.transport.abort() if dst.transport.is_closing() else dst.close()
+
+        await asyncio.gather(pipe(client_r, server_w, False), pipe(server_r, client_w, True))
 
 
 async def terminate_backends(conn: asyncpg.Connection, *, query_like: str | None = None,

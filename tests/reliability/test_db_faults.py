@@ -5,22 +5,29 @@ the body and during the completion write: the run ends consistently - retried, o
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
+import structlog.testing
 
 import opspolish
 from opspolish.jobs.assignments import FETCH_TYPE
+from opspolish.jobs.reconcile import reconcile_all
+from opspolish.runtime import Runtime
 from opspolish.settings import Settings
-from tests.conftest import WorkerProcess, log_events, wait_until
+from tests.conftest import WorkerProcess, drain, log_events, wait_until
 from tests.reliability.faults import (
+    ReplyCutter,
     assert_ledger_settled,
     assert_never_concurrent,
     effects,
+    run_rows,
     terminate_backends,
 )
-from tests.support.jobs import EFFECT_TYPE
+from tests.support.jobs import ECHO_TYPE, EFFECT_TYPE
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -241,3 +248,77 @@ async def test_a_pooled_connection_whose_backend_was_just_terminated_is_db_unava
     finally:
         await pool.close()
     assert seen - {"answered"}, seen  # the race was met at least once
+
+
+@pytest.fixture
+async def cutter(settings: Settings) -> AsyncIterator[ReplyCutter]:
+    proxy = ReplyCutter(settings)
+    try:
+        yield proxy
+    finally:
+        await proxy.stop()
+
+
+@pytest.mark.parametrize("dispatched", [True, False], ids=["dispatched", "raw"])
+async def test_a_claim_whose_answer_was_lost_is_undone_and_runs_at_once_on_its_one_attempt(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str, cutter: ReplyCutter, dispatched: bool,
+) -> None:
+    # The claim committed and its answer was lost with the connection: the run sat running under a lease nobody
+    # held, the retry waited out the TTL to take it over, and that counted a second attempt for a body that never
+    # ran. With max_attempts=1 the run ended failed / run.orphaned, "its worker stopped mid-run", never run at all.
+    s = (await cutter.start()).model_copy(update={"max_attempts": 1, "lease_ttl_s": 2.0})
+    inputs = {"tag": "lost-answer", "items": 2}
+    if dispatched:
+        run_id = (await opspolish.dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs=inputs)).run_id
+    else:
+        await rt.require_redis().enqueue_job(EFFECT_TYPE, _queue_name=s.queue_name, tenant_id=tenant, inputs=inputs)
+    cutter.cut_reply_containing(b"claimed")
+    with structlog.testing.capture_logs() as events:
+        await drain(s)
+    assert cutter.cuts == 1
+    [row] = await assert_ledger_settled(conn)
+    if dispatched:
+        assert row["id"] == run_id
+    assert (row["outcome"], row["reason_code"], row["attempts"]) == ("succeeded", None, 1), row
+    assert [e["attempt"] for e in await effects(conn, "lost-answer")] == [1]
+    [unavailable] = [e for e in events if e["event"] == "gate_unavailable"]
+    assert unavailable["claim_undone"] is True
+
+
+async def test_a_completion_whose_answer_was_lost_is_logged_completed_not_lease_lost(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str, cutter: ReplyCutter,
+) -> None:
+    # The completion committed and its answer was lost: the try after it wrote nothing (the run had ended), and the
+    # delivery logged run_abandoned "lease lost before completion", with no run_completed and no completed metric.
+    s = await cutter.start()
+    run = await opspolish.dispatch(rt, ECHO_TYPE, tenant=tenant, inputs={"x": 1})
+    cutter.cut_reply_containing(b"UPDATE 1")
+    with structlog.testing.capture_logs() as events:
+        worker = await drain(s)
+    assert cutter.cuts == 1
+    [row] = await assert_ledger_settled(conn)
+    assert (row["outcome"], row["attempts"]) == ("succeeded", 1)
+    mine = [e["event"] for e in events if e.get("run_id") == run.run_id]
+    assert "run_completion_failed" in mine and "run_completed" in mine and "run_abandoned" not in mine, mine
+    assert worker.ctx["opspolish"].metrics["completed:succeeded"] == 1
+
+
+async def test_a_reconcile_pass_whose_claims_answer_was_lost_leaves_its_run_for_the_next_pass_to_run(
+    settings: Settings, rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any], cutter: ReplyCutter,
+) -> None:
+    # Reconcile runs are max_attempts=1: the next pass found the run running under nobody's lease, recorded a skip
+    # (dedupe.non_canonical), took the run over and gave it up as failed / run.orphaned, reconciling nothing.
+    s = await cutter.start()
+    cutter.cut_reply_containing(b"claimed")
+    async with opspolish.connect(s) as through_proxy:
+        first = await reconcile_all(through_proxy)
+    assert cutter.cuts == 1
+    assert [r["reason_code"] for r in first].count("db.unavailable") == 1, first
+    second = await reconcile_all(rt)
+    assert all(r["outcome"] == "succeeded" for r in second), second
+    rows = await run_rows(conn)
+    # The lost pass's run was put back queued: the next pass records its skip of it and runs it, on its one attempt.
+    ran = [r for r in rows if r["outcome"] != "skipped"]
+    assert [(r["outcome"], r["reason_code"], r["attempts"]) for r in ran] == [("succeeded", None, 1)] * len(ran)
+    assert len(ran) == len(first) + len(second) - 1, rows  # every pass but the cut one, which ran in the next
+    assert [r["reason_code"] for r in rows if r["outcome"] == "skipped"] == ["dedupe.non_canonical"], rows
