@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import signal
+import subprocess
 import sys
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -262,3 +263,33 @@ async def test_arqs_start_line_never_shows_a_credential_its_cut_to_80_characters
     started = [r.getMessage() for r in caplog.records if "→" in r.getMessage()]
     assert len(started) == 1 and "test.echo(inputs={'dsn': 'postgresql://reader:" in started[0], started
     assert "cnry" not in started[0] and "[redacted]" in started[0] and started[0].endswith("…)"), started
+
+
+_LOG_A_SECRET = """
+import sys, structlog
+from opspolish.logs import configure_logging
+configure_logging(sys.argv[1])
+log = structlog.get_logger("opspolish")
+log.warning("retrying upstream postgres://app:cnryEvent1@db/prod", run_id=1)
+try:
+    raise RuntimeError("auth failed: " + "password=cnryTrace2")
+except RuntimeError:
+    log.exception("body_failed", run_id=1)
+"""
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_an_event_built_from_secrets_and_a_logged_exception_are_redacted(log_format: str) -> None:
+    # The event text was never sanitized (a body's f-string printed a URL's password), the console format printed a
+    # logged exception's traceback raw, and the JSON format printed "exc_info": true and no exception at all.
+    out = subprocess.run([sys.executable, "-c", _LOG_A_SECRET, log_format], capture_output=True, text=True,
+                         timeout=60, check=True)
+    text = out.stderr
+    assert "cnry" not in text, text
+    assert "postgres://app:[redacted]@db/prod" in text and "RuntimeError: auth failed: password=[redacted]" in text
+    if log_format == "json":
+        lines = [json.loads(line) for line in text.splitlines()]
+        assert lines[1]["event"] == "body_failed" and "exc_info" not in lines[1]
+        assert lines[1]["exception"].startswith("Traceback (most recent call last):\n"), lines[1]
+    else:
+        assert "Traceback (most recent call last):\n" in text
