@@ -29,7 +29,7 @@ import pydantic_core
 from pydantic import BaseModel, SecretBytes, SecretStr
 
 from opspolish.errors import InputInvalid, InputTooLarge
-from opspolish.sanitize import might_hold_secrets, redact_credentials
+from opspolish.sanitize import credentials_in, might_hold_secrets, redact_credentials
 
 FINGERPRINT_VERSION = 1
 MAX_DEPTH = 32
@@ -396,8 +396,9 @@ MIN_SECRET_CHARS = 4
 
 
 def secret_values(inputs: Any) -> tuple[str, ...]:
-    """The literal secrets inside inputs - ``SecretStr`` values and whatever sits under a secret-named key, at any
-    depth - so messages that echo them (a provider's error text, say) can be redacted."""
+    """The literal secrets inside inputs - ``SecretStr`` values, whatever sits under a secret-named key, and the
+    credentials inside text values (a DSN's password), at any depth - so messages that echo them (a provider's error
+    text, say) can be redacted."""
     found: list[str] = []
 
     def walk(value: Any, secret: bool, depth: int = 0) -> None:
@@ -418,6 +419,8 @@ def secret_values(inputs: Any) -> tuple[str, ...]:
             text = str(value)
             if len(text) >= MIN_SECRET_CHARS:
                 found.append(text)
+        elif isinstance(value, str):  # the credentials inside a text (a DSN's password, a token after Bearer)
+            found.extend(part for part in credentials_in(value) if len(part) >= MIN_SECRET_CHARS)
 
     walk(inputs, False)
     return tuple(dict.fromkeys(found))

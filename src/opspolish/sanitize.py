@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote
 
 MAX_MESSAGE_CHARS = 500
 REDACTED = "[redacted]"
@@ -173,6 +174,28 @@ def redact_credentials(text: str) -> str:
     for pattern, replacement in _CREDENTIAL_SHAPES:
         text = pattern.sub(replacement, text)
     return text
+
+
+def credentials_in(text: str) -> list[str]:
+    """The parts of ``text`` that :func:`redact_credentials` replaces (a URL's password, a token...), URL-decoded too:
+    literal secrets to redact by value wherever they turn up alone (a body that takes the password out of a DSN input
+    and raises with it: the message had no shape left to know it by)."""
+    if not might_hold_secrets(text):
+        return []
+    found: list[str] = []
+    for pattern, replacement in _CREDENTIAL_SHAPES:
+        for match in pattern.finditer(text):
+            whole, kept = match.group(0), match.expand(replacement)
+            start = 0
+            while start < min(len(whole), len(kept)) and whole[start] == kept[start]:
+                start += 1
+            end = 0
+            while end < min(len(whole), len(kept)) - start and whole[-1 - end] == kept[-1 - end]:
+                end += 1
+            secret = whole[start:len(whole) - end]
+            if secret and secret != REDACTED:
+                found += [secret, unquote(secret)]
+    return list(dict.fromkeys(found))
 
 
 def describe_exception(exc: BaseException) -> str:

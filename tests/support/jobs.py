@@ -9,6 +9,7 @@ import os
 import sys
 import uuid
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from sqlalchemy.engine import make_url
@@ -155,7 +156,9 @@ async def secretive(run: RunContext) -> None:
         run.run_id, run.attempt, inputs.tag, os.getpid(),
     )
     echoed = [inputs.api_token.get_secret_value() if inputs.api_token else "", inputs.password or "",
-              *(str(v) for v in inputs.options.values()), *_process_secrets(run)]
+              *(str(v) for v in inputs.options.values()), *_process_secrets(run),
+              # the password alone, out of a DSN input: no shape left in the message to know it by
+              "tried " + (urlsplit(str(inputs.options.get("source", ""))).password or "")]
     text = "upstream refused the credentials " + " ".join(echoed)
     # What bodies do: log their inputs, as a dict and as the model (its repr holds every field), and the errors
     # they catch (their text echoes the inputs).
