@@ -469,3 +469,19 @@ def test_the_credentials_inside_text_inputs_are_known_secret_values_for_messages
     assert {"cnry%40Pw1", "cnry@Pw1", "tok9876543210", "Zz12%2Bq", "Zz12+q"} <= set(found), found
     assert not any("hello" in f or "postgres" in f for f in found), found
     assert sanitize_message("login refused, tried cnry@Pw1", extra_secrets=found) == "login refused, tried [redacted]"
+
+
+def test_a_credential_in_a_mappings_key_is_redacted_like_one_in_a_value() -> None:
+    # {"mirrors": {"https://deploy:<password>@git.example.com/r.git": {...}}}: the password was recorded in context
+    # and fingerprinted (two passwords, two identities).
+    def mirrors(password: str) -> dict[str, Any]:
+        return {"mirrors": {f"https://deploy:{password}@git.example.com/r.git": {"branch": "main"}}}
+
+    assert canonical_inputs(mirrors("cnryKeyA1")) == {
+        "mirrors": {"https://deploy:[redacted]@git.example.com/r.git": {"branch": "main"}}}
+    assert fingerprint(mirrors("cnryKeyA1")) == fingerprint(mirrors("cnryKeyB2"))
+    assert "cnryKeyA1" in secret_values(mirrors("cnryKeyA1"))
+    # Two keys that redaction makes one would lose one of them: refused, naming the mapping.
+    with pytest.raises(InputInvalid) as err:
+        canonical_inputs({"m": {"https://u:cnryA1@h": 1, "https://u:[redacted]@h": 2}})
+    assert err.value.field == "inputs.m" and "cnry" not in err.value.message

@@ -275,8 +275,14 @@ def _canonical(value: Any, path: str, depth: int, budget: _Budget) -> Any:  # no
             if "\x00" in key:
                 raise InputInvalid(f"{path + key_segment(key)}: text contains a NUL character",
                                    field=path + key_segment(key))
-            budget.spend(len(key) + 3)  # "key":
-            out[key] = _canonical(item, path + key_segment(key), depth + 1, budget)
+            # A key holds credentials like a value may (a mirror's URL with its password as a mapping's key): they
+            # were recorded in context and fingerprinted.
+            safe = redact_credentials(key)
+            if safe in out:  # only redaction can make two keys of a mapping one
+                raise InputInvalid(f"{path}: two keys are the same once their credentials are redacted ({safe!r})",
+                                   field=path)
+            budget.spend(len(safe) + 3)  # "key":
+            out[safe] = _canonical(item, path + key_segment(key), depth + 1, budget)
         return dict(sorted(out.items()))
     if isinstance(value, list | tuple):
         items = []
@@ -411,6 +417,8 @@ def secret_values(inputs: Any) -> tuple[str, ...]:
             walk(raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw, True, depth + 1)
         elif isinstance(value, Mapping):
             for key, item in value.items():
+                if isinstance(key, str) and not secret:
+                    found.extend(part for part in credentials_in(key) if len(part) >= MIN_SECRET_CHARS)
                 walk(item, secret or (isinstance(key, str) and is_secret_item(key, item)), depth + 1)
         elif isinstance(value, list | tuple | set | frozenset):
             for item in value:
