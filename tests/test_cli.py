@@ -272,9 +272,16 @@ async def test_seed_of_a_database_not_at_head_says_to_upgrade_first() -> None:
 async def test_schema_and_seed_commands_print_json_on_request() -> None:
     async with scratch_database() as settings:
         name = db.database_name(settings)
+        head = db.head_revision()
         upgraded = await cli(settings, "db", "upgrade", "--json")
         assert upgraded.returncode == 0, upgraded.stderr
-        assert json.loads(upgraded.stdout) == {"database": name, "revision": db.head_revision()}
+        # It says whether it created the database (db reset did, db upgrade did not), and where it stood before.
+        assert json.loads(upgraded.stdout) == {"database": name, "created": True, "previous_revision": None,
+                                               "revision": head}
+        again = await cli(settings, "db", "upgrade", "--json")
+        assert json.loads(again.stdout) == {"database": name, "created": False, "previous_revision": head,
+                                            "revision": head}
+        assert (await cli(settings, "db", "upgrade")).stdout == f"database {name} at {head}\n"
         reset = await cli(settings, "db", "reset", "--seed", "--tenants", "2", "--policies", "1", "--json")
         assert reset.returncode == 0, reset.stderr
         assert json.loads(reset.stdout) == {"database": name, "revision": db.head_revision(), "created": False,
@@ -284,12 +291,13 @@ async def test_schema_and_seed_commands_print_json_on_request() -> None:
         assert seeded.returncode == 0, seeded.stderr
         assert json.loads(seeded.stdout) == {"workspaces": 2, "tenants": 6, "policies": 6, "created_tenants": 2}
         plain = await cli(settings, "db", "reset")
-        head = db.head_revision()
         assert plain.stdout == (f"database {name} reset to {head} "
                                 f"(dropped its opspolish schema at {head} with all its rows)\n")
         await db.drop_database(settings, name)
         created = await cli(settings, "db", "reset")
         assert created.stdout == f"database {name} reset to {head} (created the database)\n"
+        await db.drop_database(settings, name)
+        assert (await cli(settings, "db", "upgrade")).stdout == f"database {name} created, at {head}\n"
 
 
 async def test_reset_refuses_seed_options_without_seed_and_changes_nothing(

@@ -251,9 +251,11 @@ def db_group() -> None:
 @run_async
 async def db_upgrade(ctx: Ctx, as_json: bool) -> None:
     """Create the database if missing and upgrade it to the latest schema."""
-    await db.upgrade(ctx.settings)
+    created, before = await db.upgrade(ctx.settings)
     name, head = db.database_name(ctx.settings), db.head_revision()
-    emit(as_json, {"database": name, "revision": head}, f"database {name} at {head}")
+    text = f"database {name} {'created, ' if created else ''}at {head}" + (
+        f" (was {before})" if before not in (None, head) else "")
+    emit(as_json, {"database": name, "created": created, "previous_revision": before, "revision": head}, text)
 
 
 @dataclasses.dataclass(frozen=True)

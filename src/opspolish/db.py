@@ -265,11 +265,13 @@ def _alembic(settings: Settings, command_name: str, revision: str) -> None:
     getattr(command, command_name)(alembic_config(settings), revision)
 
 
-async def upgrade(settings: Settings, revision: str = "head") -> None:
-    """Create the database if needed and upgrade it through alembic."""
-    await ensure_database(settings)
-    await check_schema_is_ours(settings)
+async def upgrade(settings: Settings, revision: str = "head") -> tuple[bool, str | None]:
+    """Create the database if needed and upgrade it through alembic. Returns whether the database was created, and
+    the revision it was at before (None: no opspolish schema yet)."""
+    created = await ensure_database(settings)
+    before = await check_schema_is_ours(settings)
     await asyncio.to_thread(_alembic, settings, "upgrade", revision)
+    return created, before
 
 
 async def downgrade(settings: Settings, revision: str = "base") -> None:
