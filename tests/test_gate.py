@@ -879,6 +879,10 @@ async def test_tenant_scope_cannot_see_or_touch_another_tenants_runs(
     assert await scope_ws.get(run_b.run_id) is None
     scope_b = rt.ledger.scoped(Scope(b["workspace_id"], b["id"]))
     assert [r.id for r in await scope_b.list_runs()] == [run_b.run_id]
+    # Its own scope writes it, held to the inputs' rules: the ledger's context never holds a secret (stored as given).
+    assert await scope_b.update_context(run_b.run_id, {"password": "cnryCtx1", "src": "postgres://a:cnryCtx2@h/db"})
+    written = await scope_b.get(run_b.run_id)
+    assert written is not None and written.context == {"src": "postgres://a:[redacted]@h/db"}
 
 
 async def test_a_busy_lock_still_records_skips_that_committed_facts_decide_but_never_claims(

@@ -318,11 +318,16 @@ class ScopedLedger:
         return [Run.from_record(row) for row in rows]
 
     async def update_context(self, run_id: int, context: dict[str, Any]) -> bool:
-        """Replace a run's operator context (used by tools; scoped like every write)."""
+        """Replace a run's operator context (used by tools; scoped like every write). Held to the inputs' rules: its
+        secrets left out and credentials redacted (``InputInvalid`` for what inputs may not hold), as the ledger's
+        context never holds a secret; it was stored as given."""
+        from opspolish.fingerprint import canonical_inputs
+
+        clean = canonical_inputs(context)
         async with translate_errors():
             status = await self.pool.execute(
                 f"UPDATE operation_runs SET context = $4 WHERE {self._SCOPE} AND id = $3",
-                *self._args, run_id, context,
+                *self._args, run_id, clean,
             )
         return status.endswith(" 1")
 
