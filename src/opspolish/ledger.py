@@ -241,18 +241,25 @@ class Ledger:
             value = await self.pool.fetchval("SELECT context FROM operation_runs WHERE id = $1", run_id)
         return dict(value or {})
 
-    async def undo_claim(self, run_id: int | None, job_id: str, lease_owner: uuid.UUID) -> bool:
-        """Undo a claim whose answer never came back (the connection was lost under it): if it committed, its run goes
-        back to ``queued`` as it was, the attempt it counted taken back, for the delivery's retry to claim at once.
-        Found by ``lease_owner``, the claim's own fresh id: a claim that never committed matches nothing. Whether one
-        was undone."""
+    async def undo_claim(self, run_id: int | None, job_id: str, lease_owner: uuid.UUID, lease_ttl_s: float) -> bool:
+        """Undo a claim whose answer never came back (the connection was lost under it), if it committed, taking back
+        the attempt it counted: a first claim's run goes back to ``queued`` for the delivery's retry to claim at once;
+        a later one's stays ``running`` under a lease already stale, which the retry takes over at once. (Whether it
+        was queued or taken over is not known here; put back ``queued``, a takeover on the run's last allowed attempt
+        was claimed again as a fresh run and ran past ``max_attempts`` instead of being given up.) Found by
+        ``lease_owner``, the claim's own fresh id: a claim that never committed matches nothing. Whether one was
+        undone."""
         where = "id = $1" if run_id is not None else "job_id = $1"
         async with translate_errors():
             status = await self.pool.execute(
-                f"""UPDATE operation_runs SET status = 'queued', lease_owner = NULL, attempts = attempts - 1,
-                           started_at = CASE WHEN attempts = 1 THEN NULL ELSE started_at END
+                f"""UPDATE operation_runs SET attempts = attempts - 1,
+                           status = CASE WHEN attempts = 1 THEN 'queued' ELSE status END,
+                           lease_owner = CASE WHEN attempts = 1 THEN NULL ELSE lease_owner END,
+                           started_at = CASE WHEN attempts = 1 THEN NULL ELSE started_at END,
+                           heartbeat_at = CASE WHEN attempts = 1 THEN heartbeat_at
+                                               ELSE now() - make_interval(secs => $3 + 1) END
                     WHERE {where} AND lease_owner = $2 AND status = 'running'""",
-                run_id if run_id is not None else job_id, lease_owner,
+                run_id if run_id is not None else job_id, lease_owner, lease_ttl_s,
             )
         return status.endswith(" 1")
 

@@ -17,6 +17,7 @@ import contextlib
 import inspect
 import math
 import random
+import socket
 import time
 import types
 import typing
@@ -26,6 +27,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, Literal, NoReturn
 
+import asyncpg
 import structlog
 from arq import Retry
 from arq.constants import job_key_prefix, retry_key_prefix
@@ -538,7 +540,7 @@ async def execute(
                                 workspace_id=ws, fingerprint=fp, context=context, job_id=job_id, owner=owner,
                                 enqueued_at=enqueued_at if run_id is None else None)
     except DbUnavailable as exc:
-        undone = await _undo_unanswered_claim(rt, run_id, job_id, owner)
+        undone = await _undo_unanswered_claim(rt, run_id, job_id, owner, exc)
         log.warning("gate_unavailable", **where, run_id=run_id, reason_code=exc.reason_code, message=exc.message,
                     claim_undone=undone)
         raise Retry(defer=_backoff_s(min(job_try, 5))) from exc
@@ -589,22 +591,34 @@ async def execute(
         rt.leases.drop(lease)
 
 
-#: Pauses between the tries to undo a claim whose answer was lost (about 1.5 s in all).
+#: Pauses between the tries to undo a claim whose answer was lost, and the time they may take in all (a try may wait
+#: for a new connection: in a network partition, each delivery held its worker slot for its connect timeouts).
 UNDO_CLAIM_PAUSES_S = (0.1, 0.4, 1.0)
+UNDO_CLAIM_BUDGET_S = 3.0
+#: Errors that say the claim never reached the server: nothing to undo.
+_NEVER_SENT = (ConnectionRefusedError, socket.gaierror, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError,
+               asyncpg.InvalidCatalogNameError, asyncpg.InvalidAuthorizationSpecificationError)
 
 
-async def _undo_unanswered_claim(rt: Runtime, run_id: int | None, job_id: str, owner: uuid.UUID) -> bool | None:
+async def _undo_unanswered_claim(rt: Runtime, run_id: int | None, job_id: str, owner: uuid.UUID,
+                                 error: DbUnavailable) -> bool | None:
     """A claim that met the database going away may have committed, its answer lost with the connection: the run then
     sat ``running`` under a lease nobody held, the retry waited out the lease's TTL to take it over, and that counted
     a second attempt for a body that never ran (with ``max_attempts=1``, ``run.orphaned``, never run at all). Undone
-    here, tried again for a second or so. True: one was undone; False: none had committed; None: the database is
-    still away (then the takeover after the TTL stands)."""
-    for pause in (0.0, *UNDO_CLAIM_PAUSES_S):
-        await asyncio.sleep(pause)
-        try:
-            return await rt.ledger.undo_claim(run_id, job_id, owner)
-        except DbUnavailable:
-            continue
+    here, tried again for up to :data:`UNDO_CLAIM_BUDGET_S`. True: one was undone; False: none had committed (or the
+    claim never reached the server); None: the database is still away (then the takeover after the TTL stands)."""
+    if isinstance(error.__cause__, _NEVER_SENT):
+        return False
+    try:
+        async with asyncio.timeout(UNDO_CLAIM_BUDGET_S):
+            for pause in (0.0, *UNDO_CLAIM_PAUSES_S):
+                await asyncio.sleep(pause)
+                try:
+                    return await rt.ledger.undo_claim(run_id, job_id, owner, rt.settings.lease_ttl_s)
+                except DbUnavailable:
+                    continue
+    except TimeoutError:
+        pass
     return None
 
 
