@@ -325,7 +325,8 @@ async def test_reset_refuses_seed_options_without_seed_and_changes_nothing(
     # A space for the "=": click quoted the stray value, a secret maybe, on the terminal.
     (["dispatch", "test.effect", "--tenant", "a", "--input", "password", "cnryStray7"],
      "input.invalid: 1 unexpected extra argument (not echoed: one may be a secret typed without its KEY=)"),
-    (["runs", "list", "cnryA", "cnryB"], "input.invalid: 2 unexpected extra arguments (not echoed"),
+    (["runs", "list", "cnryA", "cnryB"], "input.invalid: unexpected extra arguments (not echoed"),
+    (["runs", "list", "cnry A"], "input.invalid: 1 unexpected extra argument (not echoed"),  # one, with a space
 ])
 async def test_usage_errors_are_one_line_naming_the_option_exit_2(
     settings: Settings, args: list[str], says: str
@@ -448,6 +449,11 @@ async def test_runs_show_text_writes_mappings_as_one_line_of_json_not_pythons_re
     assert shown.returncode == 0, shown.stderr
     lines = {k.strip(): v for k, _, v in (line.partition(": ") for line in shown.stdout.splitlines())}
     assert lines["context"] == '{"k": true, "l": [1.5, 2], "n": null, "s": "café", "x": 0.10000000000000000001}'
+    # What a terminal would act on stays escaped, as repr() had it: a right-to-left override, a C1 control.
+    odd = await cli(settings, "dispatch", "test.echo", "--tenant", tenant, "--inputs-json",
+                    '{"t": "a\u202eb\u009bc"}', "--json")
+    shown = await cli(settings, "runs", "show", str(json.loads(odd.stdout)["run_id"]))
+    assert '"t": "a\\u202eb\\u009bc"' in shown.stdout and "\u202e" not in shown.stdout, shown.stdout
     assert lines["summary_counts"] == "-" and lines["reason_code"] == "-"
     assert json.loads(lines["context"], parse_float=Decimal)["x"] == Decimal("0.10000000000000000001")
 

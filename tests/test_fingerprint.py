@@ -469,6 +469,12 @@ def test_the_credentials_inside_text_inputs_are_known_secret_values_for_messages
     assert {"cnry%40Pw1", "cnry@Pw1", "tok9876543210", "Zz12%2Bq", "Zz12+q"} <= set(found), found
     assert not any("hello" in f or "postgres" in f for f in found), found
     assert sanitize_message("login refused, tried cnry@Pw1", extra_secrets=found) == "login refused, tried [redacted]"
+    # The token alone, whatever stood between it and its word: "\ttok..." was the known secret, and a message quoting
+    # the token alone kept it.
+    tabbed = secret_values({"header": "Bearer\tcnryTab12345", "h2": "bearer   cnrySpaces678"})
+    assert set(tabbed) == {"cnryTab12345", "cnrySpaces678"}, tabbed
+    assert sanitize_message("refused cnryTab12345 and cnrySpaces678", extra_secrets=tabbed) == (
+        "refused [redacted] and [redacted]")
 
 
 def test_a_credential_in_a_mappings_key_is_redacted_like_one_in_a_value() -> None:

@@ -185,10 +185,10 @@ class _Command(click.Command):
 def _unechoed(message: str) -> str:
     """click's usage message, without the stray arguments it quotes: ``--input password hunter2`` (a space for the
     ``=``) printed ``Got unexpected extra argument (hunter2)``, the secret echoed on the terminal and in CI logs."""
-    if message.startswith("Got unexpected extra argument"):
-        stray = message[message.find("(") + 1:message.rfind(")")].split()
-        return (f"{len(stray)} unexpected extra argument{'s' if len(stray) != 1 else ''} (not echoed: one may be a "
-                "secret typed without its KEY=)")
+    if message.startswith("Got unexpected extra argument"):  # click's own words say whether there were several
+        several = message.startswith("Got unexpected extra arguments")
+        return (f"{'unexpected extra arguments' if several else '1 unexpected extra argument'} (not echoed: one may be "
+                "a secret typed without its KEY=)")
     return message
 
 
@@ -598,8 +598,17 @@ def _shown(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, dict | list):
-        return json_output(value, indent=None)
+        # Readable text kept (café), but not what a terminal would act on: controls and format characters (a C1 CSI,
+        # a right-to-left override) escaped, as repr() did.
+        return _NOT_ASCII.sub(_escaped_unless_printable, json_output(value, indent=None))
     return str(value)
+
+
+_NOT_ASCII = re.compile(r"[^\x20-\x7e]")
+
+
+def _escaped_unless_printable(match: re.Match[str]) -> str:
+    return match[0] if match[0].isprintable() else json.dumps(match[0])[1:-1]
 
 
 @main.command("reconcile")

@@ -401,11 +401,20 @@ def lock_key(identity_hex: str) -> int:
 MIN_SECRET_CHARS = 4
 
 
+def _credentials_of(texts: list[str]) -> list[str]:
+    """The credentials inside ``texts``, after one look over them all: one by one, 1,500 policy ids took 2.5 ms of a
+    run instead of 0.8."""
+    if not texts or not might_hold_secrets("\n".join(texts)):
+        return []
+    return [part for text in texts for part in credentials_in(text) if len(part) >= MIN_SECRET_CHARS]
+
+
 def secret_values(inputs: Any) -> tuple[str, ...]:
     """The literal secrets inside inputs - ``SecretStr`` values, whatever sits under a secret-named key, and the
     credentials inside text values (a DSN's password), at any depth - so messages that echo them (a provider's error
     text, say) can be redacted."""
     found: list[str] = []
+    texts: list[str] = []  # non-secret texts and keys, searched for credentials at the end
 
     def walk(value: Any, secret: bool, depth: int = 0) -> None:
         # Nothing deeper than MAX_DEPTH is collected: a value under a secret key is never canonicalized, so it may
@@ -418,7 +427,7 @@ def secret_values(inputs: Any) -> tuple[str, ...]:
         elif isinstance(value, Mapping):
             for key, item in value.items():
                 if isinstance(key, str) and not secret:
-                    found.extend(part for part in credentials_in(key) if len(part) >= MIN_SECRET_CHARS)
+                    texts.append(key)
                 walk(item, secret or (isinstance(key, str) and is_secret_item(key, item)), depth + 1)
         elif isinstance(value, list | tuple | set | frozenset):
             for item in value:
@@ -428,7 +437,8 @@ def secret_values(inputs: Any) -> tuple[str, ...]:
             if len(text) >= MIN_SECRET_CHARS:
                 found.append(text)
         elif isinstance(value, str):  # the credentials inside a text (a DSN's password, a token after Bearer)
-            found.extend(part for part in credentials_in(value) if len(part) >= MIN_SECRET_CHARS)
+            texts.append(value)
 
     walk(inputs, False)
+    found += _credentials_of(texts)
     return tuple(dict.fromkeys(found))

@@ -192,7 +192,9 @@ def credentials_in(text: str) -> list[str]:
             end = 0
             while end < min(len(whole), len(kept)) - start and whole[-1 - end] == kept[-1 - end]:
                 end += 1
-            secret = whole[start:len(whole) - end]
+            # stripped: the bearer rule keeps one space for all that stood between the word and the token ("Bearer\t
+            # x" gave "\tx", which a message quoting x alone did not hold)
+            secret = whole[start:len(whole) - end].strip()
             if secret and secret != REDACTED:
                 found += [secret, unquote(secret)]
     return list(dict.fromkeys(found))
