@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -89,6 +90,24 @@ async def _held_by_this_run(rt: Runtime, redis: ArqRedis, run_type: str, result:
         return False
 
 
+#: How long a dispatch whose enqueue met a Redis error looks for its run's job before recording the run failed.
+QUEUED_CHECK_S = 1.0
+
+
+async def _queued_after_all(rt: Runtime, redis: ArqRedis, run_type: str, result: Dispatched,
+                            data: dict[str, Any]) -> bool:
+    """Whether the run's job is in the queue though this dispatch's enqueue failed: a concurrent dispatch that joined
+    the run enqueued it (and was told "joined"), or Redis applied this enqueue and its answer was lost. Recorded
+    ``failed`` then, the run was skipped ``dedupe.already_completed`` when its job came, and never ran."""
+    try:
+        async with asyncio.timeout(QUEUED_CHECK_S):
+            return await _held_by_this_run(rt, redis, run_type, result, data) is True
+    except Exception as exc:  # Redis still away (or silent): the run is recorded failed
+        if not (is_redis_error(exc) or isinstance(exc, TimeoutError)):
+            raise
+        return False
+
+
 async def _enqueue(rt: Runtime, redis: ArqRedis, run_type: str, result: Dispatched, data: dict[str, Any]) -> None:
     """Enqueue the run's job. A new run whose job cannot be enqueued is recorded ``failed`` with the reason."""
     for _ in range(3):
@@ -120,6 +139,8 @@ async def _enqueue(rt: Runtime, redis: ArqRedis, run_type: str, result: Dispatch
             said = sanitize_message(describe_exception(exc), extra_secrets=rt.secrets)
             err = RedisUnavailable(f"could not enqueue run {result.run_id} to Redis: {said}")
             if result.created:
+                if await _queued_after_all(rt, redis, run_type, result, data):
+                    return
                 await rt.ledger.fail_unstarted(result.run_id, reason_code=err.reason_code, reason_message=err.message)
             raise err from exc
         if ours:

@@ -189,15 +189,29 @@ def is_redis_error(exc: BaseException) -> bool:
     return isinstance(exc, OSError | ConnectionError | TimeoutError) or type(exc).__module__.startswith("redis")
 
 
+#: How long a client's pool (the CLI's, ``opspolish.connect()``'s) waits for Redis to answer, at connect and then for
+#: each reply: a Redis that accepts connections and never answers (frozen, SIGSTOPped, a dead peer behind a proxy) held
+#: ``opspolish dispatch``, ``reconcile`` and ``doctor`` for ever, a dispatched run left queued with no job. A worker's
+#: own pool has no such timeout: its watchdog sets one only while Redis is silent (see ``watch_redis_replies``).
+REDIS_CLIENT_TIMEOUT_S = 10.0
+
+
 async def connect_redis(settings: Settings, *, conn_retries: int = 0) -> ArqRedis:
-    """An arq Redis pool; an unreachable server raises :class:`RedisUnavailable` (no password in it)."""
+    """An arq Redis pool whose commands wait at most :data:`REDIS_CLIENT_TIMEOUT_S` for a reply; an unreachable or
+    silent server raises :class:`RedisUnavailable` (no password in it)."""
+    timeout_s = REDIS_CLIENT_TIMEOUT_S
     try:
-        return await create_pool(redis_settings(settings, conn_retries=conn_retries),
-                                 default_queue_name=settings.queue_name)
+        async with asyncio.timeout(timeout_s * (conn_retries + 1) + 2 * conn_retries):
+            redis = await create_pool(redis_settings(settings, conn_retries=conn_retries),
+                                      default_queue_name=settings.queue_name)
+    except TimeoutError as exc:
+        raise RedisUnavailable(f"cannot connect to Redis: no answer within {timeout_s:g} s") from exc
     except Exception as exc:  # redis-py raises its own ConnectionError hierarchy
         if is_redis_error(exc):
             raise _unreachable(settings, exc) from exc
         raise
+    _set_read_timeout(redis, timeout_s)
+    return redis
 
 
 def _unreachable(settings: Settings, exc: BaseException) -> RedisUnavailable:

@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import uuid
+from typing import Any
 
 import asyncpg
 import pytest
 from pydantic import SecretStr
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy.engine import make_url
 
 import opspolish
+from opspolish import runtime
 from opspolish.errors import DbUnavailable, RedisUnavailable
 from opspolish.jobs.assignments import FETCH_TYPE
 from opspolish.settings import Settings
+from tests.conftest import drain
 from tests.reliability.faults import RedisServer, closed_port, queued_job_ids, run_cli, run_rows
 from tests.support.jobs import EFFECT_TYPE
 
@@ -183,3 +188,68 @@ async def test_doctor_names_a_postgres_port_that_never_answers(settings: Setting
     first = out.stdout.splitlines()[0].split()
     assert first[:2] == ["FAIL", "postgres"], out.stdout
     assert " ".join(first[2:]).startswith("cannot connect to PostgreSQL: no PostgreSQL answer within 10 s"), out.stdout
+
+
+async def test_doctor_names_a_redis_port_that_never_answers(settings: Settings) -> None:
+    # Something that accepts connections and never answers: doctor (and dispatch, reconcile) waited for ever.
+    accepted: list[asyncio.StreamWriter] = []
+    server = await asyncio.start_server(lambda reader, writer: accepted.append(writer), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        out = await run_cli(settings, "doctor", "--json", timeout_s=40, OPSPOLISH_REDIS_URL=f"redis://127.0.0.1:{port}/0")
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+    verdicts = {c["name"]: (c["verdict"], c["detail"]) for c in json.loads(out.stdout)}
+    assert out.code == 1, out
+    assert verdicts["postgres"][0] == "ok" and verdicts["redis"][0] == "fail", verdicts
+    assert "no answer within 10 s" in verdicts["redis"][1], verdicts
+
+
+async def test_a_dispatch_to_a_redis_that_stops_answering_fails_in_bounded_time_with_its_run_recorded(
+    settings: Settings, private_redis: RedisServer, conn: asyncpg.Connection, tenant: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A Redis frozen under an open client (SIGSTOP): the dispatch waited for ever, its run left queued with no job.
+    monkeypatch.setattr(runtime, "REDIS_CLIENT_TIMEOUT_S", 0.5)
+    s = private_redis.settings_for(settings)
+    async with opspolish.connect(s) as rt:
+        assert private_redis.proc is not None
+        private_redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(RedisUnavailable) as exc:
+                await asyncio.wait_for(opspolish.dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "frozen"}),
+                                       15)
+        finally:
+            private_redis.proc.send_signal(signal.SIGCONT)
+    assert "Timeout" in exc.value.message, exc.value.message
+    [row] = await run_rows(conn)
+    assert (row["status"], row["outcome"], row["reason_code"]) == ("completed", "failed", "redis.unavailable")
+
+
+async def test_a_dispatch_whose_enqueue_answer_was_lost_leaves_its_queued_run_to_run(
+    settings: Settings, private_redis: RedisServer, conn: asyncpg.Connection, tenant: str,
+) -> None:
+    # Redis queued the job (this dispatch's, its answer lost; or a racing dispatch's that joined the run and was told
+    # "joined"), and the dispatch recorded the run failed / redis.unavailable: its job then skipped it as
+    # already_completed, and the work asked for never ran.
+    s = private_redis.settings_for(settings)
+    async with opspolish.connect(s) as rt:
+        redis = rt.require_redis()
+        real = redis.enqueue_job
+
+        async def queued_then_cut(*args: Any, **kwargs: Any) -> Any:
+            await real(*args, **kwargs)
+            raise RedisConnectionError("Connection closed by server.")
+
+        redis.enqueue_job = queued_then_cut  # type: ignore[method-assign]
+        result = await opspolish.dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "answer-lost"})
+        redis.enqueue_job = real  # type: ignore[method-assign]
+    assert result.created
+    [row] = await run_rows(conn)
+    assert (row["status"], row["reason_code"]) == ("queued", None), row
+    await drain(s)
+    [row] = await run_rows(conn)
+    assert (row["outcome"], row["attempts"]) == ("succeeded", 1)
