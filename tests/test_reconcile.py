@@ -585,3 +585,29 @@ async def test_a_pass_whose_database_refuses_connections_reports_db_unavailable_
     assert "not currently accepting connections" in out.stderr and out.stderr.count("\n") == 1, out.stderr
     [run] = await reconcile_runs(conn)  # untouched, for a later pass: nothing was claimed
     assert (run["id"], run["status"], run["attempts"]) == (queued.run_id, "queued", 0)
+
+
+async def test_a_pass_reports_its_own_skip_when_the_run_it_went_on_to_deliver_was_ended_by_another(
+    rt: Runtime, conn: asyncpg.Connection, seeded: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A pass that recorded its skip (the identity held by a queued run) and went on to deliver that run, which another
+    # pass ended in between, reported that run ("already_completed", the other pass's run id), not its own skip.
+    from opspolish.jobs import reconcile
+
+    ws = next(w for w in seeded["workspaces"] if w["slug"] == "acme")
+    held = await dispatch(rt, RECONCILE_TYPE, workspace_id=ws["id"])
+    real = reconcile.execute  # type: ignore[attr-defined]
+
+    async def another_pass_ends_it_in_between(rt_: Runtime, job: Any, **kwargs: Any) -> dict[str, Any]:
+        result = await real(rt_, job, **kwargs)
+        if result.get("dedupe_of") == held.run_id:
+            await real(rt_, job, **{**kwargs, "run_id": held.run_id, "inputs": None, "job_id": "another-pass"})
+        return result
+
+    monkeypatch.setattr(reconcile, "execute", another_pass_ends_it_in_between)
+    [result] = await reconcile_all(rt, workspace_slug="acme")
+    runs = {r["id"]: r for r in await reconcile_runs(conn)}
+    assert runs[held.run_id]["outcome"] == "succeeded"
+    assert result["run_id"] != held.run_id and result["reason_code"] == "dedupe.non_canonical", result
+    own = runs[result["run_id"]]
+    assert (own["outcome"], own["dedupe_of"]) == ("skipped", held.run_id)
