@@ -241,25 +241,21 @@ class Ledger:
             value = await self.pool.fetchval("SELECT context FROM operation_runs WHERE id = $1", run_id)
         return dict(value or {})
 
-    async def undo_claim(self, run_id: int | None, job_id: str, lease_owner: uuid.UUID, lease_ttl_s: float) -> bool:
-        """Undo a claim whose answer never came back (the connection was lost under it), if it committed, taking back
-        the attempt it counted: a first claim's run goes back to ``queued`` for the delivery's retry to claim at once;
-        a later one's stays ``running`` under a lease already stale, which the retry takes over at once. (Whether it
-        was queued or taken over is not known here; put back ``queued``, a takeover on the run's last allowed attempt
-        was claimed again as a fresh run and ran past ``max_attempts`` instead of being given up.) Found by
-        ``lease_owner``, the claim's own fresh id: a claim that never committed matches nothing. Whether one was
-        undone."""
+    async def undo_claim(self, run_id: int | None, job_id: str, lease_owner: uuid.UUID) -> bool:
+        """Undo a claim whose answer never came back (the connection was lost under it), if it committed: its run goes
+        back to ``queued``, the attempt it counted taken back, for the delivery's retry to claim at once. Found by
+        ``lease_owner``, the claim's own fresh id: a claim that never committed matches nothing. Whether one was undone.
+
+        A run the lost claim had taken over (its worker dead) comes back ``queued`` too, so that its retry is a fresh
+        claim: on the run's last allowed attempt it runs once more instead of being given up (Known limits). Left
+        ``running`` under a stale lease instead, a run handed back at shutdown was given up ``run.orphaned`` unrun."""
         where = "id = $1" if run_id is not None else "job_id = $1"
         async with translate_errors():
             status = await self.pool.execute(
-                f"""UPDATE operation_runs SET attempts = attempts - 1,
-                           status = CASE WHEN attempts = 1 THEN 'queued' ELSE status END,
-                           lease_owner = CASE WHEN attempts = 1 THEN NULL ELSE lease_owner END,
-                           started_at = CASE WHEN attempts = 1 THEN NULL ELSE started_at END,
-                           heartbeat_at = CASE WHEN attempts = 1 THEN heartbeat_at
-                                               ELSE now() - make_interval(secs => $3 + 1) END
+                f"""UPDATE operation_runs SET status = 'queued', lease_owner = NULL, attempts = attempts - 1,
+                           started_at = CASE WHEN attempts = 1 THEN NULL ELSE started_at END
                     WHERE {where} AND lease_owner = $2 AND status = 'running'""",
-                run_id if run_id is not None else job_id, lease_owner, lease_ttl_s,
+                run_id if run_id is not None else job_id, lease_owner,
             )
         return status.endswith(" 1")
 

@@ -614,7 +614,7 @@ async def _undo_unanswered_claim(rt: Runtime, run_id: int | None, job_id: str, o
             for pause in (0.0, *UNDO_CLAIM_PAUSES_S):
                 await asyncio.sleep(pause)
                 try:
-                    return await rt.ledger.undo_claim(run_id, job_id, owner, rt.settings.lease_ttl_s)
+                    return await rt.ledger.undo_claim(run_id, job_id, owner)
                 except DbUnavailable:
                     continue
     except TimeoutError:

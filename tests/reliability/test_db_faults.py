@@ -324,21 +324,21 @@ async def test_a_reconcile_pass_whose_claims_answer_was_lost_leaves_its_run_for_
     assert [r["reason_code"] for r in rows if r["outcome"] == "skipped"] == ["dedupe.non_canonical"], rows
 
 
-async def test_a_lost_takeover_on_the_last_allowed_attempt_is_still_given_up_not_run_again(
+async def test_a_handed_back_run_whose_next_claims_answer_was_lost_still_runs(
     settings: Settings, rt: Runtime, conn: asyncpg.Connection, tenant: str, cutter: ReplyCutter,
 ) -> None:
-    # Undone as "back to queued", a takeover whose answer was lost was claimed again as a fresh run by its retry: the
-    # give-up past max_attempts (taken over only) was skipped and the body ran a third time with max_attempts=2.
-    s = (await cutter.start()).model_copy(update={"max_attempts": 2, "lease_ttl_s": 1.0})
-    run = await opspolish.dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "lost-takeover"})
-    # What a worker killed mid-body on the run's second attempt leaves: running, its lease long stale.
-    await conn.execute("UPDATE operation_runs SET status = 'running', attempts = 2, lease_owner = gen_random_uuid(), "
-                       "started_at = now(), heartbeat_at = now() - interval '1 hour' WHERE id = $1", run.run_id)
-    cutter.cut_reply_containing(b"taken_over")
+    # Undone as "running under a stale lease" (taken for a takeover), a run handed back at shutdown on its one allowed
+    # attempt was taken over by its retry and given up failed / run.orphaned, its body never run.
+    s = (await cutter.start()).model_copy(update={"max_attempts": 1, "lease_ttl_s": 1.0})
+    run = await opspolish.dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "handed-back"})
+    # What a hand-back at shutdown leaves: queued again, its interrupted attempt counted.
+    await conn.execute("UPDATE operation_runs SET attempts = 1, reason_code = 'job.cancelled' WHERE id = $1",
+                       run.run_id)
+    cutter.cut_reply_containing(b"claimed")
     with structlog.testing.capture_logs() as events:
         await drain(s)
     assert cutter.cuts == 1
     [row] = await assert_ledger_settled(conn)
-    assert (row["outcome"], row["reason_code"], row["attempts"]) == ("failed", "run.orphaned", 2), row
-    assert await effects(conn, "lost-takeover") == []
+    assert (row["outcome"], row["attempts"]) == ("succeeded", 2), row
+    assert len(await effects(conn, "handed-back")) == 1
     assert [e["claim_undone"] for e in events if e["event"] == "gate_unavailable"] == [True]

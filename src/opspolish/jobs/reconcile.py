@@ -184,7 +184,7 @@ async def reconcile_workspace(
         if skipped is None and run_id is None and result["reason_code"] == "dedupe.non_canonical":
             skipped, run_id = result, result["dedupe_of"]
             continue
-        if skipped is not None and result.get("decision") != "completed":
+        if skipped is not None and result.get("decision") not in ("completed", "lease_lost"):
             # The run it went on to deliver was not this pass's to run (another pass ended it meanwhile): this pass's
             # own result is its recorded skip, not that run's ("already_completed", another pass's run id).
             return skipped
