@@ -9,6 +9,7 @@ import json
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -200,6 +201,18 @@ async def _slug_of(conn: asyncpg.Connection, workspace_id: object) -> str:
     return str(await conn.fetchval("SELECT slug FROM workspaces WHERE id = $1", workspace_id))
 
 
+async def _dispatched_and_done(s: Settings, conn: asyncpg.Connection, tenant: str, tag: str) -> Any:
+    """Dispatch an effect run and wait (30 s at most) until a worker has completed it."""
+    async with opspolish.connect(s) as rt:
+        run = await opspolish.dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": tag})
+
+    async def done() -> bool:
+        return bool(await conn.fetchval("SELECT status = 'completed' FROM operation_runs WHERE id = $1", run.run_id))
+
+    await wait_until(done, timeout_s=30)
+    return run
+
+
 async def test_a_worker_rides_out_redis_being_away_for_seconds_and_runs_what_is_queued_after(
     settings: Settings, private_redis: RedisServer, conn: asyncpg.Connection, tenant: str, tmp_path: Path,
     worker_processes: list[WorkerProcess],
@@ -220,14 +233,7 @@ async def test_a_worker_rides_out_redis_being_away_for_seconds_and_runs_what_is_
     await asyncio.sleep(4)
     assert worker.proc.poll() is None, "the worker exited while Redis was away:\n" + worker.log()[-3000:]
     await private_redis.start()  # empty: the busy run's job went with it
-    async with opspolish.connect(s) as rt:
-        after = await opspolish.dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "after"})
-
-    async def after_done() -> bool:
-        return bool(await conn.fetchval("SELECT status = 'completed' FROM operation_runs WHERE id = $1",
-                                        after.run_id))
-
-    await wait_until(after_done, timeout_s=30)
+    after = await _dispatched_and_done(s, conn, tenant, "after")
     rows = {r["id"]: r for r in await run_rows(conn)}
     assert (rows[after.run_id]["outcome"], rows[busy.run_id]["outcome"]) == ("succeeded", "succeeded"), rows
     assert worker.proc.poll() is None, worker.log()[-3000:]
@@ -355,14 +361,7 @@ async def test_two_workers_in_one_process_ride_out_apart_one_stopping_leaves_the
         await asyncio.sleep(1.5)
         assert not tasks[0].done(), tasks[0].exception() if tasks[0].done() else None
         await private_redis.start()
-        async with opspolish.connect(s) as rt:
-            after = await opspolish.dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "after-blip"})
-
-        async def after_done() -> bool:
-            return bool(await conn.fetchval("SELECT status = 'completed' FROM operation_runs WHERE id = $1",
-                                            after.run_id))
-
-        await wait_until(after_done, timeout_s=30)
+        await _dispatched_and_done(s, conn, tenant, "after-blip")
         assert not tasks[0].done()
     finally:
         for task in tasks:
@@ -404,14 +403,7 @@ async def test_the_watchdogs_read_timeout_goes_once_a_silent_redis_answers_again
             return kwargs.get("socket_timeout") is None
 
         await wait_until(timeout_gone, timeout_s=15)
-        async with opspolish.connect(s) as rt:
-            after = await opspolish.dispatch(rt, EFFECT_TYPE, tenant=tenant, inputs={"tag": "after-silence"})
-
-        async def after_done() -> bool:
-            return bool(await conn.fetchval("SELECT status = 'completed' FROM operation_runs WHERE id = $1",
-                                            after.run_id))
-
-        await wait_until(after_done, timeout_s=30)
+        await _dispatched_and_done(s, conn, tenant, "after-silence")
         assert not task.done(), task.exception() if task.done() else None
         pool = worker.pool.connection_pool
         connections = [*pool._available_connections, *pool._in_use_connections]
